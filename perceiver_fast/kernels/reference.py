@@ -1,0 +1,87 @@
+"""Eager PyTorch implementation of the attention op contract (see :mod:`perceiver_fast.kernels.api`).
+
+It is the CPU path, the fallback of every other backend, and what the kernels are checked against. The output goes
+through ``F.scaled_dot_product_attention``, which is exact for every case of the contract once rows that see no key
+are taken care of (they are given a visible key, computed and zeroed, so no NaN reaches forward or backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def visible_keys(
+    batch: int,
+    num_queries: int,
+    num_keys: int,
+    *,
+    causal: bool,
+    kv_start: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor | None:
+    """``[B, Nq, Nk]`` bool, True where query ``i`` may see key ``j``; ``None`` when every query sees every key."""
+    if not causal and kv_start is None and kv_len is None:
+        return None
+    keys = torch.arange(num_keys, device=device)
+    length = kv_len if kv_len is not None else torch.full((batch,), num_keys, device=device, dtype=torch.int32)
+    length = length.view(batch, 1, 1)
+    visible = keys.view(1, 1, num_keys) < length
+    if kv_start is not None:
+        visible = visible & (keys.view(1, 1, num_keys) >= kv_start.view(batch, 1, 1))
+    if causal:
+        position = length - num_queries + torch.arange(num_queries, device=device).view(1, num_queries, 1)
+        visible = visible & (keys.view(1, 1, num_keys) <= position)
+    return visible.expand(batch, num_queries, num_keys)
+
+
+def attention_eager(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    kv_start: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    scale: float,
+    return_lse: bool,
+    dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The op on already validated arguments; returns ``(out, lse or None)``."""
+    batch, num_queries, num_q_heads, _ = q.shape
+    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    visible = visible_keys(
+        batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
+    )
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # views: SDPA wants [B, H, N, D]
+
+    sdpa_mask = None
+    row_sees_a_key = None
+    if visible is not None:
+        row_sees_a_key = visible.any(dim=-1)  # [B, Nq]
+        # A fully masked row would be NaN inside SDPA (and in its gradient): let it see everything, zero it below.
+        sdpa_mask = (visible | ~row_sees_a_key.unsqueeze(-1)).unsqueeze(1)
+    out = F.scaled_dot_product_attention(
+        qt,
+        kt,
+        vt,
+        attn_mask=sdpa_mask,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=num_q_heads != num_kv_heads,
+    ).transpose(1, 2)
+    if row_sees_a_key is not None:
+        out = torch.where(row_sees_a_key.view(batch, num_queries, 1, 1), out, out.new_zeros(()))
+
+    lse = None
+    if return_lse:
+        with torch.no_grad():
+            group = num_q_heads // num_kv_heads
+            scores = torch.einsum(
+                "bhid,bhjd->bhij", qt.float(), kt.float().repeat_interleave(group, dim=1)
+            ) * scale
+            if visible is not None:
+                scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+            lse = torch.logsumexp(scores, dim=-1)
+    return out, lse
