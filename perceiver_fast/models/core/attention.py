@@ -1,0 +1,358 @@
+"""Attention layers of the Perceiver family, with perceiver-io 0.11.0's module names (so state dicts load as-is).
+
+All attention goes through :func:`perceiver_fast.kernels.attention`; these modules know nothing of backends.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from perceiver_fast.kernels import attention
+from perceiver_fast.models.core.masking import padding_bounds, rows_without_keys
+from perceiver_fast.models.core.position import RotaryPositionEmbedding
+from perceiver_fast.models.core.utils import Residual, run_checkpointed
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with separate q/k and v widths, rotary embeddings and (bottom-right) causal masking.
+
+    ``max_heads_parallel`` is kept for config compatibility: perceiver-io computed heads in chunks to bound the
+    memory of the dense attention matrix; the fused op never materialises it, so all heads run at once.
+
+    Rows that see no key (e.g. a left pad as a causal query) follow perceiver-io, not the op's zero rule: perceiver-io
+    fills masked scores with ``-finfo.max``, so such a row's softmax is uniform over *all* keys and its output is the
+    mean of every value. That output reaches real tokens through later layers, so parity needs it.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_q_input_channels: int,
+        num_kv_input_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        num_output_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal_attention: bool = False,
+        dropout: float = 0.0,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        num_qk_channels = num_q_input_channels if num_qk_channels is None else num_qk_channels
+        num_v_channels = num_qk_channels if num_v_channels is None else num_v_channels
+        num_output_channels = num_q_input_channels if num_output_channels is None else num_output_channels
+        if num_qk_channels % num_heads != 0:
+            raise ValueError(f"num_qk_channels ({num_qk_channels}) must be divisible by num_heads ({num_heads})")
+        if num_v_channels % num_heads != 0:
+            raise ValueError(f"num_v_channels ({num_v_channels}) must be divisible by num_heads ({num_heads})")
+
+        self.dp_scale = (num_qk_channels // num_heads) ** -0.5
+        self.num_heads = num_heads
+        self.num_qk_channels = num_qk_channels
+        self.num_v_channels = num_v_channels
+        self.causal_attention = causal_attention
+        self.max_heads_parallel = num_heads if max_heads_parallel is None else max_heads_parallel
+
+        self.q_proj = nn.Linear(num_q_input_channels, num_qk_channels, bias=qkv_bias)
+        self.k_proj = nn.Linear(num_kv_input_channels, num_qk_channels, bias=qkv_bias)
+        self.v_proj = nn.Linear(num_kv_input_channels, num_v_channels, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_v_channels, num_output_channels, bias=out_bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x_q: torch.Tensor,
+        x_kv: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        rot_pos_emb_q: RotaryPositionEmbedding | None = None,
+        rot_pos_emb_k: RotaryPositionEmbedding | None = None,
+    ) -> torch.Tensor:
+        """``x_q [b, n, c_q]`` attends to ``x_kv [b, m, c_kv]``; ``pad_mask [b, m]`` is True at padded keys."""
+        b, n, _ = x_q.shape
+        m = x_kv.shape[1]
+        q = self.q_proj(x_q).view(b, n, self.num_heads, -1)
+        k = self.k_proj(x_kv).view(b, m, self.num_heads, -1)
+        v = self.v_proj(x_kv).view(b, m, self.num_heads, -1)
+        if rot_pos_emb_q is not None:
+            q = rot_pos_emb_q.rotate(q)
+        if rot_pos_emb_k is not None:
+            k = rot_pos_emb_k.rotate(k)
+
+        kv_start = kv_len = None
+        if pad_mask is not None:
+            kv_start, kv_len = padding_bounds(pad_mask, left_only=self.causal_attention)
+        o = attention(
+            q,
+            k,
+            v,
+            causal=self.causal_attention,
+            kv_start=kv_start,
+            kv_len=kv_len,
+            scale=self.dp_scale,
+            dropout_p=self.dropout.p if self.training else 0.0,
+        )
+        if pad_mask is not None:
+            empty = rows_without_keys(n, m, kv_start, kv_len, causal=self.causal_attention)
+            o = torch.where(empty.view(b, n, 1, 1), v.mean(dim=1, keepdim=True), o)
+        return self.o_proj(o.reshape(b, n, -1))
+
+
+class CrossAttention(nn.Module):
+    """Pre-layer-norm cross-attention. With ``x_kv_prefix`` the keys/values are ``[kv_norm(prefix), q_norm(x_q)]``:
+    the queries also attend to themselves at the end of the key sequence (Perceiver AR)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_q_input_channels: int,
+        num_kv_input_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal_attention: bool = False,
+        dropout: float = 0.0,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        self.q_norm = nn.LayerNorm(num_q_input_channels)
+        self.kv_norm = nn.LayerNorm(num_kv_input_channels)
+        self.attention = MultiHeadAttention(
+            num_heads=num_heads,
+            num_q_input_channels=num_q_input_channels,
+            num_kv_input_channels=num_kv_input_channels,
+            num_qk_channels=num_qk_channels,
+            num_v_channels=num_v_channels,
+            max_heads_parallel=max_heads_parallel,
+            causal_attention=causal_attention,
+            dropout=dropout,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+        )
+
+    def forward(
+        self,
+        x_q: torch.Tensor,
+        x_kv: torch.Tensor | None = None,
+        x_kv_prefix: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        rot_pos_emb_q: RotaryPositionEmbedding | None = None,
+        rot_pos_emb_k: RotaryPositionEmbedding | None = None,
+    ) -> torch.Tensor:
+        x_q = self.q_norm(x_q)
+        if x_kv is None:
+            if x_kv_prefix is None:
+                raise ValueError("CrossAttention needs x_kv or x_kv_prefix")
+            x_kv = torch.cat([self.kv_norm(x_kv_prefix), x_q], dim=1)
+        else:
+            x_kv = self.kv_norm(x_kv)
+        return self.attention(x_q, x_kv, pad_mask=pad_mask, rot_pos_emb_q=rot_pos_emb_q, rot_pos_emb_k=rot_pos_emb_k)
+
+
+class SelfAttention(nn.Module):
+    """Pre-layer-norm self-attention."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal_attention: bool = False,
+        dropout: float = 0.0,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(num_channels)
+        self.attention = MultiHeadAttention(
+            num_heads=num_heads,
+            num_q_input_channels=num_channels,
+            num_kv_input_channels=num_channels,
+            num_qk_channels=num_qk_channels,
+            num_v_channels=num_v_channels,
+            max_heads_parallel=max_heads_parallel,
+            causal_attention=causal_attention,
+            dropout=dropout,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        rot_pos_emb: RotaryPositionEmbedding | None = None,
+    ) -> torch.Tensor:
+        x = self.norm(x)
+        return self.attention(x, x, pad_mask=pad_mask, rot_pos_emb_q=rot_pos_emb, rot_pos_emb_k=rot_pos_emb)
+
+
+class MLP(nn.Sequential):
+    """``LayerNorm -> Linear(c, w*c) -> GELU -> Linear(w*c, c)`` (indices 0..3 as in perceiver-io state dicts)."""
+
+    def __init__(self, num_channels: int, widening_factor: int, bias: bool = True):
+        super().__init__(
+            nn.LayerNorm(num_channels),
+            nn.Linear(num_channels, widening_factor * num_channels, bias=bias),
+            nn.GELU(),
+            nn.Linear(widening_factor * num_channels, num_channels, bias=bias),
+        )
+
+
+class _AttentionLayer(nn.Sequential):
+    """``[attention (usually residual), residual MLP]``, optionally under activation checkpointing."""
+
+    activation_checkpointing: bool = False
+    activation_offloading: bool = False
+
+    def _attend_and_mix(self, *args, **kwargs) -> torch.Tensor:
+        return self[1](self[0](*args, **kwargs))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return run_checkpointed(self._attend_and_mix, *args, offload=self.activation_offloading, **kwargs)
+        return self._attend_and_mix(*args, **kwargs)
+
+
+class CrossAttentionLayer(_AttentionLayer):
+    def __init__(
+        self,
+        num_heads: int,
+        num_q_input_channels: int,
+        num_kv_input_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal_attention: bool = False,
+        widening_factor: int = 1,
+        dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        attention_residual: bool = True,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        mlp_bias: bool = True,
+        activation_checkpointing: bool = False,
+        activation_offloading: bool = False,
+    ):
+        cross_attn = CrossAttention(
+            num_heads=num_heads,
+            num_q_input_channels=num_q_input_channels,
+            num_kv_input_channels=num_kv_input_channels,
+            num_qk_channels=num_qk_channels,
+            num_v_channels=num_v_channels,
+            max_heads_parallel=max_heads_parallel,
+            causal_attention=causal_attention,
+            dropout=dropout,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+        )
+        super().__init__(
+            Residual(cross_attn, residual_dropout) if attention_residual else cross_attn,
+            Residual(MLP(num_q_input_channels, widening_factor, bias=mlp_bias), residual_dropout),
+        )
+        self.num_qk_channels = cross_attn.attention.num_qk_channels
+        self.num_v_channels = cross_attn.attention.num_v_channels
+        self.activation_checkpointing = activation_checkpointing
+        self.activation_offloading = activation_offloading
+
+
+class SelfAttentionLayer(_AttentionLayer):
+    def __init__(
+        self,
+        num_heads: int,
+        num_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal_attention: bool = False,
+        widening_factor: int = 1,
+        dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        mlp_bias: bool = True,
+        activation_checkpointing: bool = False,
+        activation_offloading: bool = False,
+    ):
+        self_attn = SelfAttention(
+            num_heads=num_heads,
+            num_channels=num_channels,
+            num_qk_channels=num_qk_channels,
+            num_v_channels=num_v_channels,
+            max_heads_parallel=max_heads_parallel,
+            causal_attention=causal_attention,
+            dropout=dropout,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+        )
+        super().__init__(
+            Residual(self_attn, residual_dropout),
+            Residual(MLP(num_channels, widening_factor, bias=mlp_bias), residual_dropout),
+        )
+        self.num_qk_channels = self_attn.attention.num_qk_channels
+        self.num_v_channels = self_attn.attention.num_v_channels
+        self.activation_checkpointing = activation_checkpointing
+        self.activation_offloading = activation_offloading
+
+
+class SelfAttentionBlock(nn.Sequential):
+    """A stack of self-attention layers; only the first ``num_rotary_layers`` use rotary embeddings (-1 = all)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_heads: int,
+        num_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        num_rotary_layers: int = 1,
+        max_heads_parallel: int | None = None,
+        causal_attention: bool = False,
+        widening_factor: int = 1,
+        dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        activation_checkpointing: bool = False,
+        activation_offloading: bool = False,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        mlp_bias: bool = True,
+    ):
+        super().__init__(
+            *(
+                SelfAttentionLayer(
+                    num_heads=num_heads,
+                    num_channels=num_channels,
+                    num_qk_channels=num_qk_channels,
+                    num_v_channels=num_v_channels,
+                    max_heads_parallel=max_heads_parallel,
+                    causal_attention=causal_attention,
+                    widening_factor=widening_factor,
+                    dropout=dropout,
+                    residual_dropout=residual_dropout,
+                    qkv_bias=qkv_bias,
+                    out_bias=out_bias,
+                    mlp_bias=mlp_bias,
+                    activation_checkpointing=activation_checkpointing,
+                    activation_offloading=activation_offloading,
+                )
+                for _ in range(num_layers)
+            )
+        )
+        self.num_rotary_layers = num_rotary_layers
+
+    def uses_rotary(self, layer_index: int) -> bool:
+        return self.num_rotary_layers == -1 or layer_index < self.num_rotary_layers
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        rot_pos_emb: RotaryPositionEmbedding | None = None,
+    ) -> torch.Tensor:
+        for i, layer in enumerate(self):
+            x = layer(x, pad_mask=pad_mask, rot_pos_emb=rot_pos_emb if self.uses_rotary(i) else None)
+        return x

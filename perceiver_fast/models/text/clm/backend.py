@@ -1,0 +1,22 @@
+"""Perceiver AR causal language model: ``perceiver.model.text.clm`` -> ``perceiver_fast.models.text.clm``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from perceiver_fast.models.core.config import CausalSequenceModelConfig
+from perceiver_fast.models.core.perceiver_ar import CausalSequenceModel
+
+
+@dataclass
+class CausalLanguageModelConfig(CausalSequenceModelConfig):
+    """perceiver-io's ``CausalLanguageModelConfig``: the same fields and defaults."""
+
+
+class CausalLanguageModel(CausalSequenceModel):
+    """Perceiver AR language model over token ids (UTF-8 bytes by default: ``vocab_size=262``)."""
+
+    config_class = CausalLanguageModelConfig
+
+    def __init__(self, config: CausalLanguageModelConfig):
+        super().__init__(config)

@@ -1,0 +1,123 @@
+"""Plain (uncached) generation: the documented window schedule, sampling, and parity with perceiver-io's backend."""
+
+import pytest
+import torch
+
+from perceiver_fast.generation import SamplingConfig, WindowSchedule, filter_logits, generate
+from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+from tests.oracle import max_rel_error
+from tests.parity import copy_into, import_perceiver_io
+
+SMALL = dict(num_channels=32, num_heads=2, num_self_attention_layers=2, max_latents=4, max_seq_len=12)
+
+
+def documented_schedule(prompt_len, num_latents, steps, max_seq_len, max_latents):
+    """(window start, window end, prefix_len) per step, written from perceiver-io's generate() docstring."""
+    prefix_len = prompt_len - min(num_latents, prompt_len)
+    out = []
+    for step in range(steps):
+        total = prompt_len + step
+        start = max(0, total - max_seq_len)
+        out.append((start, total, prefix_len))
+        latents_next = min(total + 1, max_seq_len) - prefix_len
+        if latents_next > max_latents and prefix_len < max_seq_len - max_latents:
+            prefix_len += 1
+    return out
+
+
+def test_schedule_grows_latents_then_prefix_then_slides():
+    schedule = WindowSchedule(max_seq_len=12, max_latents=4)
+    prefix_len, seen = schedule.initial_prefix_len(5, 2), []
+    for seq_len in range(5, 20):
+        seen.append((schedule.window_len(seq_len), prefix_len))
+        prefix_len = schedule.next_prefix_len(seq_len + 1, prefix_len)
+    latents = [w - p for w, p in seen]
+    assert latents[:3] == [2, 3, 4] and set(latents[3:]) == {4}
+    assert [p for _, p in seen][:8] == [3, 3, 3, 4, 5, 6, 7, 8]
+    assert all(w == 12 and p == 8 for w, p in seen[7:])
+    assert seen == [(e - s, p) for s, e, p in documented_schedule(5, 2, 15, 12, 4)]
+
+
+@pytest.mark.parametrize(
+    "prompt_len, num_latents, match",
+    [(0, 1, "prompt length"), (13, 4, "prompt length"), (5, 0, "num_latents"), (5, 5, "num_latents"), (12, 2, "\\[4..4\\]")],
+)
+def test_schedule_rejects_out_of_range(prompt_len, num_latents, match):
+    with pytest.raises(ValueError, match=match):
+        WindowSchedule(max_seq_len=12, max_latents=4).initial_prefix_len(prompt_len, num_latents)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("prompt_len, num_latents", [(3, 1), (7, 2), (11, 4)])
+def test_greedy_tokens_and_logits_equal_a_full_forward_loop_of_perceiver_io(prompt_len, num_latents):
+    """Over latents growing, prefix growing and the window sliding, step for step."""
+    clm = import_perceiver_io("model.text.clm")
+    ours, theirs = copy_into(
+        CausalLanguageModel(CausalLanguageModelConfig(**SMALL)), clm.CausalLanguageModel(clm.CausalLanguageModelConfig(**SMALL))
+    )
+    steps = 14
+    prompt = torch.randint(6, 262, (2, prompt_len))
+    got = ours.generate(prompt, max_new_tokens=steps, num_latents=num_latents)
+
+    sequence = prompt
+    for start, end, prefix_len in documented_schedule(prompt_len, num_latents, steps, 12, 4):
+        with torch.no_grad():
+            expected_logits = theirs(sequence[:, start:end], prefix_len=prefix_len).logits[:, -1]
+            our_logits = ours(got[:, start:end], prefix_len=prefix_len).logits[:, -1]
+        assert max_rel_error(our_logits, expected_logits) <= 1e-5
+        sequence = torch.cat([sequence, expected_logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, sequence)
+
+
+def test_left_padded_batch_equals_one_by_one():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
+    short, long = torch.randint(6, 262, (1, 3)), torch.randint(6, 262, (1, 6))
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1), long])
+    pad_mask = torch.zeros(2, 6, dtype=torch.bool)
+    pad_mask[0, :3] = True
+    together = model.generate(batch, max_new_tokens=4, num_latents=3, pad_mask=pad_mask)
+    alone = [model.generate(p, max_new_tokens=4, num_latents=3) for p in (short, long)]
+    assert torch.equal(together[0, 3:], alone[0][0])
+    assert torch.equal(together[1], alone[1][0])
+
+
+def test_seeded_sampling_is_reproducible_and_respects_top_k():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    prompt = torch.randint(6, 262, (2, 4))
+    runs = [
+        model.generate(prompt, 6, do_sample=True, top_k=5, generator=torch.Generator().manual_seed(7))
+        for _ in range(2)
+    ]
+    assert torch.equal(runs[0], runs[1])
+    logits = torch.randn(3, 50)
+    filtered = filter_logits(logits, SamplingConfig(do_sample=True, top_k=5))
+    assert (torch.isfinite(filtered).sum(-1) == 5).all()
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = torch.isfinite(filter_logits(logits, SamplingConfig(do_sample=True, top_p=0.75)))
+    assert kept.tolist() == [[True, True, False, False]]
+    kept = torch.isfinite(filter_logits(logits, SamplingConfig(do_sample=True, top_p=0.1)))
+    assert kept.tolist() == [[True, False, False, False]]
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "empty"),
+        (dict(input_ids=torch.zeros(1, 13, dtype=torch.long)), ValueError, "prompt length"),
+        (dict(input_ids=torch.zeros(1, 3)), TypeError, "integer"),
+        (dict(num_latents=9), ValueError, "num_latents"),
+        (dict(temperature=0.0, do_sample=True), ValueError, "temperature"),
+        (dict(top_p=1.5, do_sample=True), ValueError, "top_p"),
+        (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
+        (dict(pad_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, "all padding"),
+    ],
+)
+def test_bad_generate_arguments_raise(kwargs, error, match):
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    args = dict(input_ids=torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2)
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        model.generate(**args)
