@@ -43,7 +43,7 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
-        """Load a model saved by :meth:`save_pretrained` (strict: every key must match)."""
+        """Load a model saved by :meth:`save_pretrained` (strict: every key must match), in eval mode."""
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -58,4 +58,4 @@ class PretrainedMixin:
         model = cls(cls.config_from_dict(meta["config"]))
         state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
         model.load_state_dict(state, strict=True)
-        return model.to(map_location)
+        return model.to(map_location).eval()
