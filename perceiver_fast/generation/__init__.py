@@ -1,7 +1,30 @@
-"""Generation for Perceiver AR: the window schedule, sampling, and the generate loop."""
+"""Generation for Perceiver AR: window schedules, key/value caches, sampling, and the generate/stream loop."""
 
-from perceiver_fast.generation.generate import FullForwardDecoder, generate
+from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, merge_partial_attention
+from perceiver_fast.generation.generate import (
+    CACHE_MODES,
+    CachedDecoder,
+    FullForwardDecoder,
+    PerceiverIODecoder,
+    generate,
+    stream,
+)
 from perceiver_fast.generation.sampling import SamplingConfig, filter_logits, sample_next_token
-from perceiver_fast.generation.schedule import WindowSchedule
+from perceiver_fast.generation.schedule import Window, WindowSchedule
 
-__all__ = ["FullForwardDecoder", "SamplingConfig", "WindowSchedule", "filter_logits", "generate", "sample_next_token"]
+__all__ = [
+    "CACHE_MODES",
+    "CachedDecoder",
+    "FullForwardDecoder",
+    "PerceiverARCache",
+    "PerceiverIOCompatibleCache",
+    "PerceiverIODecoder",
+    "SamplingConfig",
+    "Window",
+    "WindowSchedule",
+    "filter_logits",
+    "generate",
+    "merge_partial_attention",
+    "sample_next_token",
+    "stream",
+]

@@ -1,35 +1,101 @@
-"""Generation for Perceiver AR models, following :class:`WindowSchedule` step by step.
+"""Generation for Perceiver AR models: a decoder produces next-token logits, the loop samples and appends.
 
-The loop asks a *decoder* for the logits of the next token given the current window. This version's decoder is
-exact and uncached (one full forward per token); cached decoders plug in at the same place.
+Decoders (chosen by ``use_cache`` / ``cache_mode``):
+
+- ``FullForwardDecoder``: a full forward of the window per token; exact and slow, the reference.
+- ``CachedDecoder``: :class:`~perceiver_fast.generation.cache.PerceiverARCache` under a :class:`WindowSchedule`;
+  ``cache_mode="exact"`` (stride 1) equals the full forward at every step, ``"strided"`` equals a full forward of
+  the strided schedule (latents hand ``stride`` positions to the prefix at once).
+- ``PerceiverIODecoder``: perceiver-io 0.11.0's approximate cache, token for token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
+from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache
 from perceiver_fast.generation.sampling import SamplingConfig, sample_next_token
 from perceiver_fast.generation.schedule import WindowSchedule
 
+CACHE_MODES = ("exact", "strided", "perceiver-io")
 
-class PerceiverARLike(Protocol):
-    max_seq_len: int
-    max_latents: int
 
-    def __call__(self, x: torch.Tensor, prefix_len: int, pad_mask: torch.Tensor | None = None): ...
+class Decoder(Protocol):
+    def start(self, sequence: torch.Tensor, pad_mask: torch.Tensor | None, num_latents: int) -> torch.Tensor:
+        """Logits ``[b, vocab]`` for the token after the prompt ``sequence``."""
+        ...
+
+    def step(self, sequence: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits for the token after ``sequence``, whose last token was just appended."""
+        ...
+
+
+def _window_pads(pad_mask: torch.Tensor | None, view: slice) -> torch.Tensor | None:
+    return None if pad_mask is None else pad_mask[:, view]
 
 
 class FullForwardDecoder:
     """Exact next-token logits by a full forward of the window: the reference every cached decoder must equal."""
 
-    def __init__(self, model: PerceiverARLike):
-        self.model = model
+    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule):
+        self.model, self.schedule = model, schedule
+        self.window = None
 
-    def next_token_logits(self, window: torch.Tensor, prefix_len: int, pad_mask: torch.Tensor | None) -> torch.Tensor:
-        return self.model(window, prefix_len=prefix_len, pad_mask=pad_mask).logits[:, -1]
+    def _forward(self, sequence, pad_mask):
+        view = slice(self.window.start, self.window.end)
+        out = self.model(sequence[:, view], prefix_len=self.window.prefix_len, pad_mask=_window_pads(pad_mask, view))
+        return out.logits[:, -1]
+
+    def start(self, sequence, pad_mask, num_latents):
+        self.window = self.schedule.initial(sequence.shape[1], num_latents)
+        return self._forward(sequence, pad_mask)
+
+    def step(self, sequence, pad_mask):
+        self.window = self.schedule.advance(self.window)
+        return self._forward(sequence, pad_mask)
+
+
+class CachedDecoder:
+    """Exact cached decoding under ``schedule``: incremental while only latents grow, the latent stack recomputed
+    when latents cross into the prefix, the cache rebuilt when the window slides."""
+
+    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int):
+        self.schedule = schedule
+        self.cache = PerceiverARCache(model, batch_size)
+        self.window = None
+
+    def _prefill(self, sequence, pad_mask):
+        view = slice(self.window.start, self.window.end)
+        return self.cache.prefill(sequence[:, view], self.window.prefix_len, _window_pads(pad_mask, view))
+
+    def start(self, sequence, pad_mask, num_latents):
+        self.window = self.schedule.initial(sequence.shape[1], num_latents)
+        return self._prefill(sequence, pad_mask)
+
+    def step(self, sequence, pad_mask):
+        old, self.window = self.window, self.schedule.advance(self.window)
+        if self.window.start != old.start:
+            return self._prefill(sequence, pad_mask)
+        return self.cache.append(sequence[:, -1], cross=self.window.prefix_end - old.prefix_end)
+
+
+class PerceiverIODecoder:
+    """perceiver-io 0.11.0's cached ``generate``, token for token (approximate once the latents are full)."""
+
+    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int):
+        self.schedule = schedule
+        self.cache = PerceiverIOCompatibleCache(model, batch_size)
+
+    def start(self, sequence, pad_mask, num_latents):
+        window = self.schedule.initial(sequence.shape[1], num_latents)
+        return self.cache.prefill(sequence, window.prefix_len, pad_mask)
+
+    def step(self, sequence, pad_mask):
+        return self.cache.append(sequence[:, -1])
 
 
 def _check_prompt(input_ids: torch.Tensor, pad_mask: torch.Tensor | None, device: torch.device) -> None:
@@ -44,13 +110,43 @@ def _check_prompt(input_ids: torch.Tensor, pad_mask: torch.Tensor | None, device
     if pad_mask is not None:
         if pad_mask.shape != input_ids.shape or pad_mask.dtype != torch.bool:
             raise ValueError(f"pad_mask must be a bool tensor of shape {tuple(input_ids.shape)}")
+        if pad_mask.device != device:
+            raise ValueError(f"pad_mask is on {pad_mask.device} but the model is on {device}")
         if bool(pad_mask.all(dim=1).any()):
             raise ValueError("a prompt row is all padding: every row needs at least one real token")
+        if bool((pad_mask[:, 1:] & ~pad_mask[:, :-1]).any()):
+            raise ValueError("pad_mask must describe left padding (pads before the first real token of each row)")
+
+
+def _make_decoder(model, batch_size, use_cache, cache_mode, stride) -> Decoder:
+    if cache_mode not in CACHE_MODES:
+        raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
+    if stride is not None and cache_mode != "strided":
+        raise ValueError("stride applies to cache_mode='strided' only")
+    if cache_mode == "strided":
+        stride = model.max_latents // 2 if stride is None else stride
+    else:
+        stride = 1
+    schedule = WindowSchedule(max_seq_len=model.max_seq_len, max_latents=model.max_latents, stride=max(stride, 1))
+    if cache_mode == "perceiver-io":
+        if not use_cache:
+            raise ValueError("cache_mode='perceiver-io' is perceiver-io's cache: it needs use_cache=True")
+        return PerceiverIODecoder(model, schedule, batch_size)
+    if not use_cache:
+        return FullForwardDecoder(model, schedule)
+    return CachedDecoder(model, schedule, batch_size)
+
+
+def _threshold_top_k(threshold: float, vocab_size: int) -> int:
+    """perceiver-io's examples sample with ``threshold``: keep the top ``(1 - threshold) * vocab_size`` tokens."""
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    return max(1, int((1 - threshold) * vocab_size))
 
 
 @torch.no_grad()
-def generate(
-    model: PerceiverARLike,
+def stream(
+    model: torch.nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     *,
@@ -59,43 +155,73 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
+    threshold: float | None = None,
     pad_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int = 0,
+    use_cache: bool = True,
+    cache_mode: str = "exact",
+    stride: int | None = None,
     progress: bool = False,
-) -> torch.Tensor:
-    """Append ``max_new_tokens`` tokens to each row of ``input_ids [b, n]`` and return ``[b, n + max_new_tokens]``.
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, ``[b]`` per step, as it is chosen; arguments as :func:`generate`."""
+    device = next(model.parameters()).device
+    _check_prompt(input_ids, pad_mask, device)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if threshold is not None:
+        if top_k is not None:
+            raise ValueError("give top_k or threshold, not both")
+        top_k = _threshold_top_k(threshold, model.config.vocab_size)
+        do_sample = True
+    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    stop = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    stop_ids = torch.tensor(sorted(stop), dtype=input_ids.dtype, device=device)
+    model.eval()
+
+    decoder = _make_decoder(model, input_ids.shape[0], use_cache, cache_mode, stride)
+    sequence, pads = input_ids, pad_mask
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    logits = decoder.start(sequence, pads, num_latents) if max_new_tokens else None
+    for step in tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress):
+        token = sample_next_token(logits, sampling, generator).to(sequence.dtype)
+        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
+        yield token
+        if len(stop):
+            finished |= torch.isin(token, stop_ids)
+            if bool(finished.all()):
+                return
+        if step + 1 == max_new_tokens:
+            return
+        sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
+        if pads is not None:
+            pads = torch.cat([pads, pads.new_zeros(pads.shape[0], 1)], dim=1)
+        logits = decoder.step(sequence, pads)
+
+
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """Append up to ``max_new_tokens`` tokens to each row of ``input_ids [b, n]``; returns ``[b, n + new]``.
 
     Args:
         model: a Perceiver AR sequence model (e.g. ``CausalLanguageModel``); it is put in eval mode.
         num_latents: how many of the prompt's last tokens start as latents (``1..max_latents``); the schedule then
             grows the latents, then the prefix, then slides the window (see :mod:`perceiver_fast.generation.schedule`).
-            Past ``max_seq_len`` the oldest tokens leave the window: they stay in the returned sequence but no longer
-            influence new tokens.
-        do_sample, temperature, top_k, top_p: greedy by default; see :class:`SamplingConfig`.
+            Past ``max_seq_len`` the oldest tokens leave the window, as in perceiver-io: they stay in the returned
+            sequence but no longer influence new tokens.
+        do_sample, temperature, top_k, top_p: greedy by default; see :class:`SamplingConfig`. ``threshold`` is the
+            form perceiver-io's examples use: sample from the top ``(1 - threshold) * vocab_size`` tokens.
         pad_mask: ``[b, n]`` bool, True at left padding, so prompts of different lengths generate together.
         generator: a seeded ``torch.Generator`` for reproducible sampling.
+        eos_token_id: stop token(s): a row that produced one continues with ``pad_token_id``; generation ends when
+            every row has stopped (the result is then shorter).
+        use_cache: cache keys/values (default). ``False`` runs a full forward per token.
+        cache_mode: ``"exact"`` (default; equal to a full forward at every step), ``"strided"`` (with ``stride``,
+            default ``max_latents // 2``: the latent stack is recomputed once per ``stride`` tokens; exact for that
+            schedule), or ``"perceiver-io"`` (perceiver-io 0.11.0's approximate cache, token for token).
         progress: show a progress bar.
     """
-    device = next(model.parameters()).device if isinstance(model, torch.nn.Module) else input_ids.device
-    _check_prompt(input_ids, pad_mask, device)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    schedule = WindowSchedule(max_seq_len=model.max_seq_len, max_latents=model.max_latents)
-    prefix_len = schedule.initial_prefix_len(input_ids.shape[1], num_latents)
-    if isinstance(model, torch.nn.Module):
-        model.eval()
-
-    decoder = FullForwardDecoder(model)
-    sequence, pads = input_ids, pad_mask
-    for _ in tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress):
-        window_len = schedule.window_len(sequence.shape[1])
-        window = sequence[:, -window_len:]
-        window_pads = None if pads is None else pads[:, -window_len:]
-        logits = decoder.next_token_logits(window, prefix_len, window_pads)
-        token = sample_next_token(logits, sampling, generator).to(sequence.dtype)
-        sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
-        if pads is not None:
-            pads = torch.cat([pads, pads.new_zeros(pads.shape[0], 1)], dim=1)
-        prefix_len = schedule.next_prefix_len(sequence.shape[1], prefix_len)
-    return sequence
+    tokens = list(stream(model, input_ids, max_new_tokens, **kwargs))
+    if not tokens:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from perceiver_fast.generation import SamplingConfig, WindowSchedule, filter_logits, generate
+from perceiver_fast.generation import SamplingConfig, WindowSchedule, filter_logits
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 from tests.oracle import max_rel_error
 from tests.parity import copy_into, import_perceiver_io
@@ -27,24 +27,41 @@ def documented_schedule(prompt_len, num_latents, steps, max_seq_len, max_latents
 
 def test_schedule_grows_latents_then_prefix_then_slides():
     schedule = WindowSchedule(max_seq_len=12, max_latents=4)
-    prefix_len, seen = schedule.initial_prefix_len(5, 2), []
-    for seq_len in range(5, 20):
-        seen.append((schedule.window_len(seq_len), prefix_len))
-        prefix_len = schedule.next_prefix_len(seq_len + 1, prefix_len)
-    latents = [w - p for w, p in seen]
-    assert latents[:3] == [2, 3, 4] and set(latents[3:]) == {4}
-    assert [p for _, p in seen][:8] == [3, 3, 3, 4, 5, 6, 7, 8]
-    assert all(w == 12 and p == 8 for w, p in seen[7:])
-    assert seen == [(e - s, p) for s, e, p in documented_schedule(5, 2, 15, 12, 4)]
+    window, seen = schedule.initial(5, 2), []
+    for _ in range(15):
+        seen.append(window)
+        window = schedule.advance(window)
+    assert [w.num_latents for w in seen][:3] == [2, 3, 4] and {w.num_latents for w in seen[3:]} == {4}
+    assert [w.prefix_len for w in seen][:8] == [3, 3, 3, 4, 5, 6, 7, 8]
+    assert all(w.length == 12 and w.prefix_len == 8 for w in seen[7:])
+    assert [(w.start, w.end, w.prefix_len) for w in seen] == documented_schedule(5, 2, 15, 12, 4)
+
+
+def test_strided_schedule_hands_over_stride_latents_at_once():
+    schedule = WindowSchedule(max_seq_len=12, max_latents=4, stride=2)
+    window, seen = schedule.initial(4, 4), []
+    for _ in range(14):
+        window = schedule.advance(window)
+        seen.append((window.length, window.prefix_len, window.num_latents))
+        assert window.prefix_len <= schedule.max_prefix_len and window.length <= 12
+    assert [n for _, _, n in seen] == [3, 4] * 7
+    assert [p for _, p, _ in seen][:8] == [2, 2, 4, 4, 6, 6, 8, 8]
+    assert seen[-1] == (12, 8, 4) and seen[-2] == (11, 8, 3)
 
 
 @pytest.mark.parametrize(
     "prompt_len, num_latents, match",
-    [(0, 1, "prompt length"), (13, 4, "prompt length"), (5, 0, "num_latents"), (5, 5, "num_latents"), (12, 2, "\\[4..4\\]")],
+    [
+        (0, 1, "prompt length"),
+        (13, 4, "prompt length"),
+        (5, 0, "num_latents"),
+        (5, 5, "num_latents"),
+        (12, 2, "\\[4..4\\]"),
+    ],
 )
 def test_schedule_rejects_out_of_range(prompt_len, num_latents, match):
     with pytest.raises(ValueError, match=match):
-        WindowSchedule(max_seq_len=12, max_latents=4).initial_prefix_len(prompt_len, num_latents)
+        WindowSchedule(max_seq_len=12, max_latents=4).initial(prompt_len, num_latents)
 
 
 @pytest.mark.parity
@@ -52,9 +69,8 @@ def test_schedule_rejects_out_of_range(prompt_len, num_latents, match):
 def test_greedy_tokens_and_logits_equal_a_full_forward_loop_of_perceiver_io(prompt_len, num_latents):
     """Over latents growing, prefix growing and the window sliding, step for step."""
     clm = import_perceiver_io("model.text.clm")
-    ours, theirs = copy_into(
-        CausalLanguageModel(CausalLanguageModelConfig(**SMALL)), clm.CausalLanguageModel(clm.CausalLanguageModelConfig(**SMALL))
-    )
+    theirs = clm.CausalLanguageModel(clm.CausalLanguageModelConfig(**SMALL))
+    ours, theirs = copy_into(CausalLanguageModel(CausalLanguageModelConfig(**SMALL)), theirs)
     steps = 14
     prompt = torch.randint(6, 262, (2, prompt_len))
     got = ours.generate(prompt, max_new_tokens=steps, num_latents=num_latents)

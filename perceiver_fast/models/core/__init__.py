@@ -28,7 +28,9 @@ from perceiver_fast.models.core.config import (
     PerceiverARConfig,
     PerceiverIOConfig,
 )
+from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
 from perceiver_fast.models.core.perceiver_ar import CausalSequenceModel, PerceiverAR, PerceiverAROutput
+from perceiver_fast.models.core.perceiver_io import PerceiverDecoder, PerceiverEncoder, PerceiverIO
 from perceiver_fast.models.core.position import (
     FourierPositionEncoding,
     FrequencyPositionEncoding,
@@ -55,7 +57,11 @@ __all__ = [
     "PerceiverAR",
     "PerceiverARConfig",
     "PerceiverAROutput",
+    "PerceiverDecoder",
+    "PerceiverEncoder",
+    "PerceiverIO",
     "PerceiverIOConfig",
+    "PerceiverIOPretrainedMixin",
     "QueryProvider",
     "Residual",
     "RotaryPositionEmbedding",

@@ -72,13 +72,8 @@ class MultiHeadAttention(nn.Module):
         """``x_q [b, n, c_q]`` attends to ``x_kv [b, m, c_kv]``; ``pad_mask [b, m]`` is True at padded keys."""
         b, n, _ = x_q.shape
         m = x_kv.shape[1]
-        q = self.q_proj(x_q).view(b, n, self.num_heads, -1)
-        k = self.k_proj(x_kv).view(b, m, self.num_heads, -1)
-        v = self.v_proj(x_kv).view(b, m, self.num_heads, -1)
-        if rot_pos_emb_q is not None:
-            q = rot_pos_emb_q.rotate(q)
-        if rot_pos_emb_k is not None:
-            k = rot_pos_emb_k.rotate(k)
+        q = self.project_queries(x_q, rot_pos_emb_q)
+        k, v = self.project_keys_values(x_kv, rot_pos_emb_k)
 
         kv_start = kv_len = None
         if pad_mask is not None:
@@ -96,7 +91,26 @@ class MultiHeadAttention(nn.Module):
         if pad_mask is not None:
             empty = rows_without_keys(n, m, kv_start, kv_len, causal=self.causal_attention)
             o = torch.where(empty.view(b, n, 1, 1), v.mean(dim=1, keepdim=True), o)
-        return self.o_proj(o.reshape(b, n, -1))
+        return self.project_output(o)
+
+    # The pieces of forward, for callers that cache keys/values (generation) and so assemble attention themselves.
+
+    def project_queries(self, x_q: torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None) -> torch.Tensor:
+        """``[b, n, c] -> [b, n, heads, qk_channels_per_head]``, rotated when ``rot_pos_emb`` is given."""
+        q = self.q_proj(x_q).unflatten(-1, (self.num_heads, -1))
+        return q if rot_pos_emb is None else rot_pos_emb.rotate(q)
+
+    def project_keys_values(
+        self, x_kv: torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[b, m, c]`` -> keys (rotated when ``rot_pos_emb`` is given) and values, ``[b, m, heads, d]`` each."""
+        k = self.k_proj(x_kv).unflatten(-1, (self.num_heads, -1))
+        v = self.v_proj(x_kv).unflatten(-1, (self.num_heads, -1))
+        return (k if rot_pos_emb is None else rot_pos_emb.rotate(k)), v
+
+    def project_output(self, o: torch.Tensor) -> torch.Tensor:
+        """``[b, n, heads, v_channels_per_head] -> [b, n, output_channels]``."""
+        return self.o_proj(o.flatten(-2))
 
 
 class CrossAttention(nn.Module):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -190,7 +191,14 @@ class CausalSequenceModel(PretrainedMixin, PerceiverAR):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Sample ``max_new_tokens`` after ``input_ids``; see :func:`perceiver_fast.generation.generate`."""
+        """Append up to ``max_new_tokens`` tokens; see :func:`perceiver_fast.generation.generate` for the options
+        (sampling, left-padded batches, stop tokens, ``use_cache`` and ``cache_mode``)."""
         from perceiver_fast.generation import generate  # generation builds on models, not the other way round
 
         return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
+        """Yield each new token ``[b]`` as it is chosen; arguments as :meth:`generate`."""
+        from perceiver_fast.generation import stream
+
+        return stream(self, input_ids, max_new_tokens, **kwargs)

@@ -41,7 +41,8 @@ def test_bad_input_raises(x, prefix_len, pad_mask, error, match):
 def test_activation_checkpointing_gives_the_same_gradients():
     torch.manual_seed(1)
     plain = CausalLanguageModel(CausalLanguageModelConfig(**SMALL, cross_attention_dropout=0.0))
-    ckpt = CausalLanguageModel(CausalLanguageModelConfig(**SMALL, cross_attention_dropout=0.0, activation_checkpointing=True))
+    config = CausalLanguageModelConfig(**SMALL, cross_attention_dropout=0.0, activation_checkpointing=True)
+    ckpt = CausalLanguageModel(config)
     ckpt.load_state_dict(plain.state_dict())
     x = torch.randint(0, 262, (2, 12))
     for model in (plain, ckpt):

@@ -1,0 +1,1 @@
+"""Audio models (``perceiver.model.audio`` -> here)."""

@@ -1,0 +1,1 @@
+"""Converters from other Perceiver implementations' models and state dicts to ours."""

@@ -1,0 +1,63 @@
+"""Perceiver IO text classifier: ``perceiver.model.text.classifier`` -> ``perceiver_fast.models.text.classifier``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from perceiver_fast.models.core.adapter import ClassificationOutputAdapter, TrainableQueryProvider
+from perceiver_fast.models.core.config import ClassificationDecoderConfig, PerceiverIOConfig
+from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
+from perceiver_fast.models.core.perceiver_io import PerceiverDecoder, PerceiverIO
+from perceiver_fast.models.text.mlm.backend import TextEncoder, TextEncoderConfig
+
+TextClassifierConfig = PerceiverIOConfig[TextEncoderConfig, ClassificationDecoderConfig]
+
+
+class TextClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
+    """Token ids ``[b, n]`` -> class logits ``[b, num_classes]`` (one learned output query when
+    ``num_output_queries == 1``; with more queries the logits keep a query axis, as in perceiver-io)."""
+
+    config_class = TextClassifierConfig
+    encoder_config_class = TextEncoderConfig
+    decoder_config_class = ClassificationDecoderConfig
+
+    def __init__(self, config: PerceiverIOConfig):
+        encoder = TextEncoder(
+            config.encoder,
+            num_latents=config.num_latents,
+            num_latent_channels=config.num_latent_channels,
+            activation_checkpointing=config.activation_checkpointing,
+            activation_offloading=config.activation_offloading,
+        )
+        output_query_provider = TrainableQueryProvider(
+            num_queries=config.decoder.num_output_queries,
+            num_query_channels=config.decoder.num_output_query_channels,
+            init_scale=config.decoder.init_scale,
+        )
+        output_adapter = ClassificationOutputAdapter(
+            num_classes=config.decoder.num_classes,
+            num_output_query_channels=config.decoder.num_output_query_channels,
+        )
+        decoder = PerceiverDecoder(
+            output_adapter=output_adapter,
+            output_query_provider=output_query_provider,
+            num_latent_channels=config.num_latent_channels,
+            activation_checkpointing=config.activation_checkpointing,
+            activation_offloading=config.activation_offloading,
+            **config.decoder.base_kwargs(),
+        )
+        super().__init__(encoder, decoder)
+        self.config = config
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Class logits for token ids ``x [b, n]``; ``pad_mask [b, n]`` is True at pads."""
+        return self.decoder(self.encoder(x, pad_mask=pad_mask))
+
+    @classmethod
+    def from_transformers(cls, model: nn.Module) -> TextClassifier:
+        """Convert a ``transformers.PerceiverForSequenceClassification`` (config and weights); see
+        :func:`perceiver_fast.models.convert.transformers.text_classifier_from_transformers`."""
+        from perceiver_fast.models.convert.transformers import text_classifier_from_transformers
+
+        return text_classifier_from_transformers(model)

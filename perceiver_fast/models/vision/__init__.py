@@ -1,0 +1,1 @@
+"""Vision models: image classification and optical flow (``perceiver.model.vision`` -> here)."""

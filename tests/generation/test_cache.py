@@ -1,0 +1,156 @@
+"""Cached decoding: exact and strided modes equal full forwards of their schedules at every step; perceiver-io mode
+equals the real package's cached generate token for token."""
+
+import pytest
+import torch
+
+from perceiver_fast.generation import (
+    CachedDecoder,
+    FullForwardDecoder,
+    PerceiverIODecoder,
+    WindowSchedule,
+    merge_partial_attention,
+)
+from perceiver_fast.kernels import attention
+from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+from tests.oracle import max_rel_error
+from tests.parity import import_perceiver_io
+
+SMALL = dict(num_channels=32, num_heads=2, num_self_attention_layers=3, max_latents=4, max_seq_len=12)
+
+
+def _model(**overrides):
+    return CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, **overrides})).eval()
+
+
+def _prompt(batch=2, length=6, pads=(0, 4)):
+    tokens = torch.randint(6, 262, (batch, length))
+    pad_mask = torch.arange(length).expand(batch, length) < torch.tensor(pads).unsqueeze(1)
+    return tokens, pad_mask
+
+
+def _drive(decoders, prompt, pad_mask, num_latents, steps):
+    """Feed every decoder the same greedy continuation (chosen by the first) and collect per-step logits."""
+    sequence, pads = prompt, pad_mask
+    logits = [[d.start(sequence, pads, num_latents)] for d in decoders]
+    for _ in range(steps):
+        token = logits[0][-1].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        pads = torch.cat([pads, torch.zeros_like(pads[:, :1])], dim=1)
+        for d, out in zip(decoders, logits):
+            out.append(d.step(sequence, pads))
+    return logits
+
+
+@pytest.mark.parametrize("abs_pos_emb", [True, False])
+@pytest.mark.parametrize("num_latents, pads", [(1, (0, 4)), (4, (0, 4)), (2, (1, 0))])
+def test_exact_mode_equals_a_full_forward_at_every_step(abs_pos_emb, num_latents, pads):
+    """Latents grow, the prefix grows, the window slides; (4, (0, 4)) starts with pad latents."""
+    model = _model(abs_pos_emb=abs_pos_emb, output_norm=True)
+    schedule = WindowSchedule(12, 4)
+    prompt, pad_mask = _prompt(pads=pads)
+    full, cached = _drive(
+        [FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2)], prompt, pad_mask, num_latents, 16
+    )
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert max_rel_error(got, expected) <= 1e-5, step
+
+
+@pytest.mark.parametrize("stride", [2, 3, 4])
+def test_strided_mode_equals_a_full_forward_of_its_schedule(stride):
+    model = _model()
+    schedule = WindowSchedule(12, 4, stride=stride)
+    prompt, pad_mask = _prompt(pads=(0, 2))
+    full, cached = _drive(
+        [FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2)], prompt, pad_mask, 3, 18
+    )
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert max_rel_error(got, expected) <= 1e-5, step
+
+
+def test_generate_modes_agree_where_they_must():
+    model = _model()
+    prompt, pad_mask = _prompt()
+    kwargs = dict(num_latents=2, pad_mask=pad_mask, do_sample=True, top_k=20)
+    exact = model.generate(prompt, 15, generator=torch.Generator().manual_seed(3), **kwargs)
+    uncached = model.generate(prompt, 15, use_cache=False, generator=torch.Generator().manual_seed(3), **kwargs)
+    assert torch.equal(exact, uncached)
+    strided = model.generate(prompt, 15, cache_mode="strided", stride=2, generator=torch.Generator().manual_seed(3),
+                             **kwargs)
+    assert strided.shape == exact.shape
+
+
+def test_cached_left_padded_batch_equals_one_by_one():
+    model = _model(max_seq_len=24, max_latents=6)
+    short, long = torch.randint(6, 262, (1, 4)), torch.randint(6, 262, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], dim=1), long])
+    pad_mask = torch.zeros(2, 9, dtype=torch.bool)
+    pad_mask[0, :5] = True
+    together = model.generate(batch, 10, num_latents=4, pad_mask=pad_mask)
+    assert torch.equal(together[0, 5:], model.generate(short, 10, num_latents=4)[0])
+    assert torch.equal(together[1], model.generate(long, 10, num_latents=4)[0])
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("num_latents, pads", [(1, 0), (3, 0), (2, 2)])
+def test_perceiver_io_mode_reproduces_their_cached_generate(num_latents, pads):
+    import_perceiver_io("model.text.clm")
+    hf = import_perceiver_io("model.text.clm.huggingface")
+    config = hf.PerceiverCausalLanguageModelConfig(hf.CausalLanguageModelConfig(**SMALL))
+    theirs = hf.PerceiverCausalLanguageModel(config)
+    theirs.config.is_decoder = True
+    theirs.eval()
+    ours = _model()
+    ours.load_state_dict(theirs.backend_model.state_dict(), strict=True)
+    prompt, pad_mask = _prompt(pads=(0, pads))
+    expected = theirs.generate(
+        input_ids=prompt, attention_mask=(~pad_mask).long(), max_new_tokens=20, num_latents=num_latents,
+        do_sample=False, use_cache=True, pad_token_id=0,
+    )
+    got = ours.generate(prompt, 20, num_latents=num_latents, pad_mask=pad_mask if pads else None,
+                        cache_mode="perceiver-io")
+    assert torch.equal(got, expected)
+
+
+def test_perceiver_io_mode_is_stale_once_latents_are_full():
+    """Its logits leave a full forward's after the latents fill up: why exact mode exists."""
+    model = _model()
+    schedule = WindowSchedule(12, 4)
+    prompt, pad_mask = _prompt(pads=(0, 0))
+    full, stale = _drive(
+        [FullForwardDecoder(model, schedule), PerceiverIODecoder(model, schedule, 2)], prompt, pad_mask, 1, 12
+    )
+    errors = [max_rel_error(s, f) for s, f in zip(stale, full)]
+    assert max(errors[:3]) <= 1e-5  # latents still growing: nothing stale yet
+    assert max(errors[4:]) > 1e-3
+
+
+def test_merge_partial_attention_equals_attention_over_the_union():
+    q, k, v = torch.randn(2, 5, 3, 8), torch.randn(2, 9, 3, 8), torch.randn(2, 9, 3, 6)
+    kv_start = torch.tensor([0, 6], dtype=torch.int32)
+    whole, whole_lse = attention(q, k, v, kv_start=kv_start, return_lse=True)
+    first = attention(q, k[:, :4], v[:, :4], kv_start=kv_start.clamp(max=4), return_lse=True)
+    second = attention(q, k[:, 4:], v[:, 4:], kv_start=(kv_start - 4).clamp(min=0), return_lse=True)
+    merged, merged_lse = merge_partial_attention(*first, *second)
+    assert max_rel_error(merged, whole) < 1e-6
+    torch.testing.assert_close(merged_lse, whole_lse)
+
+
+def test_stop_tokens_streaming_and_threshold():
+    model = _model()
+    prompt, _ = _prompt(pads=(0, 0))
+    first = model.generate(prompt, 1)[:, -1]
+    stopped = model.generate(prompt, 10, eos_token_id=first.tolist(), pad_token_id=0)
+    assert stopped.shape[1] == prompt.shape[1] + 1  # every row stopped at once
+    streamed = torch.stack(list(model.stream(prompt, 5)), dim=1)
+    assert torch.equal(streamed, model.generate(prompt, 5)[:, -5:])
+    sampled = model.generate(prompt, 5, threshold=0.9, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, prompt.shape[1] + 5)
+    with pytest.raises(ValueError, match="threshold"):
+        model.generate(prompt, 2, threshold=1.0)
+    with pytest.raises(ValueError, match="cache_mode"):
+        model.generate(prompt, 2, cache_mode="fast")
+    with pytest.raises(ValueError, match="stride"):
+        model.generate(prompt, 2, stride=2)
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(prompt, 2, pad_mask=torch.tensor([[False] * 5 + [True]] * 2))
