@@ -50,8 +50,15 @@ def _attend_with_lse(q, k, v, *, causal: bool = False, kv_start: torch.Tensor | 
 class PerceiverARCache:
     """Decoding state of a Perceiver AR sequence model (e.g. ``CausalLanguageModel``) for one batch.
 
-    ``prefill`` builds it from a window; ``append`` adds one token, optionally handing the oldest latents to the
-    prefix. Both return the logits of the last position, equal to a full forward of the same window.
+    ``prefill`` builds it from a window; ``append`` adds one token, optionally hands the oldest latents to the prefix
+    and drops the oldest positions (a sliding window). Both return the logits of the last position, equal to a full
+    forward of the same window.
+
+    Sliding without a rebuild (``can_slide``) needs a positional scheme where dropping the oldest token changes no
+    remaining key or query: rotary-only models (``abs_pos_emb=False``; rotary attention depends on position
+    differences only) whose latents hold no padding. Their buffers then have room for two windows and are compacted
+    once per window length (constant memory, amortised O(1) per token). With absolute position embeddings every
+    position's embedding changes when the window slides, and the decoder rebuilds the cache instead.
     """
 
     def __init__(self, model: torch.nn.Module, batch_size: int, capacity_factor: int = 1):
@@ -66,16 +73,17 @@ class PerceiverARCache:
         qk_dim = self.cross.attention.num_qk_channels // heads
         v_dim = self.cross.attention.num_v_channels // heads
         alloc = lambda n, d: torch.empty(batch_size, n, heads, d, dtype=self.dtype, device=self.device)  # noqa: E731
-        # capacity_factor > 1 leaves room to append past the window and compact rarely (perceiver-io mode)
         seq_capacity, latent_capacity = capacity_factor * model.max_seq_len, capacity_factor * model.max_latents
         self.cross_k, self.cross_v = alloc(seq_capacity, qk_dim), alloc(seq_capacity, v_dim)
         self.self_k = [alloc(latent_capacity, layer[0].module.attention.num_qk_channels // heads)
                        for layer in self.self_layers]
         self.self_v = [alloc(latent_capacity, layer[0].module.attention.num_v_channels // heads)
                        for layer in self.self_layers]
+        self.offset = 0  # buffer index of the window's first position
         self.length = 0  # window length
         self.prefix_len = 0
-        self.pads = torch.zeros(batch_size, dtype=torch.int32, device=self.device)
+        self.pads = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # pads inside the window
+        self.pos_shift = self.pads.clone()  # window index i has position (i - pos_shift).clamp(min=0)
         self.any_pad_latent = False
         # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
         self.latent_h = self.latent_angles = self.latent_q = self.prefix_out = self.prefix_lse = None
@@ -84,14 +92,24 @@ class PerceiverARCache:
     def num_latents(self) -> int:
         return self.length - self.prefix_len
 
-    def _embed(self, tokens: torch.Tensor, abs_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.input_adapter(tokens, abs_pos=abs_pos)
+    @property
+    def can_slide(self) -> bool:
+        """Whether ``append(..., drop=n)`` is exact here (see the class docstring)."""
+        return not self.model.config.abs_pos_emb and not self.any_pad_latent
+
+    def _cross_kv(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys/values of window positions ``[lo, hi)`` (views into the buffers)."""
+        window = slice(self.offset + lo, self.offset + hi)
+        return self.cross_k[:, window], self.cross_v[:, window]
+
+    def _write_cross_kv(self, lo: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        hi = self.offset + lo + k.shape[1]
+        self.cross_k[:, self.offset + lo : hi], self.cross_v[:, self.offset + lo : hi] = k, v
 
     def _prefix_part(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.prefix_len
-        kv_start = self.pads.clamp(max=p)
-        return _attend_with_lse(q, self.cross_k[:, :p], self.cross_v[:, :p], kv_start=kv_start,
-                                scale=self.cross.attention.dp_scale)
+        k, v = self._cross_kv(0, self.prefix_len)
+        kv_start = self.pads.clamp(max=self.prefix_len)
+        return _attend_with_lse(q, k, v, kv_start=kv_start, scale=self.cross.attention.dp_scale)
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, prefix_len: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -101,9 +119,11 @@ class PerceiverARCache:
             raise ValueError(f"window {tuple(tokens.shape)} with prefix_len {prefix_len} does not fit this cache")
         self.pads = (torch.zeros(b, dtype=torch.int32, device=self.device) if pad_mask is None
                      else pad_mask.sum(dim=1).to(torch.int32))
+        self.pos_shift = self.pads.clone()
         self.any_pad_latent = bool((self.pads > prefix_len).any())
-        self.length, self.prefix_len = n, prefix_len
-        h, angles = self._embed(tokens, positions(b, n, shift=self.pads.unsqueeze(1), device=tokens.device))
+        self.offset, self.length, self.prefix_len = 0, n, prefix_len
+        h, angles = self.model.input_adapter(tokens, abs_pos=positions(b, n, shift=self.pads.unsqueeze(1),
+                                                                       device=tokens.device))
         attn = self.cross.attention
         p = prefix_len
         prefix_k, prefix_v = attn.project_keys_values(
@@ -111,63 +131,90 @@ class PerceiverARCache:
         )
         latent_x = self.cross.q_norm(h[:, p:])
         latent_rot = RotaryPositionEmbedding(angles[:, p:])
-        latent_k, latent_v = attn.project_keys_values(latent_x, latent_rot)
-        self.cross_k[:, :p], self.cross_v[:, :p] = prefix_k, prefix_v
-        self.cross_k[:, p:n], self.cross_v[:, p:n] = latent_k, latent_v
+        self._write_cross_kv(0, prefix_k, prefix_v)
+        self._write_cross_kv(p, *attn.project_keys_values(latent_x, latent_rot))
         self.latent_h, self.latent_angles = h[:, p:], angles[:, p:]
         self.latent_q = attn.project_queries(latent_x, latent_rot)
         self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
         return self._recompute_latents()
 
+    def _make_room(self) -> None:
+        if self.offset + self.length == self.cross_k.shape[1]:  # move the window to the front
+            for buffer in (self.cross_k, self.cross_v):
+                buffer[:, : self.length] = buffer[:, self.offset : self.offset + self.length].clone()
+            self.offset = 0
+
     @torch.no_grad()
-    def append(self, token: torch.Tensor, cross: int = 0) -> torch.Tensor:
-        """Add ``token [b]`` (or ``[b, 1]``) as the newest latent, then move the ``cross`` oldest latents into the
-        prefix; ``[b, vocab]`` logits of the new token."""
-        if self.length >= self.model.max_seq_len:
-            raise ValueError("the window is full: slide it with prefill() (the schedule says when)")
+    def append(self, token: torch.Tensor, cross: int = 0, drop: int = 0) -> torch.Tensor:
+        """Add ``token [b]`` (or ``[b, 1]``) as the newest latent, move the ``cross`` oldest latents into the
+        prefix, then drop the ``drop`` oldest positions; ``[b, vocab]`` logits of the new token."""
+        if drop and not self.can_slide:
+            raise ValueError("this model's window cannot slide without a rebuild: call prefill() (see can_slide)")
         if not 0 <= cross <= self.num_latents:
             raise ValueError(f"cannot move {cross} of {self.num_latents + 1} latents into the prefix")
+        if not 0 <= drop <= self.prefix_len + cross:
+            raise ValueError(f"cannot drop {drop} positions from a prefix of {self.prefix_len + cross}")
+        if self.length >= self.model.max_seq_len and not drop:
+            raise ValueError("the window is full: drop positions or rebuild it with prefill()")
+        self._make_room()
         token = token.reshape(self.batch_size, 1)
-        abs_pos = (self.length - self.pads).clamp(min=0).unsqueeze(1)
-        h, angle = self._embed(token, abs_pos)
+        h, angle = self.model.input_adapter(token, abs_pos=(self.length - self.pos_shift).clamp(min=0).unsqueeze(1))
         attn = self.cross.attention
         x = self.cross.q_norm(h)
         rot = RotaryPositionEmbedding(angle)
         q = attn.project_queries(x, rot)
-        k, v = attn.project_keys_values(x, rot)
-        self.cross_k[:, self.length : self.length + 1], self.cross_v[:, self.length : self.length + 1] = k, v
+        self._write_cross_kv(self.length, *attn.project_keys_values(x, rot))
         self.length += 1
-        prefix_out, prefix_lse = self._prefix_part(q)
         self.latent_h = torch.cat([self.latent_h, h], dim=1)
         self.latent_angles = torch.cat([self.latent_angles, angle], dim=1)
         self.latent_q = torch.cat([self.latent_q, q], dim=1)
-        self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
-        self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
-        if cross:
-            self._move_into_prefix(cross)
-            return self._recompute_latents()
-        return self._extend_latents()
+        if not (cross or drop):
+            prefix_out, prefix_lse = self._prefix_part(q)
+            self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
+            self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
+            return self._extend_latents()
+        if drop:
+            self._move_into_prefix(cross, update_prefix_part=False)
+            self._drop_oldest(drop)
+            # A softmax cannot forget a key stably: the prefix part is recomputed over the remaining prefix.
+            self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
+        else:
+            prefix_out, prefix_lse = self._prefix_part(q)
+            self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
+            self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
+            self._move_into_prefix(cross, update_prefix_part=True)
+        return self._recompute_latents()
 
-    def _move_into_prefix(self, count: int) -> None:
-        """The ``count`` oldest latents become prefix: remake their keys/values with ``kv_norm`` and fold them into
-        the prefix part of every remaining latent's attention."""
+    def _move_into_prefix(self, count: int, update_prefix_part: bool) -> None:
+        """The ``count`` oldest latents become prefix: remake their keys/values with ``kv_norm`` and (optionally) fold
+        them into the prefix part of every remaining latent's attention."""
+        if not count:
+            return
         attn = self.cross.attention
         p = self.prefix_len
         k, v = attn.project_keys_values(
             self.cross.kv_norm(self.latent_h[:, :count]), RotaryPositionEmbedding(self.latent_angles[:, :count])
         )
-        self.cross_k[:, p : p + count], self.cross_v[:, p : p + count] = k, v
+        self._write_cross_kv(p, k, v)
         rest = slice(count, None)
-        kv_start = (self.pads - p).clamp(0, count)
-        out, lse = _attend_with_lse(self.latent_q[:, rest], k, v, kv_start=kv_start, scale=attn.dp_scale)
-        self.prefix_out, self.prefix_lse = merge_partial_attention(
-            self.prefix_out[:, rest], self.prefix_lse[:, :, rest], out, lse
-        )
+        if update_prefix_part:
+            kv_start = (self.pads - p).clamp(0, count)
+            out, lse = _attend_with_lse(self.latent_q[:, rest], k, v, kv_start=kv_start, scale=attn.dp_scale)
+            self.prefix_out, self.prefix_lse = merge_partial_attention(
+                self.prefix_out[:, rest], self.prefix_lse[:, :, rest], out, lse
+            )
         self.latent_h, self.latent_angles, self.latent_q = (
             t[:, rest] for t in (self.latent_h, self.latent_angles, self.latent_q)
         )
         self.prefix_len += count
         self.any_pad_latent = bool((self.pads > self.prefix_len).any())
+
+    def _drop_oldest(self, count: int) -> None:
+        self.offset += count
+        self.length -= count
+        self.prefix_len -= count
+        self.pads = (self.pads - count).clamp(min=0)
+        self.pos_shift = self.pos_shift - count  # remaining positions keep their angles: the frame moves instead
 
     def _cross_attend(self, rows: slice) -> torch.Tensor:
         """Cross-attention layer output (attention + MLP, residuals included) for latents ``rows``."""
@@ -176,16 +223,16 @@ class PerceiverARCache:
         first = rows.start or 0
         q = self.latent_q[:, rows]
         kv_start = (self.pads - p).clamp(0, n)  # every latent key before the rows is visible to them too
+        latent_k, latent_v = self._cross_kv(p, self.length)
         latent_out, latent_lse = _attend_with_lse(
-            q, self.cross_k[:, p : self.length], self.cross_v[:, p : self.length], causal=True, kv_start=kv_start,
-            scale=attn.dp_scale,
+            q, latent_k, latent_v, causal=True, kv_start=kv_start, scale=attn.dp_scale
         )
         out, _ = merge_partial_attention(self.prefix_out[:, rows], self.prefix_lse[:, :, rows], latent_out, latent_lse)
         out = out.to(self.dtype)
         if self.any_pad_latent:
             # perceiver-io gives a row that sees no key (a pad as query) the mean of all values (see attention.py)
             pad_row = (p + first + torch.arange(q.shape[1], device=self.device)).unsqueeze(0) < self.pads.unsqueeze(1)
-            mean_v = self.cross_v[:, : self.length].mean(dim=1, keepdim=True)
+            mean_v = self._cross_kv(0, self.length)[1].mean(dim=1, keepdim=True)
             out = torch.where(pad_row.view(*pad_row.shape, 1, 1), mean_v, out)
         h = self.latent_h[:, rows] + attn.project_output(out)
         return self.cross_mlp(h)

@@ -61,11 +61,13 @@ class FullForwardDecoder:
 
 class CachedDecoder:
     """Exact cached decoding under ``schedule``: incremental while only latents grow, the latent stack recomputed
-    when latents cross into the prefix, the cache rebuilt when the window slides."""
+    when latents cross into the prefix; when the window slides, rotary-only models drop the oldest positions in
+    place and models with absolute position embeddings rebuild the cache (see ``PerceiverARCache.can_slide``)."""
 
     def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int):
         self.schedule = schedule
-        self.cache = PerceiverARCache(model, batch_size)
+        capacity_factor = 1 if model.config.abs_pos_emb else 2  # room to slide in place
+        self.cache = PerceiverARCache(model, batch_size, capacity_factor=capacity_factor)
         self.window = None
 
     def _prefill(self, sequence, pad_mask):
@@ -78,9 +80,10 @@ class CachedDecoder:
 
     def step(self, sequence, pad_mask):
         old, self.window = self.window, self.schedule.advance(self.window)
-        if self.window.start != old.start:
+        dropped = self.window.start - old.start
+        if dropped and not self.cache.can_slide:
             return self._prefill(sequence, pad_mask)
-        return self.cache.append(sequence[:, -1], cross=self.window.prefix_end - old.prefix_end)
+        return self.cache.append(sequence[:, -1], cross=self.window.prefix_end - old.prefix_end, drop=dropped)
 
 
 class PerceiverIODecoder:

@@ -68,6 +68,24 @@ def test_strided_mode_equals_a_full_forward_of_its_schedule(stride):
         assert max_rel_error(got, expected) <= 1e-5, step
 
 
+@pytest.mark.parametrize("stride", [1, 3])
+def test_rotary_only_window_slides_in_place_with_constant_memory(stride, monkeypatch):
+    """Past max_seq_len a rotary-only model drops old positions without a rebuild, compacting its buffers."""
+    model = _model(abs_pos_emb=False)
+    schedule = WindowSchedule(12, 4, stride=stride)
+    prompt, pad_mask = _prompt(pads=(0, 3))
+    full_decoder, cached_decoder = FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2)
+    buffers = cached_decoder.cache.cross_k.data_ptr(), cached_decoder.cache.cross_k.shape
+    prefills = []
+    original = cached_decoder.cache.prefill
+    monkeypatch.setattr(cached_decoder.cache, "prefill", lambda *a, **k: prefills.append(1) or original(*a, **k))
+    full, cached = _drive([full_decoder, cached_decoder], prompt, pad_mask, 2, 40)
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert max_rel_error(got, expected) <= 1e-5, step
+    assert len(prefills) == 1  # only the prompt
+    assert (cached_decoder.cache.cross_k.data_ptr(), cached_decoder.cache.cross_k.shape) == buffers
+
+
 def test_generate_modes_agree_where_they_must():
     model = _model()
     prompt, pad_mask = _prompt()
