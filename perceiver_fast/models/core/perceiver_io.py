@@ -219,12 +219,16 @@ class PerceiverDecoder(nn.Module):
         )
         init_parameters(self, init_scale)
 
-    def forward(self, x_latent: torch.Tensor, x_adapted: torch.Tensor | None = None, **kwargs):
+    def forward(self, x_latent: torch.Tensor, x_adapted: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Decode latents ``[b, n, num_latent_channels]``; ``kwargs`` are passed to the output adapter."""
+        return self.decode(x_latent, self.output_query_provider(x_adapted), **kwargs)
+
+    def decode(self, x_latent: torch.Tensor, output_query: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Decode latents with the given queries ``[1 or b, o, num_query_channels]`` (e.g. a subset of the learned
+        ones: each query's output depends on that query and the latents only)."""
         if not isinstance(x_latent, torch.Tensor) or x_latent.dim() != 3:
             raise ValueError(f"x_latent must be a [batch, latents, channels] tensor, got "
                              f"{getattr(x_latent, 'shape', type(x_latent))}")
-        output_query = self.output_query_provider(x_adapted)
         if output_query.shape[0] != x_latent.shape[0]:
             output_query = output_query.expand(x_latent.shape[0], -1, -1)  # learned queries are shared by the batch
         output = self.cross_attn(output_query, x_latent)

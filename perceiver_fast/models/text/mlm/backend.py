@@ -105,8 +105,8 @@ TextDecoder = PerceiverDecoder
 class MaskedLanguageModel(PerceiverIOPretrainedMixin, PerceiverIO):
     """Perceiver IO masked language model: token ids ``[b, n]`` -> logits ``[b, n, vocab_size]``.
 
-    The decoder has ``decoder.max_seq_len`` learned output queries (one per position); the logits of the first
-    ``n`` are returned. With ``decoder.num_output_query_channels=None`` the logits reuse the token embedding.
+    The decoder has ``decoder.max_seq_len`` learned output queries (one per position); only the first ``n`` are
+    decoded. With ``decoder.num_output_query_channels=None`` the logits reuse the token embedding.
     """
 
     config_class = MaskedLanguageModelConfig
@@ -153,11 +153,16 @@ class MaskedLanguageModel(PerceiverIOPretrainedMixin, PerceiverIO):
         if n > max_out:
             raise ValueError(f"sequence length {n} exceeds the decoder's max_seq_len ({max_out})")
         x_latent = self.encoder(x_masked, pad_mask)
+        # Only the first n output queries are needed, and each query's logits depend on that query and the latents
+        # alone, so the others are not computed (perceiver-io computes all max_seq_len and slices).
+        output_query = self.decoder.output_query_provider()[:, :n]
         if isinstance(self.decoder.output_adapter, TiedTokenOutputAdapter):
-            logits = self.decoder(x_latent, txt_embedding=self.encoder.input_adapter.txt_embedding)
+            logits = self.decoder.decode(x_latent, output_query, txt_embedding=self.encoder.input_adapter.txt_embedding)
         else:
-            logits = self.decoder(x_latent)
-        return logits[:, :n, :]
+            logits = self.decoder.decode(x_latent, output_query)
+            if logits.dim() == 2:  # TokenOutputAdapter squeezes a query axis of length 1; keep [b, n, vocab]
+                logits = logits.unsqueeze(1)
+        return logits
 
     @classmethod
     def from_transformers(cls, model: nn.Module) -> MaskedLanguageModel:
