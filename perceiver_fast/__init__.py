@@ -1,7 +1,37 @@
-"""perceiver_fast: Perceiver, Perceiver IO and Perceiver AR on fused attention kernels."""
+"""perceiver_fast: Perceiver, Perceiver IO and Perceiver AR on fused attention kernels.
 
+The model classes keep perceiver-io 0.11.0's names, configs and state-dict keys; every attention runs through
+:func:`attention`, which dispatches to the fastest backend that can run a call (see :func:`explain`).
+"""
+
+from perceiver_fast.generation import generate, stream
 from perceiver_fast.kernels import attention, available_backends, explain
+from perceiver_fast.models.audio.symbolic import SymbolicAudioModel, SymbolicAudioModelConfig
+from perceiver_fast.models.text.classifier import TextClassifier, TextClassifierConfig
+from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_fast.models.text.mlm import MaskedLanguageModel, MaskedLanguageModelConfig
+from perceiver_fast.models.vision.image_classifier import ImageClassifier, ImageClassifierConfig
+from perceiver_fast.models.vision.optical_flow import OpticalFlow, OpticalFlowConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "attention", "available_backends", "explain"]
+__all__ = [
+    "CausalLanguageModel",
+    "CausalLanguageModelConfig",
+    "ImageClassifier",
+    "ImageClassifierConfig",
+    "MaskedLanguageModel",
+    "MaskedLanguageModelConfig",
+    "OpticalFlow",
+    "OpticalFlowConfig",
+    "SymbolicAudioModel",
+    "SymbolicAudioModelConfig",
+    "TextClassifier",
+    "TextClassifierConfig",
+    "__version__",
+    "attention",
+    "available_backends",
+    "explain",
+    "generate",
+    "stream",
+]
