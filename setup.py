@@ -1,15 +1,26 @@
-"""Setuptools entry: pure Python by default; ``PERCEIVER_FAST_BUILD_CUDA=1`` is reserved for the csrc/ extension."""
+"""Setuptools entry: pure Python by default; ``PERCEIVER_FAST_BUILD_CUDA=1`` also builds the csrc/ CUDA kernels."""
 
 import os
 import sys
 
 from setuptools import setup
 
+package_data = {}
 if os.environ.get("PERCEIVER_FAST_BUILD_CUDA") == "1":
-    # The CUDA C++ kernels (csrc/) are not part of this version: say so instead of silently building nothing.
-    sys.stderr.write(
-        "perceiver_fast: PERCEIVER_FAST_BUILD_CUDA=1 was set, but this version has no csrc/ CUDA extension to build; "
-        "installing the pure-Python package (eager and Triton backends).\n"
-    )
+    # --- CUDA kernels (csrc/): built only on request, with plain nvcc (see csrc/build.py for the environment) ---
+    import importlib.util
+    from pathlib import Path
 
-setup()
+    _spec = importlib.util.spec_from_file_location("_pf_csrc_build", Path(__file__).parent / "csrc" / "build.py")
+    _csrc_build = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = _csrc_build  # dataclasses look their module up there
+    _spec.loader.exec_module(_csrc_build)
+    try:
+        _built = _csrc_build.build()
+    except _csrc_build.BuildError as error:
+        sys.exit(f"perceiver_fast: PERCEIVER_FAST_BUILD_CUDA=1 but the CUDA build failed: {error}")
+    sys.stderr.write(f"perceiver_fast: built {_built.output} in {_built.seconds:.1f} s\n")
+    package_data = {"perceiver_fast": [_built.output.name]}  # ship it in wheels too, not only editable installs
+    # --- end of the CUDA build ---
+
+setup(package_data=package_data)

@@ -1,0 +1,200 @@
+"""The ``"cuda"`` attention backend: the CUDA C++ kernels of ``csrc/``, when they were built.
+
+The compiled library (``perceiver_fast/_C*.so``, built with ``PERCEIVER_FAST_BUILD_CUDA=1``, or any path in
+``PERCEIVER_FAST_CUDA_LIB``) registers the low-level op ``perceiver_fast_cuda::attention_fwd`` through PyTorch's
+stable ABI; it fills tensors allocated here. This module owns everything above it: the public op
+``perceiver_fast::cuda_attention_fwd`` (schema and fake implementation, so ``torch.compile`` traces through it),
+the split-KV decision, the stream and device guard, and the fallback. It is loaded on first use, never at import,
+so ``import perceiver_fast`` works with or without the binary; :func:`library_status` says why it is absent.
+
+The kernels are forward-only and use tensor cores: float16/bfloat16 CUDA tensors, head dims up to 128, no dropout,
+sm_80 or newer. Everything else (float32, gradients, ...) is passed over with a reason, and ``auto`` falls back
+to Triton or eager; backward always runs there.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from perceiver_fast.kernels import api
+
+LIBRARY_ENV_VAR = "PERCEIVER_FAST_CUDA_LIB"
+MAX_HEAD_DIM = 128  # csrc/attention_params.cuh: kMaxHeadDim
+BLOCK_M = 64  # packed query rows per block (csrc: kBlockM)
+BLOCK_N = 64  # keys per tile (csrc: kBlockN)
+MAX_SPLITS = 32
+MAX_GRID_Y = 65535  # batch x kv heads is the grid's y extent
+_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _candidates() -> list[Path]:
+    explicit = os.environ.get(LIBRARY_ENV_VAR)
+    if explicit:
+        return [Path(explicit)]
+    return sorted(Path(__file__).resolve().parents[1].glob("_C*.so"))
+
+
+@functools.lru_cache(maxsize=1)
+def library_status() -> str | None:
+    """Load the compiled kernels once; ``None`` when loaded, else why not (not built, or the load error)."""
+    candidates = _candidates()
+    if not candidates:
+        return (
+            "the CUDA extension is not built (install with PERCEIVER_FAST_BUILD_CUDA=1, see csrc/build.py, "
+            f"or set {LIBRARY_ENV_VAR})"
+        )
+    path = candidates[0]
+    if not path.is_file():
+        return f"{LIBRARY_ENV_VAR}={path} does not exist"
+    try:
+        torch.ops.load_library(str(path))
+    except Exception as error:  # a broken or incompatible binary must not break dispatch
+        return f"the CUDA extension {path} failed to load: {error}"
+    if not hasattr(torch.ops.perceiver_fast_cuda, "attention_fwd"):
+        return f"{path} loaded but did not register perceiver_fast_cuda::attention_fwd"
+    return None
+
+
+def choose_num_splits(*, batch: int, num_kv_heads: int, packed_rows: int, num_keys: int, sm_count: int) -> int:
+    """How many key ranges to split each block's work into so that the grid fills the GPU.
+
+    A block covers 64 packed rows (query x heads of a group) of one (batch, kv head). Decoding gives few blocks and
+    long key ranges: split the keys until there are about as many blocks as SMs, keeping at least two key tiles per
+    split so the reduction pass stays small next to the attention itself.
+    """
+    blocks = math.ceil(packed_rows / BLOCK_M) * batch * num_kv_heads
+    key_tiles = math.ceil(num_keys / BLOCK_N)
+    if blocks >= sm_count:
+        return 1
+    return max(1, min(math.ceil(sm_count / blocks), key_tiles // 2, MAX_SPLITS))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+@functools.cache
+def _has_kernel_image(device_index: int) -> bool:
+    return bool(torch.ops.perceiver_fast_cuda.has_kernel_image(device_index))
+
+
+@torch.library.custom_op("perceiver_fast::cuda_attention_fwd", mutates_args=())
+def _cuda_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    causal: bool,
+    scale: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_queries, num_q_heads, _ = q.shape
+    v_dim = v.shape[3]
+    out = q.new_empty(batch, num_queries, num_q_heads, v_dim)
+    lse = torch.empty(batch, num_q_heads, num_queries, device=q.device, dtype=torch.float32)
+    if num_splits > 1:
+        part_out = torch.empty(num_splits, batch, num_q_heads, num_queries, v_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(num_splits, batch, num_q_heads, num_queries, device=q.device, dtype=torch.float32)
+    else:
+        part_out = part_lse = torch.empty(0, device=q.device, dtype=torch.float32)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        torch.ops.perceiver_fast_cuda.attention_fwd(
+            q, k, v, kv_start, kv_len, out, lse, part_out, part_lse, causal, scale, num_splits, stream
+        )
+    return out, lse
+
+
+@_cuda_attention_fwd.register_fake
+def _cuda_attention_fwd_fake(q, k, v, kv_start, kv_len, causal, scale, num_splits):
+    batch, num_queries, num_q_heads, _ = q.shape
+    out = q.new_empty(batch, num_queries, num_q_heads, v.shape[3])
+    lse = q.new_empty(batch, num_q_heads, num_queries, dtype=torch.float32)
+    return out, lse
+
+
+def cuda_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    kv_start: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    scale: float,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on validated arguments (see :func:`perceiver_fast.kernels.api.attention`): ``(out, lse)``.
+
+    Forward only (no autograd). ``num_splits`` overrides the split-KV choice (tests); by default
+    :func:`choose_num_splits` picks it from the SM count. Raises ``RuntimeError`` when the library is absent.
+    """
+    missing = library_status()
+    if missing is not None:
+        raise RuntimeError(missing)
+    batch, num_keys = q.shape[0], k.shape[1]
+    if kv_start is None:
+        kv_start = torch.zeros(batch, device=q.device, dtype=torch.int32)
+    if kv_len is None:
+        kv_len = torch.full((batch,), num_keys, device=q.device, dtype=torch.int32)
+    if num_splits is None:
+        num_splits = choose_num_splits(
+            batch=batch,
+            num_kv_heads=k.shape[2],
+            packed_rows=q.shape[1] * (q.shape[2] // k.shape[2]),
+            num_keys=num_keys,
+            sm_count=_sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()),
+        )
+    # The kernels index rows through strides but read each row's head dim contiguously.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _cuda_attention_fwd(
+        q, k, v, kv_start.to(torch.int32), kv_len.to(torch.int32), bool(causal), float(scale), int(num_splits)
+    )
+
+
+class CudaBackend:
+    """The csrc/ kernels: forward-only, tensor cores, float16/bfloat16 CUDA tensors, head dims up to 128."""
+
+    name = "cuda"
+
+    def unsupported_reason(self, problem: api.AttentionProblem) -> str | None:
+        if problem.device.type != "cuda":
+            return f"{problem.device.type.upper()} tensors: the CUDA kernels run on CUDA tensors only"
+        if problem.requires_grad:
+            return "gradients are needed: the CUDA C++ kernels are forward-only (backward runs on Triton/eager)"
+        if problem.dropout_p > 0.0:
+            return "dropout_p > 0 is not implemented in the CUDA kernels"
+        if problem.dtype not in _DTYPES:
+            return f"dtype {problem.dtype}: the tensor-core (mma.sync) kernels take float16/bfloat16 only"
+        widest = max(problem.qk_head_dim, problem.v_head_dim)
+        if widest > MAX_HEAD_DIM:
+            return f"head dim {widest} > {MAX_HEAD_DIM} is not supported by the CUDA kernels"
+        if problem.batch * problem.num_kv_heads > MAX_GRID_Y:
+            return f"batch x kv heads = {problem.batch * problem.num_kv_heads} > {MAX_GRID_Y} (CUDA grid limit)"
+        missing = library_status()
+        if missing is not None:
+            return missing
+        if not torch.cuda.is_available():
+            return "torch sees no CUDA device"
+        capability = torch.cuda.get_device_capability(problem.device)
+        if capability < (8, 0):
+            return "needs a GPU of compute capability 8.0 or newer (mma.sync bf16)"
+        index = problem.device.index if problem.device.index is not None else torch.cuda.current_device()
+        if not _has_kernel_image(index):
+            arch = "{}.{}".format(*capability)
+            return f"the CUDA extension has no code for this GPU ({arch}): rebuild with {arch} in TORCH_CUDA_ARCH_LIST"
+        return None
+
+    def run(self, q, k, v, *, causal, kv_start, kv_len, scale, return_lse, dropout_p):
+        out, lse = cuda_attention(q, k, v, causal=causal, kv_start=kv_start, kv_len=kv_len, scale=scale)
+        return out, (lse if return_lse else None)
+
+
+api.register_backend(CudaBackend())

@@ -1,0 +1,112 @@
+"""The "cuda" backend's Python side on a machine without the binary or a GPU: registration, the reasons it gives
+for passing a call over, the split-KV choice, and the op's fake implementation (what torch.compile sees)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perceiver_fast.kernels import api, available_backends, cuda, explain
+
+
+def _problem(**overrides) -> api.AttentionProblem:
+    fields = dict(
+        device=torch.device("cuda"), dtype=torch.bfloat16, batch=2, num_queries=4, num_keys=8, num_q_heads=4,
+        num_kv_heads=2, qk_head_dim=64, v_head_dim=64, causal=True, has_kv_start=False, has_kv_len=False,
+        dropout_p=0.0, requires_grad=False, return_lse=False,
+    )  # fmt: skip
+    fields.update(overrides)
+    return api.AttentionProblem(**fields)
+
+
+@pytest.fixture
+def no_library(monkeypatch, tmp_path):
+    monkeypatch.setenv(cuda.LIBRARY_ENV_VAR, str(tmp_path / "missing_C.so"))
+    cuda.library_status.cache_clear()
+    yield
+    cuda.library_status.cache_clear()
+
+
+def test_registered_ahead_of_eager():
+    names = available_backends()
+    assert "cuda" in names and names.index("cuda") < names.index("eager")
+
+
+def test_cpu_tensors_pass_it_over_under_auto():
+    q = torch.randn(1, 3, 2, 16)
+    dispatch = explain(q, q, q)
+    assert dispatch.backend == "eager"
+    assert "CUDA tensors only" in dispatch.passed_over["cuda"]
+    with pytest.raises(RuntimeError, match="CUDA tensors only"):
+        explain(q, q, q, backend="cuda")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"requires_grad": True}, "forward-only (backward runs on Triton/eager)"),
+        ({"dropout_p": 0.1}, "dropout_p > 0"),
+        ({"dtype": torch.float32}, "float16/bfloat16 only"),
+        ({"v_head_dim": 160}, "head dim 160 > 128"),
+        ({}, "does not exist"),  # a supported problem: only the missing library stands in the way
+    ],
+)
+def test_reasons_it_passes_a_call_over(no_library, overrides, reason):
+    assert reason in cuda.CudaBackend().unsupported_reason(_problem(**overrides))
+
+
+def test_absent_library_is_recorded_not_raised(monkeypatch, tmp_path):
+    monkeypatch.delenv(cuda.LIBRARY_ENV_VAR, raising=False)
+    monkeypatch.setattr(cuda, "_candidates", lambda: [])
+    cuda.library_status.cache_clear()
+    try:
+        assert "not built" in cuda.library_status()
+        broken = tmp_path / "_C.so"
+        broken.write_bytes(b"not a shared library")
+        monkeypatch.setattr(cuda, "_candidates", lambda: [broken])
+        cuda.library_status.cache_clear()
+        assert "failed to load" in cuda.library_status()
+        with pytest.raises(RuntimeError, match="failed to load"):
+            q = torch.randn(1, 2, 1, 8)
+            cuda.cuda_attention(q, q, q, causal=False, kv_start=None, kv_len=None, scale=1.0)
+    finally:
+        cuda.library_status.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("shape", "splits"),
+    [
+        # (batch, kv heads, packed rows, keys, SMs)
+        ((16, 16, 1024, 1024, 132), 1),  # a full grid: no split
+        ((1, 8, 4, 4096, 132), 17),  # decoding one token over a long cache: 8 blocks -> 136
+        ((1, 1, 1, 128, 132), 1),  # two key tiles: not worth a reduction pass
+        ((1, 1, 1, 1 << 20, 132), cuda.MAX_SPLITS),  # capped
+    ],
+)
+def test_num_splits_fills_the_gpu(shape, splits):
+    batch, heads, rows, keys, sms = shape
+    got = cuda.choose_num_splits(batch=batch, num_kv_heads=heads, packed_rows=rows, num_keys=keys, sm_count=sms)
+    assert got == splits
+
+
+def test_fake_implementation_gives_shapes_and_dtypes():
+    q = torch.empty(2, 5, 4, 24, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(2, 9, 2, 24, dtype=torch.bfloat16, device="meta")
+    v = torch.empty(2, 9, 2, 40, dtype=torch.bfloat16, device="meta")
+    bounds = torch.empty(2, dtype=torch.int32, device="meta")
+    out, lse = torch.ops.perceiver_fast.cuda_attention_fwd(q, k, v, bounds, bounds, True, 0.2, 3)
+    assert out.shape == (2, 5, 4, 40) and out.dtype == torch.bfloat16
+    assert lse.shape == (2, 4, 5) and lse.dtype == torch.float32
+
+
+def test_torch_compile_traces_the_op_without_graph_breaks():
+    """On meta tensors the op runs its fake implementation, so tracing is checked without the library or a GPU."""
+    q = torch.empty(1, 8, 2, 32, dtype=torch.float16, device="meta")
+    bounds = torch.empty(1, dtype=torch.int32, device="meta")
+
+    def f(q):
+        out, lse = torch.ops.perceiver_fast.cuda_attention_fwd(q, q, q, bounds, bounds, False, 0.5, 1)
+        return out + 1, lse
+
+    out, lse = torch.compile(f, fullgraph=True, backend="eager")(q)
+    assert out.shape == (1, 8, 2, 32) and lse.shape == (1, 2, 8)
