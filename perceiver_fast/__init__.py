@@ -6,6 +6,7 @@ The model classes keep perceiver-io 0.11.0's names, configs and state-dict keys;
 
 from perceiver_fast.generation import generate, stream
 from perceiver_fast.kernels import attention, available_backends, explain
+from perceiver_fast.models.artifacts import from_lightning_checkpoint, from_pretrained
 from perceiver_fast.models.audio.symbolic import SymbolicAudioModel, SymbolicAudioModelConfig
 from perceiver_fast.models.text.classifier import TextClassifier, TextClassifierConfig
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
@@ -32,6 +33,8 @@ __all__ = [
     "attention",
     "available_backends",
     "explain",
+    "from_lightning_checkpoint",
+    "from_pretrained",
     "generate",
     "stream",
 ]

@@ -43,7 +43,11 @@ class PretrainedMixin:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
-        """Load a model saved by :meth:`save_pretrained` (strict: every key must match), in eval mode."""
+        """Load a model saved by :meth:`save_pretrained` (strict: every key must match), in eval mode.
+
+        Also reads a directory written by perceiver-io's Hugging Face ``save_pretrained`` for this model type (a
+        directory of another type raises ``ValueError`` naming both).
+        """
         from safetensors.torch import load_file
 
         directory = Path(directory)
@@ -51,6 +55,8 @@ class PretrainedMixin:
         if not config_path.is_file():
             raise FileNotFoundError(f"{config_path} not found: not a saved model directory")
         meta = json.loads(config_path.read_text())
+        if meta.get("format") != FORMAT and "model_config" in meta:  # perceiver-io's Hugging Face format
+            return cls._from_perceiver_io_pretrained(directory, map_location)
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{config_path} was not written by perceiver_fast's save_pretrained")
         if meta.get("model_class") != cls.__name__:
@@ -59,3 +65,22 @@ class PretrainedMixin:
         state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
         model.load_state_dict(state, strict=True)
         return model.to(map_location).eval()
+
+    # --- perceiver-io artifacts (implemented in perceiver_fast.models.artifacts, imported late: it imports the
+    # --- model classes, which import this module)
+
+    @classmethod
+    def _from_perceiver_io_pretrained(cls, directory: Path, map_location: str | torch.device) -> Any:
+        """``from_pretrained`` on a directory written by perceiver-io's Hugging Face ``save_pretrained``."""
+        from perceiver_fast.models.artifacts import load_perceiver_io_pretrained
+
+        return load_perceiver_io_pretrained(directory, model_class=cls, map_location=map_location)
+
+    @classmethod
+    def from_lightning_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+        """Load a Lightning checkpoint saved by perceiver-io's ``Lit*`` module of this model type, without
+        perceiver-io installed; a checkpoint of another model type raises ``ValueError`` naming both (see
+        :func:`perceiver_fast.models.artifacts.from_lightning_checkpoint`)."""
+        from perceiver_fast.models.artifacts import from_lightning_checkpoint
+
+        return from_lightning_checkpoint(path, model_class=cls, map_location=map_location)
