@@ -72,7 +72,11 @@ class PerceiverARCache:
         heads = self.cross.attention.num_heads
         qk_dim = self.cross.attention.num_qk_channels // heads
         v_dim = self.cross.attention.num_v_channels // heads
-        alloc = lambda n, d: torch.empty(batch_size, n, heads, d, dtype=self.dtype, device=self.device)  # noqa: E731
+        def alloc(n: int, d: int) -> torch.Tensor:
+            # [b, n, heads, d] views of head-major memory: each head's keys are contiguous, which the attention
+            # kernels read fastest (the op takes any strides).
+            return torch.empty(batch_size, heads, n, d, dtype=self.dtype, device=self.device).transpose(1, 2)
+
         seq_capacity, latent_capacity = capacity_factor * model.max_seq_len, capacity_factor * model.max_latents
         self.cross_k, self.cross_v = alloc(seq_capacity, qk_dim), alloc(seq_capacity, v_dim)
         self.self_k = [alloc(latent_capacity, layer[0].module.attention.num_qk_channels // heads)

@@ -3,6 +3,7 @@
 It is the CPU path, the fallback of every other backend, and what the kernels are checked against. The output goes
 through ``F.scaled_dot_product_attention``, which is exact for every case of the contract once rows that see no key
 are taken care of (they are given a visible key, computed and zeroed, so no NaN reaches forward or backward).
+Calls without key bounds skip the mask entirely (SDPA's own causal flag, or none for a single query).
 """
 
 from __future__ import annotations
@@ -51,27 +52,26 @@ def attention_eager(
     """The op on already validated arguments; returns ``(out, lse or None)``."""
     batch, num_queries, num_q_heads, _ = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
-    visible = visible_keys(
-        batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
-    )
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # views: SDPA wants [B, H, N, D]
-
-    sdpa_mask = None
-    row_sees_a_key = None
-    if visible is not None:
+    # Without bounds, causal masking is SDPA's own (top-left equals bottom-right when Nq == Nk) or void (one query
+    # at the last position sees every key): no mask to build, and no row can be empty.
+    unmasked = kv_start is None and kv_len is None and (not causal or num_queries in (1, num_keys))
+    visible = None
+    if unmasked:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, dropout_p=dropout_p, scale=scale, is_causal=causal and num_queries > 1,
+            enable_gqa=num_q_heads != num_kv_heads,
+        ).transpose(1, 2)
+    else:
+        visible = visible_keys(
+            batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
+        )
         row_sees_a_key = visible.any(dim=-1)  # [B, Nq]
         # A fully masked row would be NaN inside SDPA (and in its gradient): let it see everything, zero it below.
         sdpa_mask = (visible | ~row_sees_a_key.unsqueeze(-1)).unsqueeze(1)
-    out = F.scaled_dot_product_attention(
-        qt,
-        kt,
-        vt,
-        attn_mask=sdpa_mask,
-        dropout_p=dropout_p,
-        scale=scale,
-        enable_gqa=num_q_heads != num_kv_heads,
-    ).transpose(1, 2)
-    if row_sees_a_key is not None:
+        out = F.scaled_dot_product_attention(
+            qt, kt, vt, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale, enable_gqa=num_q_heads != num_kv_heads
+        ).transpose(1, 2)
         out = torch.where(row_sees_a_key.view(batch, num_queries, 1, 1), out, out.new_zeros(()))
 
     lse = None
@@ -81,6 +81,9 @@ def attention_eager(
             scores = torch.einsum(
                 "bhid,bhjd->bhij", qt.float(), kt.float().repeat_interleave(group, dim=1)
             ) * scale
+            if visible is None and causal and num_queries > 1:
+                visible = visible_keys(batch, num_queries, num_keys, causal=True, kv_start=None, kv_len=None,
+                                       device=q.device)
             if visible is not None:
                 scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
             lse = torch.logsumexp(scores, dim=-1)
