@@ -17,6 +17,7 @@ last key does not exist and every row shifts left by one. A query that sees no k
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -46,6 +47,9 @@ class AttentionProblem:
     dropout_p: float
     requires_grad: bool
     return_lse: bool
+    # "auto", or the backend asked for by name: a backend may accept some calls only when asked for explicitly
+    # (Triton runs CPU tensors in its interpreter for tests, never under auto).
+    requested: str = "auto"
 
 
 class AttentionBackend(Protocol):
@@ -128,6 +132,7 @@ def _requested_backend(backend: str | None) -> str:
 
 def _decide(problem: AttentionProblem, backend: str | None) -> tuple[Dispatch, AttentionBackend]:
     requested = _requested_backend(backend)
+    problem = dataclasses.replace(problem, requested=requested)
     passed_over: dict[str, str] = {}
     if requested != "auto":
         chosen = next(b for b in _BACKENDS if b.name == requested)

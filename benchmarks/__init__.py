@@ -1,0 +1,1 @@
+"""perceiver_fast benchmark suite: ``python -m benchmarks <suite>`` (see ``python -m benchmarks --help``)."""

@@ -1,0 +1,261 @@
+"""Generation benchmark: tokens/s of our decoding modes vs the perceiver-io package on the same weights.
+
+    python -m benchmarks.generate                     # CPU defaults: REFERENCE.md model, 2k and 8k contexts
+    python -m benchmarks.generate --contexts 2048 8192 32768 --batch-sizes 1 16 --new-tokens 64   # a GPU run
+
+Rows (each timed in this one process, so their ratios are comparable):
+- ours exact / strided / perceiver-io: ``model.generate(cache_mode=...)``; ours uncached: a full forward per token.
+- pio cached / pio uncached: perceiver-io 0.11.0's own ``generate`` (its uncached path does not keep the documented
+  schedule; shown for reference). pio exact: the exact way to sample perceiver-io's model, a full forward of its
+  backend per token under the documented schedule; the baseline of the exact-mode target.
+- floor: one pass of the latent stack over all latents (cross-attention latent part + self-attention layers), what
+  exact decoding must pay per token once the latents are full.
+ms/token excludes the prompt's prefill: it is ``(T(n tokens) - T(1 token)) / (n - 1)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from perceiver_fast.generation import PerceiverARCache, WindowSchedule
+from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+
+RESULTS = Path(__file__).parent / "results"
+REFERENCE_MODEL = dict(num_channels=256, num_heads=8, num_self_attention_layers=6, max_latents=256)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device).replace(" ", "-")
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}threads"
+
+
+def _timer(device: torch.device):
+    def timed(fn) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return timed
+
+
+def _perceiver_io_models(config: dict, state_dict: dict, device: torch.device):
+    """perceiver-io's HF wrapper around a backend with our weights, or None when the package is absent."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            from perceiver.model.text.clm import CausalLanguageModelConfig as TheirConfig
+            from perceiver.model.text.clm.huggingface import (
+                PerceiverCausalLanguageModel,
+                PerceiverCausalLanguageModelConfig,
+            )
+        except ImportError:
+            return None
+    hf = PerceiverCausalLanguageModel(PerceiverCausalLanguageModelConfig(TheirConfig(**config)))
+    hf.config.is_decoder = True
+    hf.backend_model.load_state_dict(state_dict)
+    return hf.to(device).eval()
+
+
+def _full_forward_loop(backend, prompt: torch.Tensor, num_latents: int, new_tokens: int, schedule: WindowSchedule):
+    """Greedy decoding by a full forward of ``backend`` per token under the documented schedule."""
+    sequence, window = prompt, schedule.initial(prompt.shape[1], num_latents)
+    with torch.no_grad():
+        for step in range(new_tokens):
+            logits = backend(sequence[:, window.start : window.end], prefix_len=window.prefix_len).logits[:, -1]
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+            if step + 1 < new_tokens:
+                window = schedule.advance(window)
+    return sequence
+
+
+def _latent_floor(model, prompt: torch.Tensor, num_latents: int, timed, repeats: int) -> float:
+    schedule = WindowSchedule(model.max_seq_len, model.max_latents)
+    window = schedule.initial(prompt.shape[1], num_latents)
+    cache = PerceiverARCache(model, prompt.shape[0])
+    with torch.no_grad():
+        cache.prefill(prompt[:, window.start : window.end], window.prefix_len)
+        times = [timed(cache._recompute_latents) for _ in range(repeats)]
+    return statistics.median(times)
+
+
+def _median_time(timed, run, new_tokens: int, repeats: int) -> float:
+    return statistics.median(timed(lambda: run(new_tokens)) for _ in range(repeats))
+
+
+def bench_context(context: int, batch: int, new_tokens: int, device: torch.device, repeats: int, skip: set[str]):
+    config = dict(REFERENCE_MODEL, max_seq_len=context)
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**config)).to(device).eval()
+    theirs = None if "pio" in skip else _perceiver_io_models(config, model.state_dict(), device)
+    prompt_len = context - max(new_tokens, 192) if context > 1024 else context // 2
+    num_latents = min(model.max_latents, prompt_len)
+    prompt = torch.randint(6, 262, (batch, prompt_len), device=device)
+    schedule = WindowSchedule(context, model.max_latents)
+    timed = _timer(device)
+
+    methods = {
+        "ours exact": lambda n: model.generate(prompt, n, num_latents=num_latents),
+        "ours strided": lambda n: model.generate(prompt, n, num_latents=num_latents, cache_mode="strided"),
+        "ours perceiver-io": lambda n: model.generate(prompt, n, num_latents=num_latents, cache_mode="perceiver-io"),
+        "ours uncached": lambda n: model.generate(prompt, n, num_latents=num_latents, use_cache=False),
+    }
+    if theirs is not None:
+        kwargs = dict(num_latents=num_latents, do_sample=False, pad_token_id=0)
+        methods["pio cached"] = lambda n: theirs.generate(input_ids=prompt, max_new_tokens=n, use_cache=True, **kwargs)
+        methods["pio uncached"] = lambda n: theirs.generate(
+            input_ids=prompt, max_new_tokens=n, use_cache=False, **kwargs
+        )
+        methods["pio exact"] = lambda n: _full_forward_loop(theirs.backend_model, prompt, num_latents, n, schedule)
+
+    rows = []
+    for name, run in methods.items():
+        if any(s in name for s in skip):
+            continue
+        with torch.no_grad():
+            run(2)  # warm-up
+            first = _median_time(timed, run, 1, repeats)
+            total = _median_time(timed, run, new_tokens, repeats)
+        ms_per_token = 1e3 * max(total - first, 1e-9) / (new_tokens - 1)
+        rows.append(
+            dict(
+                method=name,
+                context=context,
+                prompt=prompt_len,
+                batch=batch,
+                new_tokens=new_tokens,
+                prefill_ms=1e3 * first,
+                ms_per_token=ms_per_token,
+                tokens_per_s=batch * 1e3 / ms_per_token,
+            )
+        )
+    floor = _latent_floor(model, prompt, num_latents, timed, repeats)
+    rows.append(
+        dict(
+            method="floor (latent stack)",
+            context=context,
+            prompt=prompt_len,
+            batch=batch,
+            new_tokens=new_tokens,
+            prefill_ms=0.0,
+            ms_per_token=1e3 * floor,
+            tokens_per_s=batch / floor,
+        )
+    )
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """The targets of the generation issue, as measured ratios of tokens/s within one context and batch."""
+    by = {r["method"]: r["tokens_per_s"] for r in rows}
+    out = {}
+    for ours, theirs in (
+        ("ours exact", "pio exact"),
+        ("ours strided", "pio cached"),
+        ("ours perceiver-io", "pio cached"),
+        ("ours exact", "pio cached"),
+    ):
+        if ours in by and theirs in by:
+            out[f"{ours} / {theirs}"] = by[ours] / by[theirs]
+    if "ours exact" in by and "floor (latent stack)" in by:
+        out["ours exact ms / floor ms"] = by["floor (latent stack)"] / by["ours exact"]
+    return out
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'method':22s} {'ctx':>6s} {'batch':>5s} {'prefill ms':>10s} {'ms/token':>9s} {'tok/s':>9s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['method']:22s} {r['context']:6d} {r['batch']:5d} {r['prefill_ms']:10.1f} "
+            f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f}"
+        )
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for batch in sorted({r["batch"] for r in rows}):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            points = sorted(
+                (r["context"], r["ms_per_token"]) for r in rows if r["method"] == method and r["batch"] == batch
+            )
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{method} (b={batch})")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (max_seq_len)")
+    ax.set_ylabel("ms / token")
+    ax.set_title("Perceiver AR greedy decoding")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    for context in args.contexts:
+        for batch in args.batch_sizes:
+            block = bench_context(context, batch, args.new_tokens, device, args.repeats, set(args.skip))
+            print_table(block)
+            for name, value in ratios(block).items():
+                print(f"  {name}: {value:.2f}x" if "floor" not in name else f"  {name}: {value:.2f}")
+            print()
+            rows += block
+    out_dir = Path(args.out or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate"
+    payload = dict(
+        device=_device_name(device),
+        torch=torch.__version__,
+        rows=rows,
+        ratios={
+            f"{r['context']}/{r['batch']}": ratios(
+                [x for x in rows if x["context"] == r["context"] and x["batch"] == r["batch"]]
+            )
+            for r in rows
+        },
+    )
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    picture = plot(rows, out_dir / f"{stem}.png")
+    print(f"wrote {out_dir / (stem + '.json')}" + (f" and {picture}" if picture else ""))
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--skip", nargs="*", default=[], help="methods whose name contains any of these, e.g. uncached")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    run(parser.parse_args())
