@@ -1,0 +1,490 @@
+"""Text corpora for causal language modelling: files -> documents -> ids -> packed chunks -> ``(labels, x, pad_mask)``.
+
+The pipeline, one function per step:
+
+1. `resolve_data_files` / `stdlib_source_files`: which files (a path, a directory, a glob; or, by default, the Python
+   standard library's own ``.py`` sources, so the demo needs no download).
+2. `read_documents`: one document per file, through ``datasets.load_dataset("text", sample_by="document")`` when the
+   `datasets` package imports, else plain reads (same result). `load_hub_documents` reads a named dataset (online).
+3. `tokenize_documents`: ids of each document followed by a separator token (EOS by default), concatenated.
+   `tokenize_corpus` caches the result under a key made of the file list (paths, sizes, modification times), the
+   tokenizer and the separator, so a second run reads one ``.pt`` file instead of tokenizing again.
+4. `pack_chunks`: fixed chunks of ``max_seq_len + 1`` tokens (the remainder is dropped), so each chunk gives an input
+   ``x = chunk[:-1]`` and labels ``chunk[1:]`` of ``max_seq_len`` tokens.
+5. `split_train_valid`: a seeded, deterministic split of the chunks.
+6. `CLMCollator`: stacks chunks into ``(labels, x, pad_mask)`` as perceiver-io's collator does, optionally truncating
+   each batch at random.
+
+`prepare_clm_data` runs steps 1-5 and returns a `CLMData`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import sysconfig
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from perceiver_fast.data.tokenizer import BytesTokenizer
+
+DEFAULT_STDLIB_MAX_BYTES = 4_000_000
+
+# Directories of the standard library that are not its own sources (installed packages), are test suites, or hold
+# generated tables (codecs, pydoc topics): large and repetitive, not what a small demo model should learn Python from.
+_STDLIB_EXCLUDED_DIRS = frozenset(
+    {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "idlelib", "turtledemo"}
+    | {"encodings", "pydoc_data"}
+)
+_TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".text", ".json", ".csv", ".html", ".xml", ".c", ".h", ".js")
+_CACHE_FORMAT = 1
+
+
+def default_cache_dir() -> Path:
+    """Where tokenized corpora are cached: ``$PERCEIVER_FAST_CACHE`` or ``~/.cache/perceiver_fast``."""
+    return Path(os.environ.get("PERCEIVER_FAST_CACHE", Path.home() / ".cache" / "perceiver_fast"))
+
+
+# ---------------------------------------------------------------------------------------------------- 1. files
+
+
+def stdlib_source_files(max_bytes: int = DEFAULT_STDLIB_MAX_BYTES, root: str | Path | None = None) -> list[Path]:
+    """The standard library's ``.py`` files in sorted order, as many as fit in `max_bytes`.
+
+    Test suites (``test/``, ``tests/``, ``test_*.py``), ``site-packages`` and a few non-library folders are left out.
+    The selection is deterministic: relative paths are sorted and files are taken in that order until the next one
+    would pass `max_bytes` (the first file is always taken).
+
+    :param max_bytes: size cap of the selection in bytes.
+    :param root: the library folder; by default ``sysconfig.get_paths()["stdlib"]``.
+    """
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    root = Path(root if root is not None else sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise ValueError(f"standard library folder {root} does not exist")
+    candidates = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _STDLIB_EXCLUDED_DIRS and not d.startswith(".")]
+        for name in filenames:
+            if name.endswith(".py") and not name.startswith("test_"):
+                candidates.append(Path(dirpath, name))
+    candidates.sort(key=lambda p: p.relative_to(root).as_posix())
+
+    selected, total = [], 0
+    for path in candidates:
+        size = path.stat().st_size
+        if selected and total + size > max_bytes:
+            break
+        selected.append(path)
+        total += size
+    if not selected:
+        raise ValueError(f"no .py files found under {root}")
+    return selected
+
+
+def resolve_data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
+    """Expand a file, a directory, a glob pattern, or a list of these into files.
+
+    A directory gives its files with a text suffix (``.txt``, ``.py``, ``.md``, ``.rst``, ...), recursively, skipping
+    hidden ones; name other files explicitly or with a glob.
+
+    The result is sorted per entry and free of duplicates, so the same spec always gives the same order.
+    """
+    specs = [spec] if isinstance(spec, (str, Path)) else list(spec)
+    if not specs:
+        raise ValueError("no data files given")
+    files: list[Path] = []
+    for item in specs:
+        if not isinstance(item, (str, Path)):
+            raise TypeError(f"data file entries must be str or Path, got {type(item).__name__}")
+        path = Path(item).expanduser()
+        if path.is_file():
+            found = [path]
+        elif path.is_dir():
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES and not _hidden(p, path)
+            )
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not found:
+            raise ValueError(f"no data files match {str(item)!r}")
+        files.extend(found)
+    unique = list(dict.fromkeys(p.resolve() for p in files))
+    return unique
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+# ---------------------------------------------------------------------------------------------------- 2. documents
+
+
+def read_documents(files: Sequence[str | Path]) -> list[str]:
+    """Read each file as one UTF-8 document (universal newlines), in order.
+
+    Uses ``datasets.load_dataset("text", data_files=..., sample_by="document")`` when `datasets` imports (it works
+    offline for local files); otherwise reads the files directly, which gives the same documents. A file that is not
+    valid UTF-8 raises `ValueError` naming it.
+    """
+    files = [Path(f) for f in files]
+    try:
+        import datasets
+    except ModuleNotFoundError:  # the optional `data` extra is not installed: plain reads do the same job
+        datasets = None
+    except Exception as e:  # installed but broken (e.g. an incompatible huggingface_hub): say so, then read directly
+        warnings.warn(f"the datasets package failed to import ({e}); reading the text files directly", stacklevel=2)
+        datasets = None
+    if datasets is not None:
+        try:
+            ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
+            if len(ds) == len(files):  # should datasets ever drop an empty file, keep one document per file
+                return list(ds["text"])
+        except Exception as e:  # e.g. a file that is not UTF-8: the plain read below names the file
+            warnings.warn(f"datasets could not load the files ({e}); reading them directly", stacklevel=2)
+    documents = []
+    for f in files:
+        try:
+            with open(f, encoding="utf-8") as fh:
+                documents.append(fh.read())
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{f} is not valid UTF-8 text: {e}") from None
+    return documents
+
+
+def load_hub_documents(name: str, split: str = "train", text_column: str = "text") -> list[str]:
+    """Documents of a dataset by name or path through ``datasets.load_dataset`` (may need the network)."""
+    try:
+        import datasets
+    except Exception as e:
+        raise ValueError(f"loading dataset {name!r} needs a working `datasets` package: {e}") from e
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as e:
+        raise ValueError(f"could not load dataset {name!r} (split {split!r}): {e}") from e
+    if text_column not in ds.column_names:
+        raise ValueError(f"dataset {name!r} has no column {text_column!r} (columns: {ds.column_names})")
+    return list(ds[text_column])
+
+
+# ---------------------------------------------------------------------------------------------------- 3. tokens
+
+
+@dataclass(frozen=True)
+class _TokenizerInfo:
+    encode: Callable[[str], torch.Tensor]
+    vocab_size: int
+    fingerprint: str
+    default_separator: int | None
+
+
+def _tokenizer_info(tokenizer: Any) -> _TokenizerInfo:
+    """Adapt the bytes tokenizer, a `tokenizers.Tokenizer`, a transformers tokenizer, or any object with `encode`."""
+    if isinstance(tokenizer, BytesTokenizer):
+        # Training text is plain bytes: a literal "[SEP]" in a source file must not fake a document boundary.
+        return _TokenizerInfo(
+            lambda text: tokenizer.encode_to_tensor(text, split_special_tokens=True),
+            tokenizer.vocab_size,
+            "BytesTokenizer/v1",
+            tokenizer.eos_token_id,
+        )
+    if not callable(getattr(tokenizer, "encode", None)):
+        raise TypeError(f"tokenizer must have an encode method, got {type(tokenizer).__name__}")
+    kind = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
+    if kind.startswith("tokenizers."):  # tokenizers.Tokenizer: encode(...) returns an Encoding
+        return _TokenizerInfo(
+            lambda text: torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long),
+            tokenizer.get_vocab_size(),
+            kind + "/" + hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+            None,
+        )
+    if hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "name_or_path"):  # transformers tokenizer
+        return _TokenizerInfo(
+            lambda text: torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long),
+            len(tokenizer),
+            f"{kind}/{tokenizer.name_or_path}/{len(tokenizer)}",
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
+        )
+
+    def encode(text: str) -> torch.Tensor:
+        out = tokenizer.encode(text)
+        return torch.as_tensor(getattr(out, "ids", out), dtype=torch.long)
+
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    if vocab_size is None and callable(getattr(tokenizer, "get_vocab_size", None)):
+        vocab_size = tokenizer.get_vocab_size()
+    if not isinstance(vocab_size, int):
+        raise TypeError(f"cannot tell the vocabulary size of {kind}: give it a vocab_size attribute")
+    return _TokenizerInfo(encode, vocab_size, f"{kind}/{vocab_size}", getattr(tokenizer, "eos_token_id", None))
+
+
+def tokenize_documents(
+    documents: Sequence[str], tokenizer: Any = None, separator_id: int | None = None
+) -> torch.Tensor:
+    """Tokenize and concatenate documents, each followed by `separator_id` (by default the tokenizer's EOS).
+
+    :param documents: the texts.
+    :param tokenizer: a `BytesTokenizer` (default), `tokenizers.Tokenizer`, transformers tokenizer, or any object
+        with ``encode(text)`` returning ids.
+    :return: a 1-D `torch.long` tensor.
+    """
+    info = _tokenizer_info(tokenizer if tokenizer is not None else BytesTokenizer())
+    separator = _separator(info, separator_id)
+    sep = torch.tensor([separator], dtype=torch.long)
+    pieces: list[torch.Tensor] = []
+    for doc in documents:
+        if not isinstance(doc, str):
+            raise TypeError(f"documents must be str, got {type(doc).__name__}")
+        pieces += [info.encode(doc), sep]
+    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+
+
+def _separator(info: _TokenizerInfo, separator_id: int | None) -> int:
+    separator = separator_id if separator_id is not None else info.default_separator
+    if separator is None:
+        raise ValueError("this tokenizer has no EOS token: pass separator_id")
+    if not 0 <= separator < info.vocab_size:
+        raise ValueError(f"separator_id {separator} is out of range [0, {info.vocab_size})")
+    return separator
+
+
+@dataclass
+class TokenizedCorpus:
+    """A corpus as one id sequence: `tokens` (1-D, int16/int32 to keep the cache small), and what it was made of."""
+
+    tokens: torch.Tensor
+    num_bytes: int
+    num_documents: int
+    vocab_size: int
+    cache_path: Path | None = None
+    from_cache: bool = False
+
+
+def tokenize_corpus(
+    files: Sequence[str | Path] | None = None,
+    tokenizer: Any = None,
+    separator_id: int | None = None,
+    cache_dir: str | Path | None = None,
+    dataset_name: str | None = None,
+    use_cache: bool = True,
+) -> TokenizedCorpus:
+    """Read and tokenize `files` (or the named dataset), caching the ids on disk.
+
+    The cache key hashes each file's absolute path, size and modification time (or the dataset name), the tokenizer's
+    fingerprint and the separator, so editing a file or changing the tokenizer re-tokenizes, and nothing else does.
+    """
+    if (files is None) == (dataset_name is None):
+        raise ValueError("give either files or dataset_name")
+    tokenizer = tokenizer if tokenizer is not None else BytesTokenizer()
+    info = _tokenizer_info(tokenizer)
+    separator = _separator(info, separator_id)
+    if files is not None:
+        files = [Path(f).resolve() for f in files]
+        if not files:
+            raise ValueError("no data files given")
+        source: Any = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    else:
+        source = ["dataset", dataset_name]
+    key = json.dumps({"format": _CACHE_FORMAT, "source": source, "tokenizer": info.fingerprint, "sep": separator})
+    digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+    cache_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "tokens" / f"{digest}.pt"
+
+    if use_cache and cache_path.is_file():
+        saved = torch.load(cache_path, weights_only=True)
+        return TokenizedCorpus(
+            saved["tokens"], int(saved["num_bytes"]), int(saved["num_documents"]), info.vocab_size, cache_path, True
+        )
+
+    documents = read_documents(files) if files is not None else load_hub_documents(dataset_name)
+    tokens = tokenize_documents(documents, tokenizer, separator)
+    # int16 holds any vocabulary below 32768 ids (the bytes tokenizer's 262): a quarter of int64 on disk and in memory.
+    tokens = tokens.to(torch.int16 if info.vocab_size <= torch.iinfo(torch.int16).max + 1 else torch.int32)
+    num_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    if use_cache:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"tokens": tokens, "num_bytes": num_bytes, "num_documents": len(documents), "key": key}, tmp)
+        os.replace(tmp, cache_path)  # atomic: a concurrent or interrupted run never sees a half-written cache
+    return TokenizedCorpus(tokens, num_bytes, len(documents), info.vocab_size, cache_path if use_cache else None)
+
+
+# ---------------------------------------------------------------------------------------------------- 4-5. chunks
+
+
+def pack_chunks(tokens: torch.Tensor, chunk_len: int) -> torch.Tensor:
+    """Cut a 1-D id sequence into ``[num_chunks, chunk_len]`` (a view); the remainder at the end is dropped."""
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be 1-D, got shape {tuple(tokens.shape)}")
+    if chunk_len < 2:
+        raise ValueError(f"chunk_len must be >= 2 (an input and a label), got {chunk_len}")
+    num_chunks = tokens.numel() // chunk_len
+    if num_chunks == 0:
+        raise ValueError(f"the corpus has {tokens.numel()} tokens, fewer than one chunk of {chunk_len}")
+    return tokens[: num_chunks * chunk_len].view(num_chunks, chunk_len)
+
+
+def split_train_valid(
+    chunks: torch.Tensor, valid_fraction: float = 0.05, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split chunks at random, reproducibly for a given `seed`; at least one chunk stays in training.
+
+    With ``valid_fraction > 0`` and two or more chunks, validation gets ``max(1, round(n * valid_fraction))``.
+    """
+    if not 0.0 <= valid_fraction < 1.0:
+        raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    n = chunks.shape[0]
+    num_valid = 0 if valid_fraction == 0 or n < 2 else min(n - 1, max(1, round(n * valid_fraction)))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return chunks[order[num_valid:]], chunks[order[:num_valid]]
+
+
+class TokenChunks(torch.utils.data.Dataset):
+    """A `Dataset` over the rows of a ``[num_chunks, chunk_len]`` tensor."""
+
+    def __init__(self, chunks: torch.Tensor) -> None:
+        if chunks.dim() != 2:
+            raise ValueError(f"chunks must be 2-D, got shape {tuple(chunks.shape)}")
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return self.chunks.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.chunks[index]
+
+
+# ---------------------------------------------------------------------------------------------------- 6. batches
+
+
+class CLMCollator:
+    """Stack chunks of ``n + 1`` tokens into ``(labels, x, pad_mask)``: ``x = chunk[:-1]``, ``labels = chunk[1:]``.
+
+    This is the triple perceiver-io's collator gives its causal language model (``pad_mask`` True = pad; packed chunks
+    have no padding, so it is all False).
+
+    Random truncation: perceiver-io's ``random_train_truncation`` (its `RandomTruncateCollator`) shortens a whole
+    batch at a time by cutting tokens off the *end* of every row, keeping the start; the number cut is drawn once per
+    batch. Its documentation says the length is drawn from ``randint(random_min_seq_len, max_seq_len + 1)``, but its
+    code draws the number cut from ``[1, n - min_seq_len]``, so the full length ``n`` never occurs. Here the length is
+    uniform in ``[min_seq_len, n]``, the full length included. Because Perceiver AR's prefix is the sequence minus its
+    latents, training on shorter batches teaches the model short prefixes (short prompts at generation time), and the
+    model needs ``min_seq_len >= max_latents`` (the number of latents never exceeds the sequence).
+
+    :param random_truncation: truncate each batch to a random length.
+    :param min_seq_len: the shortest length truncation may give (required with `random_truncation`).
+    :param generator: the random source for truncation (seed it to make batches reproducible).
+    """
+
+    def __init__(
+        self,
+        random_truncation: bool = False,
+        min_seq_len: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if random_truncation and (min_seq_len is None or min_seq_len < 1):
+            raise ValueError("random_truncation needs min_seq_len >= 1")
+        self.random_truncation = random_truncation
+        self.min_seq_len = min_seq_len
+        self.generator = generator
+
+    def __call__(
+        self, chunks: Sequence[torch.Tensor] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = chunks if isinstance(chunks, torch.Tensor) else torch.stack(list(chunks))
+        if batch.dim() != 2 or batch.shape[1] < 2:
+            raise ValueError(f"chunks must form a [batch, n + 1] tensor with n >= 1, got {tuple(batch.shape)}")
+        batch = batch.long()
+        x, labels = batch[:, :-1], batch[:, 1:]
+        if self.random_truncation:
+            n = x.shape[1]
+            if self.min_seq_len > n:
+                raise ValueError(f"min_seq_len {self.min_seq_len} is longer than the sequences ({n})")
+            length = int(torch.randint(self.min_seq_len, n + 1, (1,), generator=self.generator))
+            x, labels = x[:, :length], labels[:, :length]
+        pad_mask = torch.zeros(x.shape, dtype=torch.bool)
+        return labels.contiguous(), x.contiguous(), pad_mask
+
+
+# ---------------------------------------------------------------------------------------------------- all together
+
+
+@dataclass
+class CLMData:
+    """Packed training and validation chunks (``[num, max_seq_len + 1]``) and what the training loop needs to know."""
+
+    train: torch.Tensor
+    valid: torch.Tensor
+    vocab_size: int
+    num_tokens: int
+    num_bytes: int
+    num_documents: int
+    files: list[Path] = field(default_factory=list)
+    from_cache: bool = False
+
+    @property
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes per token over the corpus, to turn a loss per token into bits per byte."""
+        return self.num_bytes / max(1, self.num_tokens)
+
+    def bits_per_byte(self, loss: float) -> float:
+        """Convert a mean cross-entropy in nats per token into bits per byte of text."""
+        return loss / math.log(2) / self.bytes_per_token
+
+
+def prepare_clm_data(
+    data: str | Path | Sequence[str | Path] | None = None,
+    max_seq_len: int = 512,
+    tokenizer: Any = None,
+    valid_fraction: float = 0.05,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    stdlib_max_bytes: int = DEFAULT_STDLIB_MAX_BYTES,
+    separator_id: int | None = None,
+) -> CLMData:
+    """Files (or the standard library's sources when `data` is None) -> packed, split chunks of ``max_seq_len + 1``.
+
+    `data` may be a file, a directory, a glob, a list of these, or, when no local file matches a string, the name of
+    a dataset for ``datasets.load_dataset`` (network needed unless it is in the local Hugging Face cache).
+    """
+    if max_seq_len < 1:
+        raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    files: list[Path] = []
+    dataset_name = None
+    if data is None:
+        files = stdlib_source_files(stdlib_max_bytes)
+    else:
+        try:
+            files = resolve_data_files(data)
+        except ValueError:
+            if not isinstance(data, str) or any(c in data for c in "*?["):
+                raise
+            dataset_name = data  # no local file of that name: try it as a dataset name
+    try:
+        corpus = tokenize_corpus(
+            files or None, tokenizer, separator_id=separator_id, cache_dir=cache_dir, dataset_name=dataset_name
+        )
+    except ValueError as e:
+        if dataset_name is None:
+            raise
+        raise ValueError(f"no local files match {data!r}, and {e}") from None
+    chunks = pack_chunks(corpus.tokens, max_seq_len + 1)
+    train, valid = split_train_valid(chunks, valid_fraction, seed)
+    return CLMData(
+        train=train,
+        valid=valid,
+        vocab_size=corpus.vocab_size,
+        num_tokens=corpus.tokens.numel(),
+        num_bytes=corpus.num_bytes,
+        num_documents=corpus.num_documents,
+        files=files,
+        from_cache=corpus.from_cache,
+    )

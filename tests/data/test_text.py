@@ -1,0 +1,194 @@
+"""Text corpora: files -> documents -> ids (cached) -> packed chunks -> (labels, x, pad_mask)."""
+
+import os
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import perceiver_fast.data.text as text_module
+from perceiver_fast.data import (
+    BytesTokenizer,
+    CLMCollator,
+    TokenChunks,
+    pack_chunks,
+    prepare_clm_data,
+    read_documents,
+    resolve_data_files,
+    split_train_valid,
+    stdlib_source_files,
+    tokenize_corpus,
+    tokenize_documents,
+)
+
+DOCS = {
+    "a.txt": "The quick brown fox jumps over the lazy dog.\n" * 20,
+    "b.txt": "Größe, ça va? 🤗 [SEP] is plain text here.\n" * 10,
+    "sub/c.py": "def f(x):\n    return x * 2\n" * 15,
+}
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    for name, content in DOCS.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content, encoding="utf-8")
+    return root
+
+
+def test_resolve_data_files(corpus):
+    files = resolve_data_files(corpus)
+    assert [f.name for f in files] == ["a.txt", "b.txt", "c.py"]
+    assert resolve_data_files(str(corpus / "*.txt")) == files[:2]
+    assert resolve_data_files([corpus / "b.txt", str(corpus / "**" / "*.txt")]) == [files[1], files[0]]
+    with pytest.raises(ValueError, match="no data files match"):
+        resolve_data_files(str(corpus / "missing*.txt"))
+    with pytest.raises(TypeError):
+        resolve_data_files([1])
+
+
+def test_read_and_tokenize_documents(corpus):
+    files = resolve_data_files(corpus)
+    docs = read_documents(files)
+    assert docs == [DOCS["a.txt"], DOCS["b.txt"], DOCS["sub/c.py"]]
+    tokens = tokenize_documents(docs)
+    tok = BytesTokenizer()
+    expected = []
+    for doc in docs:  # "[SEP]" in a file stays text: only the separator we add is a special token
+        expected += tok.encode(doc, split_special_tokens=True) + [tok.eos_token_id]
+    assert tokens.tolist() == expected
+    assert tokenize_documents(docs[:1], separator_id=tok.sep_token_id)[-1].item() == tok.sep_token_id
+
+
+def test_read_documents_rejects_invalid_utf8(tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok \xff\xfe not utf-8")
+    with pytest.raises(ValueError, match="bad.txt"):
+        read_documents([bad])
+
+
+def test_chunks_and_collated_batches(corpus, tmp_path):
+    data = prepare_clm_data(str(corpus), max_seq_len=32, valid_fraction=0.1, cache_dir=tmp_path / "cache")
+    total = sum(len(d.encode()) + 1 for d in DOCS.values())
+    assert data.num_tokens == total and data.num_documents == 3 and data.vocab_size == 262
+    assert data.train.shape[1] == data.valid.shape[1] == 33
+    assert data.train.shape[0] + data.valid.shape[0] == total // 33
+    assert data.valid.shape[0] == round(total // 33 * 0.1)
+
+    labels, x, pad_mask = CLMCollator()(list(TokenChunks(data.train))[:4])
+    assert x.shape == labels.shape == pad_mask.shape == (4, 32)
+    assert x.dtype == labels.dtype == torch.long and pad_mask.dtype == torch.bool and not pad_mask.any()
+    assert torch.equal(labels[:, :-1], x[:, 1:])  # labels are the inputs shifted by one
+    assert torch.equal(torch.cat([x, labels[:, -1:]], dim=1), data.train[:4].long())
+
+
+def test_split_is_deterministic_and_disjoint():
+    chunks = torch.arange(100 * 5).view(100, 5)
+    train, valid = split_train_valid(chunks, valid_fraction=0.2, seed=7)
+    train2, valid2 = split_train_valid(chunks, valid_fraction=0.2, seed=7)
+    assert torch.equal(train, train2) and torch.equal(valid, valid2)
+    assert valid.shape == (20, 5) and train.shape == (80, 5)
+    rows = sorted(train[:, 0].tolist() + valid[:, 0].tolist())
+    assert rows == list(range(0, 500, 5))
+    _, valid3 = split_train_valid(chunks, valid_fraction=0.2, seed=8)
+    assert not torch.equal(valid, valid3)
+    train, valid = split_train_valid(chunks[:1], valid_fraction=0.5)
+    assert train.shape[0] == 1 and valid.shape[0] == 0
+    with pytest.raises(ValueError, match="valid_fraction"):
+        split_train_valid(chunks, valid_fraction=1.0)
+
+
+def test_cache_hit_does_not_tokenize_again(corpus, tmp_path, monkeypatch):
+    calls = []
+    real = text_module.tokenize_documents
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(text_module, "tokenize_documents", counting)
+    cache = tmp_path / "cache"
+    first = prepare_clm_data(str(corpus), max_seq_len=16, cache_dir=cache)
+    second = prepare_clm_data(str(corpus), max_seq_len=16, cache_dir=cache)
+    assert len(calls) == 1 and not first.from_cache and second.from_cache
+    assert torch.equal(first.train, second.train) and torch.equal(first.valid, second.valid)
+    assert len(list((cache / "tokens").glob("*.pt"))) == 1
+
+    # A different chunk length or split reuses the same token cache...
+    prepare_clm_data(str(corpus), max_seq_len=8, valid_fraction=0.3, cache_dir=cache)
+    assert len(calls) == 1
+    # ... while an edited file, or another separator, tokenizes again.
+    path = corpus / "a.txt"
+    path.write_text(DOCS["a.txt"] + "one more line\n", encoding="utf-8")
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+    edited = prepare_clm_data(str(corpus), max_seq_len=16, cache_dir=cache)
+    assert len(calls) == 2 and edited.num_tokens == first.num_tokens + len("one more line\n")
+    tokenize_corpus(resolve_data_files(corpus), separator_id=5, cache_dir=cache)
+    assert len(calls) == 3
+
+
+def test_random_truncation_keeps_min_length():
+    chunks = torch.randint(6, 262, (4, 65))
+    collate = CLMCollator(random_truncation=True, min_seq_len=16, generator=torch.Generator().manual_seed(0))
+    lengths = set()
+    for _ in range(200):
+        labels, x, pad_mask = collate(chunks)
+        n = x.shape[1]
+        assert 16 <= n <= 64 and labels.shape == pad_mask.shape == (4, n)
+        assert torch.equal(x, chunks[:, :n]) and torch.equal(labels, chunks[:, 1 : n + 1])  # the start is kept
+        lengths.add(n)
+    assert {16, 64} <= lengths and len(lengths) > 30
+    # Seeded generators give the same lengths.
+    a = CLMCollator(True, 16, torch.Generator().manual_seed(3))
+    b = CLMCollator(True, 16, torch.Generator().manual_seed(3))
+    assert [a(chunks)[1].shape[1] for _ in range(5)] == [b(chunks)[1].shape[1] for _ in range(5)]
+    with pytest.raises(ValueError, match="min_seq_len"):
+        CLMCollator(random_truncation=True)
+    with pytest.raises(ValueError, match="longer than"):
+        CLMCollator(True, 100)(chunks)
+
+
+def test_tiny_stdlib_selection(tmp_path):
+    cap = 60_000
+    files = stdlib_source_files(max_bytes=cap)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel = [f.relative_to(root).as_posix() for f in files]
+    assert rel == sorted(rel) and files == stdlib_source_files(max_bytes=cap)
+    assert sum(f.stat().st_size for f in files) <= cap or len(files) == 1
+    assert all(f.suffix == ".py" and not f.name.startswith("test_") for f in files)
+    assert not any(part in ("test", "tests", "site-packages") for f in rel for part in f.split("/"))
+    data = prepare_clm_data(max_seq_len=64, stdlib_max_bytes=cap, cache_dir=tmp_path)
+    assert data.train.shape[1] == 65 and data.num_documents == len(files)
+    assert abs(data.bits_per_byte(1.0) - 1.0 / 0.6931 / data.bytes_per_token) < 1e-3
+
+
+def test_other_tokenizers(corpus, tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    tok.train_from_iterator(DOCS.values(), trainer)
+    with pytest.raises(ValueError, match="separator_id"):
+        prepare_clm_data(str(corpus), max_seq_len=8, tokenizer=tok, cache_dir=tmp_path)
+    eos = tok.token_to_id("<eos>")
+    data = prepare_clm_data(str(corpus), max_seq_len=8, tokenizer=tok, separator_id=eos, cache_dir=tmp_path)
+    assert data.vocab_size == tok.get_vocab_size() and data.bytes_per_token > 1.5  # BPE merges bytes
+    assert (data.train == eos).any()
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="fewer than one chunk"):
+        pack_chunks(torch.arange(5), 6)
+    with pytest.raises(ValueError, match="1-D"):
+        pack_chunks(torch.zeros(2, 3), 2)
+    with pytest.raises(TypeError, match="encode"):
+        tokenize_documents(["x"], tokenizer=object())
+    with pytest.raises(TypeError, match="str"):
+        tokenize_documents([b"bytes"])
+    with pytest.raises(ValueError, match="out of range"):
+        tokenize_documents(["x"], separator_id=262)
+    with pytest.raises(ValueError, match="no local files match"):
+        prepare_clm_data("surely-not-a-local-file-or-cached-dataset-xyz", max_seq_len=8)

@@ -1,0 +1,108 @@
+"""The command line: argument parsing, a tiny demo end to end, train/resume, and streamed generation."""
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+clm = pytest.importorskip("perceiver_fast.models.text.clm")
+from perceiver_fast.cli import build_parser, main  # noqa: E402
+from perceiver_fast.data.tokenizer import BytesTokenizer  # noqa: E402
+from perceiver_fast.train import TrainConfig  # noqa: E402
+
+TINY_MODEL = ["--max-seq-len", "32", "--max-latents", "8", "--num-channels", "32", "--num-heads", "2"]
+
+
+def test_train_flags_cover_every_config_field():
+    args = build_parser().parse_args(["train", "clm"])
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    assert TrainConfig(**values) == TrainConfig()
+
+    args = build_parser().parse_args(
+        ["train", "clm", "--data", "notes/*.txt", "--max-steps", "5", "--lr", "0.01", "--no-abs-pos-emb"]
+        + ["--random-truncation", "--min-seq-len", "200", "--device", "auto", "--resume", "--no-progress"]
+    )
+    assert (args.data, args.max_steps, args.lr, args.abs_pos_emb) == ("notes/*.txt", 5, 0.01, False)
+    assert (args.random_truncation, args.min_seq_len, args.device, args.resume) == (True, 200, "auto", True)
+    assert args.progress is False and isinstance(args.min_lr, type(None))
+
+
+def test_demo_and_generate_flags():
+    args = build_parser().parse_args(["demo"])
+    assert args.steps > 0 and args.out == "runs/demo" and args.max_seq_len >= args.max_latents
+    args = build_parser().parse_args(["generate", "--checkpoint", "d", "--prompt", "p", "--do-sample", "--top-k", "3"])
+    assert (args.checkpoint, args.prompt, args.do_sample, args.top_k, args.top_p) == ("d", "p", True, 3, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--prompt", "p"])  # --checkpoint is required
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train"])  # the task is required
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([])
+
+
+def test_tiny_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--steps", "25", "--num-layers", "1", "--batch-size", "8", "--lr", "0.003", *TINY_MODEL]
+    argv += ["--stdlib-max-bytes", "150000", "--eval-every", "0", "--max-new-tokens", "24", "--no-progress"]
+    argv += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "loss at start:" in printed and "loss at end:" in printed and "tok/s" in printed
+    assert "def fibonacci(n):\n" in printed
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "import os\n", "--max-new-tokens", "10"]) == 0
+    generated = capsys.readouterr()
+    assert generated.out.startswith("import os\n") and "tok/s" in generated.err
+
+
+def test_train_then_resume(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("for i in range(10):\n    print(i)\n" * 100, encoding="utf-8")
+    out = tmp_path / "run"
+    argv = ["train", "clm", "--data", str(data), "--num-self-attention-layers", "1", *TINY_MODEL]
+    argv += ["--batch-size", "4", "--eval-every", "0", "--eval-batches", "1", "--no-progress"]
+    argv += ["--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--max-steps", "3"]) == 0
+    assert "step=3" in capsys.readouterr().out
+    assert main([*argv, "--max-steps", "5", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "start_step=3" in printed and "step=5" in printed
+
+
+def test_bad_input_exits_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"])
+    assert exc.value.code == 2 and "not a checkpoint directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "clm", "--data", str(tmp_path / "missing-*.txt"), "--no-progress"])
+    assert exc.value.code == 2 and "no data files match" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cache_args", [[], ["--no-cache"], ["--cache-mode", "strided", "--stride", "2"]])
+def test_generate_prints_what_model_generate_returns(tmp_path, capsys, cache_args):
+    torch.manual_seed(0)
+    config = TrainConfig(max_seq_len=16, max_latents=4, num_channels=32, num_heads=2, num_self_attention_layers=1)
+    model = clm.CausalLanguageModel(config.model_config(262)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    prompt = "def f(x):"
+    # 20 new tokens: the latents grow, then the prefix, then the window slides past max_seq_len.
+    main(["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", prompt, "--max-new-tokens", "20",
+          "--num-latents", "2", "--do-sample", "--top-k", "20", "--seed", "1", *cache_args])
+    printed = capsys.readouterr().out
+    tokenizer = BytesTokenizer()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    strided = dict(cache_mode="strided", stride=2) if "strided" in cache_args else {}
+    expected = model.generate(ids, 20, num_latents=2, do_sample=True, top_k=20,
+                              generator=torch.Generator().manual_seed(1), **strided)
+    assert printed == tokenizer.decode(expected[0].tolist()) + "\n"
+
+
+def test_python_dash_m_help():
+    result = subprocess.run(
+        [sys.executable, "-m", "perceiver_fast.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "demo" in result.stdout and "generate" in result.stdout

@@ -1,0 +1,208 @@
+"""The training loop: the loss falls, checkpoints load back, and resuming continues exactly."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+clm = pytest.importorskip("perceiver_fast.models.text.clm")
+import perceiver_fast.train as train_module  # noqa: E402
+from perceiver_fast.train import (  # noqa: E402
+    TRAINING_STATE_FILE,
+    EpochSampler,
+    TrainConfig,
+    clm_loss,
+    lr_at,
+    train_clm,
+)
+
+TEXT = "".join(f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n\n" for i in range(400))
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def tiny_config(text_file, tmp_path, **overrides):
+    values = dict(
+        data=str(text_file),
+        max_seq_len=32,
+        max_latents=8,
+        num_channels=32,
+        num_heads=2,
+        num_self_attention_layers=1,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=3,
+        max_steps=40,
+        eval_every=20,
+        eval_batches=2,
+        valid_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        out_dir=str(tmp_path / "run"),
+        progress=False,
+    )
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def test_loss_falls_and_checkpoint_loads_back(text_file, tmp_path):
+    config = tiny_config(text_file, tmp_path, grad_accum_steps=2)
+    model = clm.CausalLanguageModel(config.model_config(vocab_size=262))
+    metrics = train_clm(config, model=model)
+
+    assert metrics["step"] == 40 and len(metrics["history"]) == 40
+    assert abs(metrics["first_train_loss"] - math.log(262)) < 0.3  # a fresh model is close to uniform
+    assert metrics["train_loss"] < metrics["first_train_loss"] - 1.5
+    assert metrics["val_loss"] < metrics["initial_val_loss"] - 1.5
+    assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
+    assert metrics["val_bpb"] == pytest.approx(metrics["val_loss"] / math.log(2) / (len(TEXT) / (len(TEXT) + 1)))
+    assert metrics["tokens_per_s"] > 0
+
+    out = tmp_path / "run"
+    for name in ["config.json", "model.safetensors", TRAINING_STATE_FILE, "train_config.json"]:
+        assert (out / name).is_file(), name
+    loaded = clm.CausalLanguageModel.from_pretrained(out)
+    x = torch.randint(6, 262, (2, 32))
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, prefix_len=24).logits, model(x, prefix_len=24).logits)
+
+
+def test_resume_continues_exactly(text_file, tmp_path, monkeypatch):
+    # Straight run of 6 steps; a copy of its step-3 checkpoint is resumed to step 6: the weights must be identical.
+    snapshot = tmp_path / "at_step_3"
+    real_save = train_module.save_checkpoint
+
+    def save_and_copy(out_dir, *args, **kwargs):
+        result = real_save(out_dir, *args, **kwargs)
+        if args[4] == 3:  # the step argument
+            shutil.copytree(out_dir, snapshot)
+        return result
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_copy)
+    common = dict(max_steps=6, checkpoint_every=3, eval_every=0, random_truncation=True, min_seq_len=8)
+    straight = train_clm(tiny_config(text_file, tmp_path, **common))
+    assert snapshot.is_dir()
+
+    resumed = train_clm(tiny_config(text_file, tmp_path, **common, out_dir=str(snapshot), resume=True))
+    assert resumed["start_step"] == 3 and resumed["step"] == 6
+    assert [s for s, _ in resumed["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [loss for _, loss in resumed["history"]] == pytest.approx([loss for _, loss in straight["history"]])
+    assert resumed["first_train_loss"] == straight["first_train_loss"]
+    a = clm.CausalLanguageModel.from_pretrained(tmp_path / "run").state_dict()
+    b = clm.CausalLanguageModel.from_pretrained(snapshot).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+    assert torch.load(snapshot / TRAINING_STATE_FILE, weights_only=True)["step"] == 6
+
+    # Resuming with a larger max_steps trains on from the saved step.
+    more = train_clm(tiny_config(text_file, tmp_path, **{**common, "max_steps": 8}, out_dir=str(snapshot), resume=True))
+    assert more["start_step"] == 6 and more["step"] == 8 and len(more["history"]) == 8
+
+
+def test_resume_errors(text_file, tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot resume"):
+        train_clm(tiny_config(text_file, tmp_path, resume=True, out_dir=str(tmp_path / "nothing")))
+    train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0))
+    with pytest.raises(ValueError, match="different model config"):
+        train_clm(tiny_config(text_file, tmp_path, max_steps=2, num_channels=64, resume=True))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="max_latents"):
+        TrainConfig(max_seq_len=16, max_latents=32)
+    with pytest.raises(ValueError, match="min_seq_len"):
+        TrainConfig(max_seq_len=64, max_latents=16, min_seq_len=8)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=1e-3, min_lr=1e-2)
+    config = TrainConfig(num_channels=64, num_heads=2, cross_attention_dropout=0.1)
+    model_config = config.model_config(vocab_size=300)
+    assert (model_config.num_channels, model_config.num_heads, model_config.vocab_size) == (64, 2, 300)
+    assert model_config.cross_attention_dropout == 0.1
+
+
+def test_lr_schedule():
+    config = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, max_steps=110)
+    lrs = [lr_at(step, config) for step in range(111)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))  # warmup rises
+    assert lrs[10] == pytest.approx(1e-3) and lrs[110] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # cosine falls
+    assert lrs[60] == pytest.approx(5.5e-4)
+
+
+def test_epoch_sampler_state():
+    sampler = EpochSampler(10, 4, seed=1)
+    first = [sampler.next_indices().tolist() for _ in range(2)]
+    assert sorted(first[0] + first[1]) == sorted(set(first[0] + first[1]))  # no repeats within an epoch
+    state = sampler.state_dict()
+    rest = [sampler.next_indices().tolist() for _ in range(3)]
+    assert state == {"epoch": 0, "position": 8}
+    again = EpochSampler(10, 4, seed=1)
+    again.load_state_dict(state)
+    assert [again.next_indices().tolist() for _ in range(3)] == rest
+    assert EpochSampler(3, 8, seed=0).next_indices().numel() == 3
+
+
+def test_clm_loss_ignores_padding():
+    model = clm.CausalLanguageModel(TrainConfig(max_seq_len=16, max_latents=4, num_channels=32).model_config(262))
+    model.eval()
+    x = torch.randint(6, 262, (2, 16))
+    labels = torch.randint(6, 262, (2, 16))
+    pad_mask = torch.zeros(2, 16, dtype=torch.bool)
+    pad_mask[1, :14] = True  # row 1 is left padded into the latents: its first two latent labels must not count
+    with torch.no_grad():
+        logits = model(x, prefix_len=12).logits
+        full = clm_loss(model, labels, x, None, max_latents=4)
+        expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 262), labels[:, -4:].reshape(-1))
+        assert full.item() == pytest.approx(expected.item(), rel=1e-5)
+
+        logits = model(x, prefix_len=12, pad_mask=pad_mask).logits
+        kept = ~pad_mask[:, -4:]
+        expected = torch.nn.functional.cross_entropy(logits[kept], labels[:, -4:][kept])
+        masked = clm_loss(model, labels, x, pad_mask, max_latents=4)
+        assert masked.item() == pytest.approx(expected.item(), rel=1e-5)
+
+        short = clm_loss(model, labels[:, :3], x[:, :3], None, max_latents=4)  # fewer tokens than latents
+        assert torch.isfinite(short)
+
+
+def test_without_validation_data(text_file, tmp_path):
+    metrics = train_clm(tiny_config(text_file, tmp_path, valid_fraction=0.0, max_steps=2, eval_every=1))
+    assert metrics["val_loss"] is None and metrics["val_bpb"] is None and metrics["initial_val_loss"] is None
+    assert metrics["step"] == 2 and metrics["train_loss"] > 0
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(text_file, tmp_path, monkeypatch):
+    common = dict(max_steps=5, eval_every=0, grad_accum_steps=2, random_truncation=True, min_seq_len=8)
+    straight = train_clm(tiny_config(text_file, tmp_path, **common, out_dir=str(tmp_path / "straight")))
+
+    calls = []
+    real_loss = train_module.clm_loss
+
+    def interrupted_loss(*args, **kwargs):
+        calls.append(torch.is_grad_enabled())  # evaluation runs without grad
+        if sum(calls) == 6:  # the second micro-batch of the third training step
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "clm_loss", interrupted_loss)
+    with pytest.raises(KeyboardInterrupt):
+        train_clm(tiny_config(text_file, tmp_path, **common))
+    assert torch.load(tmp_path / "run" / TRAINING_STATE_FILE, weights_only=True)["step"] == 2
+    monkeypatch.setattr(train_module, "clm_loss", real_loss)
+
+    resumed = train_clm(tiny_config(text_file, tmp_path, **common, resume=True))
+    assert resumed["start_step"] == 2 and resumed["step"] == 5
+    assert [loss for _, loss in resumed["history"]] == pytest.approx([loss for _, loss in straight["history"]])
+    a = clm.CausalLanguageModel.from_pretrained(tmp_path / "straight").state_dict()
+    b = clm.CausalLanguageModel.from_pretrained(tmp_path / "run").state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
