@@ -4,6 +4,7 @@ The model classes keep perceiver-io 0.11.0's names, configs and state-dict keys;
 :func:`attention`, which dispatches to the fastest backend that can run a call (see :func:`explain`).
 """
 
+from perceiver_fast.data import BytesTokenizer, CLMCollator, prepare_clm_data
 from perceiver_fast.generation import generate, stream
 from perceiver_fast.kernels import attention, available_backends, explain
 from perceiver_fast.models.artifacts import from_lightning_checkpoint, from_pretrained
@@ -13,10 +14,13 @@ from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageMo
 from perceiver_fast.models.text.mlm import MaskedLanguageModel, MaskedLanguageModelConfig
 from perceiver_fast.models.vision.image_classifier import ImageClassifier, ImageClassifierConfig
 from perceiver_fast.models.vision.optical_flow import OpticalFlow, OpticalFlowConfig
+from perceiver_fast.train import TrainConfig, train_clm
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BytesTokenizer",
+    "CLMCollator",
     "CausalLanguageModel",
     "CausalLanguageModelConfig",
     "ImageClassifier",
@@ -29,6 +33,7 @@ __all__ = [
     "SymbolicAudioModelConfig",
     "TextClassifier",
     "TextClassifierConfig",
+    "TrainConfig",
     "__version__",
     "attention",
     "available_backends",
@@ -36,5 +41,7 @@ __all__ = [
     "from_lightning_checkpoint",
     "from_pretrained",
     "generate",
+    "prepare_clm_data",
     "stream",
+    "train_clm",
 ]
