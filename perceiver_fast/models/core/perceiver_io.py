@@ -10,7 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from perceiver_fast.models.core.adapter import InputAdapter, OutputAdapter, QueryProvider, TrainableQueryProvider
+from perceiver_fast.models.core.adapter import (
+    ClassificationOutputAdapter,
+    InputAdapter,
+    OutputAdapter,
+    QueryProvider,
+    TrainableQueryProvider,
+)
 from perceiver_fast.models.core.attention import CrossAttentionLayer, SelfAttentionBlock
 from perceiver_fast.models.core.utils import init_parameters
 
@@ -233,6 +239,26 @@ class PerceiverDecoder(nn.Module):
             output_query = output_query.expand(x_latent.shape[0], -1, -1)  # learned queries are shared by the batch
         output = self.cross_attn(output_query, x_latent)
         return self.output_adapter(output, **kwargs)
+
+
+def classification_decoder(config, num_output_queries: int) -> PerceiverDecoder:
+    """The decoder of perceiver-io's classifiers: learned output queries, cross-attention to the latents, a linear
+    layer to class logits. ``config`` is a ``PerceiverIOConfig`` whose decoder is a ``ClassificationDecoderConfig``."""
+    return PerceiverDecoder(
+        output_adapter=ClassificationOutputAdapter(
+            num_classes=config.decoder.num_classes,
+            num_output_query_channels=config.decoder.num_output_query_channels,
+        ),
+        output_query_provider=TrainableQueryProvider(
+            num_queries=num_output_queries,
+            num_query_channels=config.decoder.num_output_query_channels,
+            init_scale=config.decoder.init_scale,
+        ),
+        num_latent_channels=config.num_latent_channels,
+        activation_checkpointing=config.activation_checkpointing,
+        activation_offloading=config.activation_offloading,
+        **config.decoder.base_kwargs(),
+    )
 
 
 class PerceiverIO(nn.Sequential):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from perceiver_fast.models.core.adapter import ClassificationOutputAdapter, TrainableQueryProvider
 from perceiver_fast.models.core.config import ClassificationDecoderConfig, PerceiverIOConfig
 from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
-from perceiver_fast.models.core.perceiver_io import PerceiverDecoder, PerceiverIO
+from perceiver_fast.models.core.perceiver_io import PerceiverIO, classification_decoder
 from perceiver_fast.models.text.mlm.backend import TextEncoder, TextEncoderConfig
 
 TextClassifierConfig = PerceiverIOConfig[TextEncoderConfig, ClassificationDecoderConfig]
@@ -30,23 +29,7 @@ class TextClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
             activation_checkpointing=config.activation_checkpointing,
             activation_offloading=config.activation_offloading,
         )
-        output_query_provider = TrainableQueryProvider(
-            num_queries=config.decoder.num_output_queries,
-            num_query_channels=config.decoder.num_output_query_channels,
-            init_scale=config.decoder.init_scale,
-        )
-        output_adapter = ClassificationOutputAdapter(
-            num_classes=config.decoder.num_classes,
-            num_output_query_channels=config.decoder.num_output_query_channels,
-        )
-        decoder = PerceiverDecoder(
-            output_adapter=output_adapter,
-            output_query_provider=output_query_provider,
-            num_latent_channels=config.num_latent_channels,
-            activation_checkpointing=config.activation_checkpointing,
-            activation_offloading=config.activation_offloading,
-            **config.decoder.base_kwargs(),
-        )
+        decoder = classification_decoder(config, num_output_queries=config.decoder.num_output_queries)
         super().__init__(encoder, decoder)
         self.config = config
 

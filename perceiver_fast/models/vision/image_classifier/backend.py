@@ -11,10 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from perceiver_fast.models.core.adapter import ClassificationOutputAdapter, InputAdapter, TrainableQueryProvider
+from perceiver_fast.models.core.adapter import InputAdapter
 from perceiver_fast.models.core.config import ClassificationDecoderConfig, EncoderConfig, PerceiverIOConfig
 from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
-from perceiver_fast.models.core.perceiver_io import PerceiverDecoder, PerceiverEncoder, PerceiverIO
+from perceiver_fast.models.core.perceiver_io import PerceiverEncoder, PerceiverIO, classification_decoder
 from perceiver_fast.models.core.position import FourierPositionEncoding
 
 
@@ -78,23 +78,7 @@ class ImageClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
             activation_offloading=config.activation_offloading,
             **encoder_kwargs,
         )
-        output_query_provider = TrainableQueryProvider(
-            num_queries=1,
-            num_query_channels=config.decoder.num_output_query_channels,
-            init_scale=config.decoder.init_scale,
-        )
-        output_adapter = ClassificationOutputAdapter(
-            num_classes=config.decoder.num_classes,
-            num_output_query_channels=config.decoder.num_output_query_channels,
-        )
-        decoder = PerceiverDecoder(
-            output_adapter=output_adapter,
-            output_query_provider=output_query_provider,
-            num_latent_channels=config.num_latent_channels,
-            activation_checkpointing=config.activation_checkpointing,
-            activation_offloading=config.activation_offloading,
-            **config.decoder.base_kwargs(),
-        )
+        decoder = classification_decoder(config, num_output_queries=1)
         super().__init__(encoder, decoder)
         self.config = config
 
