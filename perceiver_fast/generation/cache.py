@@ -61,8 +61,14 @@ class PerceiverARCache:
     position's embedding changes when the window slides, and the decoder rebuilds the cache instead.
     """
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, capacity_factor: int = 1):
+    def __init__(
+        self, model: torch.nn.Module, batch_size: int, capacity_factor: int = 1, incremental_prefix: bool = True
+    ):
         self.model = model
+        # Keep each latent's attention to the prefix as a partial softmax, updated as positions cross (best when
+        # positions cross every token); without it, a crossing recomputes the latents' attention over the window
+        # (best when many cross at once, the strided schedule), and a new token's row is one attention call.
+        self.incremental_prefix = incremental_prefix
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self.batch_size = batch_size
@@ -139,7 +145,9 @@ class PerceiverARCache:
         self._write_cross_kv(p, *attn.project_keys_values(latent_x, latent_rot))
         self.latent_h, self.latent_angles = h[:, p:], angles[:, p:]
         self.latent_q = attn.project_queries(latent_x, latent_rot)
-        self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
+        self.prefix_out = self.prefix_lse = None
+        if self.incremental_prefix:
+            self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
         return self._recompute_latents()
 
     def _make_room(self) -> None:
@@ -172,21 +180,19 @@ class PerceiverARCache:
         self.latent_h = torch.cat([self.latent_h, h], dim=1)
         self.latent_angles = torch.cat([self.latent_angles, angle], dim=1)
         self.latent_q = torch.cat([self.latent_q, q], dim=1)
+        incremental = self.incremental_prefix and not drop
+        if incremental:
+            prefix_out, prefix_lse = self._prefix_part(q)
+            self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
+            self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
         if not (cross or drop):
-            prefix_out, prefix_lse = self._prefix_part(q)
-            self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
-            self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
             return self._extend_latents()
+        self._move_into_prefix(cross, update_prefix_part=incremental)
         if drop:
-            self._move_into_prefix(cross, update_prefix_part=False)
             self._drop_oldest(drop)
-            # A softmax cannot forget a key stably: the prefix part is recomputed over the remaining prefix.
-            self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
-        else:
-            prefix_out, prefix_lse = self._prefix_part(q)
-            self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
-            self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
-            self._move_into_prefix(cross, update_prefix_part=True)
+            if self.incremental_prefix:
+                # A softmax cannot forget a key stably: the prefix part is recomputed over the remaining prefix.
+                self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
         return self._recompute_latents()
 
     def _move_into_prefix(self, count: int, update_prefix_part: bool) -> None:
@@ -226,13 +232,19 @@ class PerceiverARCache:
         p, n = self.prefix_len, self.num_latents
         first = rows.start or 0
         q = self.latent_q[:, rows]
-        kv_start = (self.pads - p).clamp(0, n)  # every latent key before the rows is visible to them too
-        latent_k, latent_v = self._cross_kv(p, self.length)
-        latent_out, latent_lse = _attend_with_lse(
-            q, latent_k, latent_v, causal=True, kv_start=kv_start, scale=attn.dp_scale
-        )
-        out, _ = merge_partial_attention(self.prefix_out[:, rows], self.prefix_lse[:, :, rows], latent_out, latent_lse)
-        out = out.to(self.dtype)
+        if self.prefix_out is None:  # one causal attention over the whole window (rows end at the last latent)
+            k, v = self._cross_kv(0, self.length)
+            out = attention(q, k, v, causal=True, kv_start=self.pads.clamp(max=self.length), scale=attn.dp_scale)
+        else:
+            kv_start = (self.pads - p).clamp(0, n)  # every latent key before the rows is visible to them too
+            latent_k, latent_v = self._cross_kv(p, self.length)
+            latent_out, latent_lse = _attend_with_lse(
+                q, latent_k, latent_v, causal=True, kv_start=kv_start, scale=attn.dp_scale
+            )
+            out, _ = merge_partial_attention(
+                self.prefix_out[:, rows], self.prefix_lse[:, :, rows], latent_out, latent_lse
+            )
+            out = out.to(self.dtype)
         if self.any_pad_latent:
             # perceiver-io gives a row that sees no key (a pad as query) the mean of all values (see attention.py)
             pad_row = (p + first + torch.arange(q.shape[1], device=self.device)).unsqueeze(0) < self.pads.unsqueeze(1)

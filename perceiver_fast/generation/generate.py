@@ -67,7 +67,9 @@ class CachedDecoder:
     def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int):
         self.schedule = schedule
         capacity_factor = 1 if model.config.abs_pos_emb else 2  # room to slide in place
-        self.cache = PerceiverARCache(model, batch_size, capacity_factor=capacity_factor)
+        self.cache = PerceiverARCache(
+            model, batch_size, capacity_factor=capacity_factor, incremental_prefix=schedule.stride == 1
+        )
         self.window = None
 
     def _prefill(self, sequence, pad_mask):

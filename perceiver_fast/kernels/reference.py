@@ -3,7 +3,8 @@
 It is the CPU path, the fallback of every other backend, and what the kernels are checked against. The output goes
 through ``F.scaled_dot_product_attention``, which is exact for every case of the contract once rows that see no key
 are taken care of (they are given a visible key, computed and zeroed, so no NaN reaches forward or backward).
-Calls without key bounds skip the mask entirely (SDPA's own causal flag, or none for a single query).
+Calls without key bounds skip the mask entirely (SDPA's own causal flag, or none for a single query). Calls that
+ask for the log-sum-exp take one dense float32 pass instead (SDPA does not return it).
 """
 
 from __future__ import annotations
@@ -57,34 +58,46 @@ def attention_eager(
     # at the last position sees every key): no mask to build, and no row can be empty.
     unmasked = kv_start is None and kv_len is None and (not causal or num_queries in (1, num_keys))
     visible = None
+    if not unmasked or (return_lse and causal and num_queries > 1):
+        visible = visible_keys(
+            batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
+        )
+    if return_lse:
+        return _dense_attention(qt, kt, vt, visible, scale, dropout_p)
     if unmasked:
         out = F.scaled_dot_product_attention(
             qt, kt, vt, dropout_p=dropout_p, scale=scale, is_causal=causal and num_queries > 1,
             enable_gqa=num_q_heads != num_kv_heads,
-        ).transpose(1, 2)
-    else:
-        visible = visible_keys(
-            batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
         )
-        row_sees_a_key = visible.any(dim=-1)  # [B, Nq]
-        # A fully masked row would be NaN inside SDPA (and in its gradient): let it see everything, zero it below.
-        sdpa_mask = (visible | ~row_sees_a_key.unsqueeze(-1)).unsqueeze(1)
-        out = F.scaled_dot_product_attention(
-            qt, kt, vt, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale, enable_gqa=num_q_heads != num_kv_heads
-        ).transpose(1, 2)
-        out = torch.where(row_sees_a_key.view(batch, num_queries, 1, 1), out, out.new_zeros(()))
+        return out.transpose(1, 2), None
+    row_sees_a_key = visible.any(dim=-1)  # [B, Nq]
+    # A fully masked row would be NaN inside SDPA (and in its gradient): let it see everything, zero it below.
+    sdpa_mask = (visible | ~row_sees_a_key.unsqueeze(-1)).unsqueeze(1)
+    out = F.scaled_dot_product_attention(
+        qt, kt, vt, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale, enable_gqa=num_q_heads != num_kv_heads
+    ).transpose(1, 2)
+    return torch.where(row_sees_a_key.view(batch, num_queries, 1, 1), out, out.new_zeros(())), None
 
-    lse = None
-    if return_lse:
-        with torch.no_grad():
-            group = num_q_heads // num_kv_heads
-            scores = torch.einsum(
-                "bhid,bhjd->bhij", qt.float(), kt.float().repeat_interleave(group, dim=1)
-            ) * scale
-            if visible is None and causal and num_queries > 1:
-                visible = visible_keys(batch, num_queries, num_keys, causal=True, kv_start=None, kv_len=None,
-                                       device=q.device)
-            if visible is not None:
-                scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-            lse = torch.logsumexp(scores, dim=-1)
-    return out, lse
+
+def _dense_attention(
+    qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, visible: torch.Tensor | None, scale: float, dropout_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its log-sum-exp in one float32 pass (SDPA does not return the lse). ``[B, H, N, D]`` inputs.
+
+    The query heads sharing a k/v head are stacked as rows of one matrix, so grouped k/v are never copied.
+    """
+    batch, num_q_heads, num_queries, _ = qt.shape
+    num_kv_heads = kt.shape[1]
+    group = num_q_heads // num_kv_heads
+    rows = qt.reshape(batch, num_kv_heads, group * num_queries, -1).float()  # row g * Nq + i: head h_kv * G + g
+    scores = torch.matmul(rows, kt.float().transpose(-1, -2)) * scale
+    if visible is not None:
+        scores = scores.masked_fill(~visible.repeat(1, group, 1).unsqueeze(1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    seen = torch.isfinite(lse)
+    probs = torch.where(seen, torch.exp(scores - torch.where(seen, lse, 0.0)), 0.0)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    out = torch.matmul(probs, vt.float()).reshape(batch, num_q_heads, num_queries, -1)
+    lse = lse.reshape(batch, num_q_heads, num_queries).detach()
+    return out.transpose(1, 2).to(qt.dtype), lse
