@@ -92,8 +92,8 @@ def _latent_floor(model, prompt: torch.Tensor, num_latents: int, timed, repeats:
     return statistics.median(times)
 
 
-def _median_time(timed, run, new_tokens: int, repeats: int) -> float:
-    return statistics.median(timed(lambda: run(new_tokens)) for _ in range(repeats))
+def _time_once(timed, run, new_tokens: int) -> float:
+    return timed(lambda: run(new_tokens))
 
 
 def bench_context(context: int, batch: int, new_tokens: int, device: torch.device, repeats: int, skip: set[str]):
@@ -121,27 +121,23 @@ def bench_context(context: int, batch: int, new_tokens: int, device: torch.devic
         )
         methods["pio exact"] = lambda n: _full_forward_loop(theirs.backend_model, prompt, num_latents, n, schedule)
 
-    rows = []
-    for name, run in methods.items():
-        if any(s in name for s in skip):
-            continue
-        with torch.no_grad():
+    methods = {name: run for name, run in methods.items() if not any(s in name for s in skip)}
+    with torch.no_grad():
+        for run in methods.values():
             run(2)  # warm-up
-            first = _median_time(timed, run, 1, repeats)
-            total = _median_time(timed, run, new_tokens, repeats)
-        ms_per_token = 1e3 * max(total - first, 1e-9) / (new_tokens - 1)
-        rows.append(
-            dict(
-                method=name,
-                context=context,
-                prompt=prompt_len,
-                batch=batch,
-                new_tokens=new_tokens,
-                prefill_ms=1e3 * first,
-                ms_per_token=ms_per_token,
-                tokens_per_s=batch * 1e3 / ms_per_token,
-            )
-        )
+        # Round robin over the methods, so that a burst of load on a shared machine hits all of them alike.
+        first, total = ({name: [] for name in methods} for _ in range(2))
+        for _ in range(repeats):
+            for name, run in methods.items():
+                first[name].append(_time_once(timed, run, 1))
+                total[name].append(_time_once(timed, run, new_tokens))
+    rows = []
+    for name in methods:
+        prefill, whole = statistics.median(first[name]), statistics.median(total[name])
+        ms_per_token = 1e3 * max(whole - prefill, 1e-9) / (new_tokens - 1)
+        rows.append(dict(method=name, context=context, prompt=prompt_len, batch=batch, new_tokens=new_tokens,
+                         prefill_ms=1e3 * prefill, ms_per_token=ms_per_token,
+                         tokens_per_s=batch * 1e3 / ms_per_token))
     floor = _latent_floor(model, prompt, num_latents, timed, repeats)
     rows.append(
         dict(
@@ -227,7 +223,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows += block
     out_dir = Path(args.out or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate"
+    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate{'-' + args.tag if args.tag else ''}"
     payload = dict(
         device=_device_name(device),
         torch=torch.__version__,
@@ -253,6 +249,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip", nargs="*", default=[], help="methods whose name contains any of these, e.g. uncached")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--tag", default="", help="suffix of the result files' names (runs of one day and device)")
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class PerceiverARCache:
         self.length = 0  # window length
         self.prefix_len = 0
         self.pads = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # pads inside the window
+        self.has_pads = False
         self.pos_shift = self.pads.clone()  # window index i has position (i - pos_shift).clamp(min=0)
         self.any_pad_latent = False
         # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
@@ -116,9 +117,13 @@ class PerceiverARCache:
         hi = self.offset + lo + k.shape[1]
         self.cross_k[:, self.offset + lo : hi], self.cross_v[:, self.offset + lo : hi] = k, v
 
+    def _kv_start(self, lo: int, hi: int) -> torch.Tensor | None:
+        """Left-padding bound for window keys ``[lo, hi)``; ``None`` when no row has pads (no mask to apply)."""
+        return (self.pads - lo).clamp(0, hi - lo) if self.has_pads else None
+
     def _prefix_part(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self._cross_kv(0, self.prefix_len)
-        kv_start = self.pads.clamp(max=self.prefix_len)
+        kv_start = self._kv_start(0, self.prefix_len)
         return _attend_with_lse(q, k, v, kv_start=kv_start, scale=self.cross.attention.dp_scale)
 
     @torch.no_grad()
@@ -130,6 +135,7 @@ class PerceiverARCache:
         self.pads = (torch.zeros(b, dtype=torch.int32, device=self.device) if pad_mask is None
                      else pad_mask.sum(dim=1).to(torch.int32))
         self.pos_shift = self.pads.clone()
+        self.has_pads = bool((self.pads > 0).any())
         self.any_pad_latent = bool((self.pads > prefix_len).any())
         self.offset, self.length, self.prefix_len = 0, n, prefix_len
         h, angles = self.model.input_adapter(tokens, abs_pos=positions(b, n, shift=self.pads.unsqueeze(1),
@@ -208,8 +214,9 @@ class PerceiverARCache:
         self._write_cross_kv(p, k, v)
         rest = slice(count, None)
         if update_prefix_part:
-            kv_start = (self.pads - p).clamp(0, count)
-            out, lse = _attend_with_lse(self.latent_q[:, rest], k, v, kv_start=kv_start, scale=attn.dp_scale)
+            out, lse = _attend_with_lse(
+                self.latent_q[:, rest], k, v, kv_start=self._kv_start(p, p + count), scale=attn.dp_scale
+            )
             self.prefix_out, self.prefix_lse = merge_partial_attention(
                 self.prefix_out[:, rest], self.prefix_lse[:, :, rest], out, lse
             )
@@ -224,22 +231,22 @@ class PerceiverARCache:
         self.length -= count
         self.prefix_len -= count
         self.pads = (self.pads - count).clamp(min=0)
+        self.has_pads = self.has_pads and bool((self.pads > 0).any())
         self.pos_shift = self.pos_shift - count  # remaining positions keep their angles: the frame moves instead
 
     def _cross_attend(self, rows: slice) -> torch.Tensor:
         """Cross-attention layer output (attention + MLP, residuals included) for latents ``rows``."""
         attn = self.cross.attention
-        p, n = self.prefix_len, self.num_latents
+        p = self.prefix_len
         first = rows.start or 0
         q = self.latent_q[:, rows]
         if self.prefix_out is None:  # one causal attention over the whole window (rows end at the last latent)
             k, v = self._cross_kv(0, self.length)
-            out = attention(q, k, v, causal=True, kv_start=self.pads.clamp(max=self.length), scale=attn.dp_scale)
+            out = attention(q, k, v, causal=True, kv_start=self._kv_start(0, self.length), scale=attn.dp_scale)
         else:
-            kv_start = (self.pads - p).clamp(0, n)  # every latent key before the rows is visible to them too
             latent_k, latent_v = self._cross_kv(p, self.length)
-            latent_out, latent_lse = _attend_with_lse(
-                q, latent_k, latent_v, causal=True, kv_start=kv_start, scale=attn.dp_scale
+            latent_out, latent_lse = _attend_with_lse(  # every latent key before the rows is visible to them too
+                q, latent_k, latent_v, causal=True, kv_start=self._kv_start(p, self.length), scale=attn.dp_scale
             )
             out, _ = merge_partial_attention(
                 self.prefix_out[:, rows], self.prefix_lse[:, :, rows], latent_out, latent_lse

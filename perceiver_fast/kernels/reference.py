@@ -91,11 +91,14 @@ def _dense_attention(
     group = num_q_heads // num_kv_heads
     rows = qt.reshape(batch, num_kv_heads, group * num_queries, -1).float()  # row g * Nq + i: head h_kv * G + g
     scores = torch.matmul(rows, kt.float().transpose(-1, -2)) * scale
-    if visible is not None:
+    if visible is None:  # every row sees every key
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        probs = torch.exp(scores - lse)
+    else:
         scores = scores.masked_fill(~visible.repeat(1, group, 1).unsqueeze(1), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    seen = torch.isfinite(lse)
-    probs = torch.where(seen, torch.exp(scores - torch.where(seen, lse, 0.0)), 0.0)
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+        seen = torch.isfinite(lse)
+        probs = torch.where(seen, torch.exp(scores - torch.where(seen, lse, 0.0)), 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     out = torch.matmul(probs, vt.float()).reshape(batch, num_q_heads, num_queries, -1)
