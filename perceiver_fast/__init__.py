@@ -4,7 +4,7 @@ The model classes keep perceiver-io 0.11.0's names, configs and state-dict keys;
 :func:`attention`, which dispatches to the fastest backend that can run a call (see :func:`explain`).
 """
 
-from perceiver_fast.data import BytesTokenizer, CLMCollator, prepare_clm_data
+from perceiver_fast.data import BytesTokenizer, CLMCollator, MLMCollator, prepare_clm_data
 from perceiver_fast.generation import generate, stream
 from perceiver_fast.kernels import attention, available_backends, explain
 from perceiver_fast.models.artifacts import from_lightning_checkpoint, from_pretrained
@@ -14,7 +14,7 @@ from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageMo
 from perceiver_fast.models.text.mlm import MaskedLanguageModel, MaskedLanguageModelConfig
 from perceiver_fast.models.vision.image_classifier import ImageClassifier, ImageClassifierConfig
 from perceiver_fast.models.vision.optical_flow import OpticalFlow, OpticalFlowConfig
-from perceiver_fast.train import TrainConfig, train_clm
+from perceiver_fast.train import TrainConfig, train_clm, train_mlm
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "CausalLanguageModel",
     "CausalLanguageModelConfig",
     "ImageClassifier",
+    "MLMCollator",
     "ImageClassifierConfig",
     "MaskedLanguageModel",
     "MaskedLanguageModelConfig",
@@ -44,4 +45,5 @@ __all__ = [
     "prepare_clm_data",
     "stream",
     "train_clm",
+    "train_mlm",
 ]

@@ -1,8 +1,10 @@
-"""Command line: ``perceiver-fast demo | train clm | generate`` (also ``python -m perceiver_fast.cli``).
+"""Command line: ``perceiver-fast demo | train clm | train mlm | generate`` (also ``python -m perceiver_fast.cli``).
 
     perceiver-fast demo                                   # train a small byte-level LM on Python's own sources
     perceiver-fast train clm --data 'notes/**/*.txt' --max-steps 2000 --out-dir runs/notes
     perceiver-fast train clm --data 'notes/**/*.txt' --max-steps 4000 --out-dir runs/notes --resume
+    perceiver-fast train mlm --data 'notes/**/*.txt' --max-steps 2000 --out-dir runs/notes-mlm
+    torchrun --nproc_per_node 4 -m perceiver_fast.cli train clm --data 'notes/**/*.txt' [--fsdp]
     perceiver-fast generate --checkpoint runs/demo --prompt 'def main(' --do-sample --top-k 10 --seed 1
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 import types
@@ -79,8 +82,17 @@ _FIELD_HELP = {
     "out_dir": "checkpoint directory (config.json, model.safetensors, training_state.pt)",
     "resume": "continue from the checkpoint in --out-dir up to --max-steps",
     "device": "cpu, cuda, cuda:1, ... or auto",
+    "dataset_config": "configuration of a hub dataset given as --data, e.g. wikitext-103-raw-v1 (network needed)",
+    "num_input_channels": "mlm only: token embedding width; None means num_channels",
+    "mask_prob": "mlm only: fraction of tokens selected for prediction (80%% masked, 10%% random, 10%% kept)",
+    "whole_word_masking": "mlm only: select whole words (runs of non-whitespace bytes) instead of single bytes",
+    "batch_size": "global batch of one micro-step, split over the processes under torchrun",
+    "tensorboard": "also log to OUT_DIR/tensorboard (needs the tensorboard package)",
+    "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (no-op on CPU)",
+    "fsdp": "under torchrun: shard parameters, gradients and optimizer state with FSDP instead of DDP",
 }
 
+_FIELD_CHOICES = {"precision": ("auto", "fp32", "bf16")}
 
 # ---------------------------------------------------------------------------------------------------- parser
 
@@ -98,7 +110,9 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type, defau
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=default, metavar=kind.__name__.upper(), help=help_text)
+            choices = _FIELD_CHOICES.get(f.name)
+            metavar = "{" + ",".join(choices) + "}" if choices else kind.__name__.upper()
+            parser.add_argument(flag, type=kind, default=default, choices=choices, metavar=metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _add_config_flags(clm, TrainConfig, {})
+    mlm = tasks.add_parser(
+        "mlm",
+        help="Perceiver IO masked language model (UTF-8 bytes, 15%% of tokens masked)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_config_flags(mlm, TrainConfig, {"out_dir": "runs/mlm"})
 
     gen = commands.add_parser(
         "generate", help="generate text from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter
@@ -247,13 +267,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """``train clm``: build a TrainConfig from the flags and train."""
-    from perceiver_fast.train import TrainConfig, train_clm
+    """``train clm`` / ``train mlm``: build a TrainConfig from the flags and train (under torchrun: data-parallel,
+    with the summary printed by rank 0 only)."""
+    from perceiver_fast.train import TrainConfig, train_clm, train_mlm
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
-    metrics = train_clm(TrainConfig(**values))
+    metrics = (train_mlm if args.task == "mlm" else train_clm)(TrainConfig(**values))
     summary = {k: v for k, v in metrics.items() if k != "history"}
-    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     return metrics
 
 

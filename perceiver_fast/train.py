@@ -1,24 +1,34 @@
-"""Train a Perceiver AR causal language model: one readable loop in the spirit of nanoGPT's ``train.py``.
+"""Train Perceiver AR (causal) and Perceiver IO (masked) language models: one readable loop, nanoGPT's spirit.
 
-    from perceiver_fast.train import TrainConfig, train_clm
+    from perceiver_fast.train import TrainConfig, train_clm, train_mlm
     metrics = train_clm(TrainConfig(data="notes/*.txt", max_steps=500, out_dir="runs/notes"))
+    metrics = train_mlm(TrainConfig(data="notes/*.txt", max_steps=500, out_dir="runs/notes-mlm"))
 
-Each step draws ``batch_size`` chunks of ``max_seq_len + 1`` tokens (see `perceiver_fast.data.text`), runs
-``grad_accum_steps`` forward/backward passes, clips the gradient norm and takes an AdamW step; the learning rate warms
-up linearly, then follows a cosine down to ``min_lr``. As in perceiver-io, the model predicts only its latent
-positions: the last ``max_latents`` tokens of every sequence; the rest is the prefix it attends to.
+Both tasks share `train`: a `Task` object builds the model, the batches and the loss; the loop does the rest. Each
+step draws ``batch_size`` chunks (see `perceiver_fast.data.text`), runs ``grad_accum_steps`` forward/backward passes,
+clips the gradient norm and takes an AdamW step; the learning rate warms up linearly, then follows a cosine down to
+``min_lr``. The causal task predicts, as in perceiver-io, only the latent positions (the last ``max_latents`` tokens
+of each sequence); the masked task predicts the 15% of tokens its collator selects (`perceiver_fast.data.mlm`).
 
-Every ``eval_every`` steps the validation loss, perplexity and bits per byte are printed; at the end (and every
+Every ``eval_every`` steps the validation loss, perplexity and bits per byte are printed; every step goes to
+``metrics.csv`` in ``out_dir`` (and to TensorBoard with ``tensorboard=True``). At the end (and every
 ``checkpoint_every`` steps) the model is saved with ``save_pretrained(out_dir)`` next to ``training_state.pt``
-(optimizer, scheduler, data order, RNG state, step), from which ``resume=True`` continues exactly where it stopped.
+(optimizer, scheduler, data order, step) and ``train_config.json``; ``resume=True`` continues exactly where it stopped.
 Ctrl-C saves the last completed step the same way before it stops the run.
+
+Under ``torchrun --nproc_per_node N`` the same code trains data-parallel (`perceiver_fast.distributed`): DDP, or FSDP
+with ``fsdp=True``. ``batch_size`` stays the global batch: every process draws the same global batch and trains on
+its own ``batch_size / N`` rows, so the run follows the single-process run's data order and loss. Only rank 0 prints,
+writes logs and writes checkpoints.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -27,16 +37,36 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from perceiver_fast.data.text import CLMCollator, CLMData, prepare_clm_data
+from perceiver_fast import distributed
+from perceiver_fast.data.mlm import MLMCollator
+from perceiver_fast.data.text import (
+    CLMCollator,
+    CLMData,
+    pack_chunks,
+    prepare_clm_data,
+    split_train_valid,
+    tokenize_documents,
+)
+from perceiver_fast.data.tokenizer import BytesTokenizer
+from perceiver_fast.distributed import DistributedContext
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 
 TRAINING_STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.csv"
+METRICS_COLUMNS = ["step", "train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl", "val_bpb"]
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
 class TrainConfig:
-    """Everything a training run needs. Model fields have `CausalLanguageModelConfig`'s names."""
+    """Everything a training run needs. Model fields have `CausalLanguageModelConfig`'s names.
+
+    For the masked task (`train_mlm`) they map onto a Perceiver IO `MaskedLanguageModelConfig`: ``max_latents`` ->
+    ``num_latents``, ``num_channels`` -> ``num_latent_channels``, ``num_heads`` -> every attention's heads,
+    ``num_self_attention_layers`` -> ``num_self_attention_layers_per_block``, the widening factors as named,
+    ``post_attention_dropout`` -> ``dropout``; ``num_input_channels`` is the token embedding width.
+    """
 
     # Model (vocab_size comes from the tokenizer: 262 for UTF-8 bytes).
     max_seq_len: int = 512
@@ -53,14 +83,18 @@ class TrainConfig:
     output_norm: bool = False
     abs_pos_emb: bool = True
     init_scale: float = 0.02
-    # Data: a file, directory or glob (None: the Python standard library's sources).
+    num_input_channels: int | None = None  # masked LM only: token embedding width; None: num_channels
+    mask_prob: float = 0.15  # masked LM only: fraction of tokens (or words) selected for prediction
+    whole_word_masking: bool = False  # masked LM only: select whole words (runs of non-whitespace bytes)
+    # Data: a file, directory, glob or dataset name (None: the Python standard library's sources).
     data: str | None = None
+    dataset_config: str | None = None  # a hub dataset's configuration, e.g. wikitext-103-raw-v1 (network needed)
     stdlib_max_bytes: int = 4_000_000
     valid_fraction: float = 0.05
     random_truncation: bool = False
     min_seq_len: int | None = None  # shortest truncated length; None: max_latents
     cache_dir: str | None = None  # None: $PERCEIVER_FAST_CACHE or ~/.cache/perceiver_fast
-    # Optimisation.
+    # Optimisation (batch_size is the global batch of one micro-step, over all processes).
     batch_size: int = 16
     grad_accum_steps: int = 1
     lr: float = 1e-3
@@ -71,15 +105,18 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0 disables clipping
-    # Evaluation and checkpoints.
+    # Evaluation, checkpoints and logs.
     eval_every: int = 100  # 0: evaluate only at the start and the end
     eval_batches: int = 20
     checkpoint_every: int = 0  # 0: checkpoint only at the end
     out_dir: str = "runs/clm"
     resume: bool = False
+    tensorboard: bool = False  # also log to out_dir/tensorboard when torch.utils.tensorboard imports
     # Runtime.
     seed: int = 0
     device: str = "cpu"  # "auto": CUDA when available
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU; bf16 is a no-op on CPU
+    fsdp: bool = False  # under torchrun: shard with FSDP instead of DDP
     progress: bool = True  # show a progress bar (evaluations are printed either way)
 
     def __post_init__(self) -> None:
@@ -101,12 +138,45 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.dataset_config is not None and self.data is None:
+            raise ValueError("dataset_config needs data: the name of a hub dataset (e.g. wikitext)")
 
     def model_config(self, vocab_size: int) -> CausalLanguageModelConfig:
-        """The model config: our fields that `CausalLanguageModelConfig` has, plus `vocab_size`."""
+        """The causal model's config: our fields that `CausalLanguageModelConfig` has, plus `vocab_size`."""
         names = {f.name for f in fields(CausalLanguageModelConfig)}
         values = {k: v for k, v in asdict(self).items() if k in names}
         return CausalLanguageModelConfig(**values, vocab_size=vocab_size)
+
+    def mlm_model_config(self, vocab_size: int) -> Any:
+        """The masked model's `MaskedLanguageModelConfig` (see the class docstring for the mapping)."""
+        from perceiver_fast.models.text.mlm import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
+
+        shared = dict(dropout=self.post_attention_dropout, init_scale=self.init_scale)
+        encoder = TextEncoderConfig(
+            vocab_size=vocab_size,
+            max_seq_len=self.max_seq_len,
+            num_input_channels=self.num_input_channels or self.num_channels,
+            num_cross_attention_heads=self.num_heads,
+            num_self_attention_heads=self.num_heads,
+            num_self_attention_layers_per_block=self.num_self_attention_layers,
+            cross_attention_widening_factor=self.cross_attention_widening_factor,
+            self_attention_widening_factor=self.self_attention_widening_factor,
+            **shared,
+        )
+        decoder = TextDecoderConfig(
+            vocab_size=vocab_size,
+            max_seq_len=self.max_seq_len,
+            num_cross_attention_heads=self.num_heads,
+            cross_attention_widening_factor=self.cross_attention_widening_factor,
+            **shared,
+        )
+        return MaskedLanguageModelConfig(
+            encoder=encoder, decoder=decoder, num_latents=self.max_latents, num_latent_channels=self.num_channels
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- pieces
@@ -159,12 +229,17 @@ class EpochSampler:
 
 
 def clm_loss(
-    model: torch.nn.Module, labels: torch.Tensor, x: torch.Tensor, pad_mask: torch.Tensor | None, max_latents: int
+    model: torch.nn.Module,
+    labels: torch.Tensor,
+    x: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    max_latents: int,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """Mean cross-entropy over the latent positions, as perceiver-io's ``LitCausalLanguageModel`` computes it.
+    """Cross-entropy over the latent positions, as perceiver-io's ``LitCausalLanguageModel`` computes it.
 
     The last ``min(max_latents, n)`` positions are latents (``prefix_len = n - num_latents``); labels at padding are
-    ignored.
+    ignored. ``reduction="sum"`` gives the sum over the counted positions (the loop divides by the global count).
     """
     num_latents = min(max_latents, x.shape[1])
     if pad_mask is not None and bool(pad_mask.any()):
@@ -173,30 +248,107 @@ def clm_loss(
         pad_mask = None  # an all-False mask changes nothing; skip the masking work
     logits = model(x, prefix_len=x.shape[1] - num_latents, pad_mask=pad_mask).logits
     labels = labels[:, -logits.shape[1] :]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    logits = logits.float()  # the loss in fp32 under bf16 autocast
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction
+    )
 
 
-@torch.no_grad()
-def evaluate(
+def mlm_loss(
     model: torch.nn.Module,
-    chunks: torch.Tensor,
-    batch_size: int,
-    max_batches: int,
-    max_latents: int,
-    device: torch.device | str = "cpu",
-) -> float:
-    """Mean validation loss (nats per predicted token) over the first `max_batches` batches of `chunks`."""
-    was_training = model.training
-    model.eval()
-    collate = CLMCollator()
-    total, count = 0.0, 0
-    for start in range(0, min(len(chunks), batch_size * max_batches), batch_size):
-        labels, x, _ = collate(chunks[start : start + batch_size])
-        loss = clm_loss(model, labels.to(device), x.to(device), None, max_latents)
-        n = x.shape[0] * min(max_latents, x.shape[1])
-        total, count = total + loss.item() * n, count + n
-    model.train(was_training)
-    return total / max(count, 1)
+    labels: torch.Tensor,
+    x: torch.Tensor,
+    pad_mask: torch.Tensor | None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy at the masked positions (labels -100 elsewhere), as perceiver-io's ``LitMaskedLanguageModel``."""
+    if pad_mask is not None and not bool(pad_mask.any()):
+        pad_mask = None
+    logits = model(x, pad_mask=pad_mask).float()
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction=reduction
+    )
+
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class CLMTask:
+    """Causal language modelling with Perceiver AR: chunks of ``max_seq_len + 1`` -> ``(labels, x, pad_mask)``."""
+
+    name = "clm"
+    model_class = CausalLanguageModel
+
+    def chunk_len(self, config: TrainConfig) -> int:
+        return config.max_seq_len + 1
+
+    def model_config(self, config: TrainConfig, vocab_size: int) -> Any:
+        return config.model_config(vocab_size)
+
+    def check_model(self, model: torch.nn.Module, config: TrainConfig, vocab_size: int) -> None:
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(f"model vocab_size {model.config.vocab_size} != the data's {vocab_size}")
+        if model.max_seq_len < config.max_seq_len or model.max_latents < config.max_latents:
+            raise ValueError(
+                f"the model (max_seq_len {model.max_seq_len}, max_latents {model.max_latents}) is smaller than the "
+                f"config (max_seq_len {config.max_seq_len}, max_latents {config.max_latents})"
+            )
+
+    def collator(self, config: TrainConfig, generator: torch.Generator, train: bool) -> Callable[[Any], Batch]:
+        if not train:
+            return CLMCollator()
+        min_seq_len = config.min_seq_len if config.min_seq_len is not None else config.max_latents
+        return CLMCollator(random_truncation=config.random_truncation, min_seq_len=min_seq_len, generator=generator)
+
+    def count(self, batch: Batch, config: TrainConfig) -> int:
+        """How many labels the loss averages over: the latent positions that are not padding."""
+        labels, x, pad_mask = batch
+        num_latents = min(config.max_latents, x.shape[1])
+        return int((~pad_mask[:, -num_latents:]).sum()) if labels.numel() else 0
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch, config: TrainConfig) -> torch.Tensor:
+        labels, x, pad_mask = batch
+        return clm_loss(model, labels, x, pad_mask, config.max_latents, reduction="sum")
+
+
+class MLMTask:
+    """Masked language modelling with a Perceiver IO `MaskedLanguageModel` on chunks of ``max_seq_len`` tokens."""
+
+    name = "mlm"
+
+    @property
+    def model_class(self) -> type:
+        from perceiver_fast.models.text.mlm import MaskedLanguageModel
+
+        return MaskedLanguageModel
+
+    def chunk_len(self, config: TrainConfig) -> int:
+        return config.max_seq_len
+
+    def model_config(self, config: TrainConfig, vocab_size: int) -> Any:
+        return config.mlm_model_config(vocab_size)
+
+    def check_model(self, model: torch.nn.Module, config: TrainConfig, vocab_size: int) -> None:
+        encoder = model.config.encoder
+        if encoder.vocab_size != vocab_size:
+            raise ValueError(f"model vocab_size {encoder.vocab_size} != the data's {vocab_size}")
+        if min(encoder.max_seq_len, model.config.decoder.max_seq_len) < config.max_seq_len:
+            raise ValueError(f"the model's max_seq_len is smaller than the config's ({config.max_seq_len})")
+
+    def collator(self, config: TrainConfig, generator: torch.Generator, train: bool) -> Callable[[Any], Batch]:
+        return MLMCollator.for_tokenizer(
+            BytesTokenizer(), mask_prob=config.mask_prob, generator=generator, whole_word=config.whole_word_masking
+        )
+
+    def count(self, batch: Batch, config: TrainConfig) -> int:
+        return int((batch[0] != -100).sum())
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch, config: TrainConfig) -> torch.Tensor:
+        labels, x, pad_mask = batch
+        return mlm_loss(model, labels, x, pad_mask, reduction="sum")
+
+
+Task = CLMTask | MLMTask
 
 
 def resolve_device(device: str) -> torch.device:
@@ -206,26 +358,102 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype: bf16 for ``"bf16"`` or ``"auto"`` on CUDA; None (fp32) otherwise, bf16 on CPU included
+    (bf16 matrix products are slower than fp32 on CPUs without AMX, such as the development machine)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return torch.bfloat16 if device.type == "cuda" and precision in ("auto", "bf16") else None
+
+
+def _shard(batch: Batch, context: DistributedContext) -> Batch:
+    """This process's rows of a global batch: a contiguous block of ``batch_size / world_size`` rows."""
+    if not context.distributed:
+        return batch
+    return tuple(t.tensor_split(context.world_size)[context.rank] for t in batch)  # type: ignore[return-value]
+
+
+def _step_seed(seed: int, step: int, rank: int) -> int:
+    """Seed of the global RNG (dropout) at a step: resuming reproduces it, and each process draws its own."""
+    return ((seed * 1_000_003 + step) * 1_009 + rank) % (2**62)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    chunks: torch.Tensor,
+    task: Task,
+    config: TrainConfig,
+    context: DistributedContext | None = None,
+) -> float:
+    """Mean validation loss (nats per predicted token) over the first ``eval_batches`` batches of `chunks`.
+
+    Batches are formed as in a single process; each process scores its rows and the sums are added up, so the result
+    does not depend on the number of processes. The masked task masks with a generator seeded by ``config.seed``, so
+    every evaluation scores the same masked tokens.
+    """
+    context = context or DistributedContext(device=resolve_device(config.device))
+    eval_model = model if distributed.is_fsdp(model) else distributed.unwrap(model)  # DDP's module needs no peers
+    was_training = eval_model.training
+    eval_model.eval()
+    collate = task.collator(config, torch.Generator().manual_seed(config.seed), train=False)
+    dtype = autocast_dtype(config.precision, context.device)
+    total, count = 0.0, 0.0
+    for start in range(0, min(len(chunks), config.batch_size * config.eval_batches), config.batch_size):
+        batch = _shard(collate(chunks[start : start + config.batch_size]), context)
+        weight = 1.0
+        if batch[0].shape[0] == 0:  # a short last batch left this process no rows
+            if not distributed.is_fsdp(model):
+                continue
+            # FSDP gathers the weights in the forward, which every process must join: score one row, count nothing.
+            batch, weight = _shard(collate(chunks[:1].expand(context.world_size, -1)), context), 0.0
+        batch = tuple(t.to(context.device) for t in batch)
+        with torch.autocast(context.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = task.loss_sum(eval_model, batch, config)
+        total += weight * loss.item()
+        count += weight * task.count(batch, config)
+    eval_model.train(was_training)
+    distributed.reshard(model)
+    total, count = distributed.all_reduce_sum([total, count], context.device)
+    return total / max(count, 1.0)
+
+
 def save_checkpoint(
     out_dir: str | Path,
-    model: CausalLanguageModel,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     sampler: EpochSampler,
     step: int,
     config: TrainConfig,
     metrics: dict[str, Any],
+    context: DistributedContext | None = None,
 ) -> Path:
-    """Write the model (``save_pretrained``), ``training_state.pt`` and ``train_config.json`` into `out_dir`."""
+    """Write the model (``save_pretrained``), ``training_state.pt`` and ``train_config.json`` into `out_dir`.
+
+    `model` may be wrapped (DDP or FSDP): the unwrapped model is saved. Under FSDP every process must call this (the
+    shards are gathered); only rank 0 writes.
+    """
     out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
+    is_main = context is None or context.is_main
+    optimizer_state = distributed.full_optimizer_state(model, optimizer)
+    if distributed.is_fsdp(model):
+        full_state = distributed.full_model_state(model)
+        if is_main:  # a plain copy of the model to save: built on the meta device, then given the gathered weights
+            with torch.device("meta"):
+                plain = distributed.original_class(model)(model.config)
+            plain.load_state_dict(full_state, assign=True)
+    else:
+        plain = distributed.unwrap(model)
+    if not is_main:
+        return out_dir
+    plain.save_pretrained(out_dir)
     state = {
         "step": step,
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optimizer_state,
+        "optimizer_format": "fsdp" if distributed.is_fsdp(model) else "plain",
         "scheduler": scheduler.state_dict(),
         "sampler": sampler.state_dict(),
-        "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
         "history": metrics.get("history", []),
     }
@@ -246,6 +474,90 @@ def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.
     return torch.optim.AdamW(groups, lr=config.lr, betas=(config.beta1, config.beta2))
 
 
+def _config_diff(saved: Any, expected: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Fields that differ between two (nested) config dicts: ``{"encoder.max_seq_len": (saved, given)}``."""
+    if isinstance(saved, dict) and isinstance(expected, dict):
+        diff: dict[str, tuple[Any, Any]] = {}
+        for key in expected:
+            if key in saved:
+                diff.update(_config_diff(saved[key], expected[key], f"{prefix}{key}."))
+        return diff
+    return {} if saved == expected else {prefix.rstrip("."): (saved, expected)}
+
+
+def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> CLMData:
+    """The run's chunks of `chunk_len` tokens: `prepare_clm_data` on ``config.data``, or a hub dataset with a
+    configuration (``data="wikitext", dataset_config="wikitext-103-raw-v1"``: its training split's ``text`` rows
+    joined into one document, since WikiText stores one line per row)."""
+    if config.dataset_config is None:
+        return prepare_clm_data(
+            config.data,
+            max_seq_len=chunk_len - 1,
+            tokenizer=tokenizer,
+            valid_fraction=config.valid_fraction,
+            seed=config.seed,
+            cache_dir=config.cache_dir,
+            stdlib_max_bytes=config.stdlib_max_bytes,
+        )
+    try:
+        import datasets
+
+        rows = datasets.load_dataset(config.data, config.dataset_config, split="train")["text"]
+    except Exception as e:
+        raise ValueError(f"could not load dataset {config.data!r} ({config.dataset_config}): {e}") from e
+    text = "".join(rows)
+    tokenizer = tokenizer if tokenizer is not None else BytesTokenizer()
+    tokens = tokenize_documents([text], tokenizer)
+    train, valid = split_train_valid(pack_chunks(tokens, chunk_len), config.valid_fraction, config.seed)
+    vocab_size = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(vocab_size, int):  # a tokenizers.Tokenizer
+        vocab_size = tokenizer.get_vocab_size()
+    return CLMData(train, valid, vocab_size, tokens.numel(), len(text.encode("utf-8")), 1)
+
+
+class MetricsLog:
+    """``metrics.csv`` (one row per step, evaluations in the same row) and, optionally, TensorBoard; rank 0 only."""
+
+    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool, enabled: bool, log: Callable) -> None:
+        self.enabled = enabled
+        self.writer = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / METRICS_FILE
+        kept = []
+        if start_step > 0 and path.is_file():  # a resumed run keeps the rows up to its start
+            with open(path, newline="") as fh:
+                kept = [row for row in csv.DictReader(fh) if int(row["step"]) <= start_step]
+        self.file = open(path, "w", newline="")
+        self.csv = csv.DictWriter(self.file, fieldnames=METRICS_COLUMNS)
+        self.csv.writeheader()
+        self.csv.writerows(kept)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+            except Exception as e:  # the tensorboard package is optional
+                log(f"tensorboard logging is off: {e}")
+
+    def write(self, step: int, **values: float | None) -> None:
+        if not self.enabled:
+            return
+        self.csv.writerow({"step": step, **{k: "" if v is None else f"{v:.6g}" for k, v in values.items()}})
+        self.file.flush()
+        if self.writer is not None:
+            for key, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 
@@ -255,39 +567,85 @@ def train_clm(
     tokenizer: Any = None,
     model: CausalLanguageModel | None = None,
 ) -> dict[str, Any]:
-    """Train (or, with ``config.resume``, continue training) a `CausalLanguageModel`; returns the run's metrics.
+    """Train (or, with ``config.resume``, continue training) a Perceiver AR `CausalLanguageModel`; see `train`."""
+    return train(config, CLMTask(), data=data, tokenizer=tokenizer, model=model)
+
+
+def train_mlm(
+    config: TrainConfig, data: CLMData | None = None, tokenizer: Any = None, model: torch.nn.Module | None = None
+) -> dict[str, Any]:
+    """Train (or continue training) a Perceiver IO `MaskedLanguageModel` on chunks of ``max_seq_len`` tokens masked
+    by `MLMCollator` (15% of tokens, 80/10/10 replacement); see `train`. The tokenizer must be the bytes tokenizer
+    (the collator needs its ``[MASK]`` and special ids)."""
+    if tokenizer is not None and not isinstance(tokenizer, BytesTokenizer):
+        raise ValueError("train_mlm masks with the bytes tokenizer's special ids: pass tokenizer=None")
+    return train(config, MLMTask(), data=data, tokenizer=tokenizer, model=model)
+
+
+def train(
+    config: TrainConfig,
+    task: Task,
+    data: CLMData | None = None,
+    tokenizer: Any = None,
+    model: torch.nn.Module | None = None,
+) -> dict[str, Any]:
+    """Train a model for `task` (`CLMTask` or `MLMTask`); returns the run's metrics.
+
+    Under ``torchrun`` the process group is joined here and left at the end.
 
     :param config: the run's settings.
-    :param data: prepared chunks; by default ``prepare_clm_data(config.data, ...)`` with `tokenizer`.
+    :param task: what to train: the model, the batches, the loss.
+    :param data: prepared chunks of ``task.chunk_len(config)`` tokens; by default `prepare_data`.
     :param tokenizer: passed to `prepare_clm_data` (default: UTF-8 bytes).
-    :param model: train this model in place (e.g. to fine-tune one) instead of a new one built from `config`; its
-        vocabulary must match the data's, and its ``max_seq_len``/``max_latents`` must be at least `config`'s.
-    :return: ``step``, ``start_step``, ``num_params``, ``first_train_loss``, ``train_loss`` (mean of the last 10
-        steps), ``initial_val_loss`` and ``val_loss``/``val_ppl``/``val_bpb`` (None without validation data),
-        ``tokens_per_s``, ``elapsed_s``, ``data_s``, ``out_dir`` and ``history`` (one ``(step, loss)`` per step).
+    :param model: train this model in place (e.g. to fine-tune one) instead of a new one built from `config`.
+    :return: ``step``, ``start_step``, ``num_params``, ``world_size``, ``first_train_loss``, ``train_loss`` (mean of
+        the last 10 steps), ``initial_val_loss`` and ``val_loss``/``val_ppl``/``val_bpb`` (None without validation
+        data), ``tokens_per_s``, ``elapsed_s``, ``data_s``, ``out_dir`` and ``history`` (one ``(step, loss)`` per step).
     """
-    t_start = time.perf_counter()
-    device = resolve_device(config.device)
-    out_dir = Path(config.out_dir)
-    log = tqdm.write  # prints without breaking the progress bar
+    joined = not distributed.is_initialized()
+    context = distributed.init_distributed(resolve_device(config.device))
+    try:
+        return _train(config, task, data, tokenizer, model, context)
+    finally:
+        if joined:
+            distributed.shutdown()
 
-    # ---- data
+
+def _train(
+    config: TrainConfig,
+    task: Task,
+    data: CLMData | None,
+    tokenizer: Any,
+    model: torch.nn.Module | None,
+    context: DistributedContext,
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    device, world = context.device, context.world_size
+    out_dir = Path(config.out_dir)
+
+    def log(message: str) -> None:
+        if context.is_main:
+            tqdm.write(message)  # prints without breaking the progress bar
+
+    if config.fsdp and not context.distributed:
+        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N (N >= 2)")
+
+    # ---- data (rank 0 first, so that the others read its token cache)
     if data is None:
-        data = prepare_clm_data(
-            config.data,
-            max_seq_len=config.max_seq_len,
-            tokenizer=tokenizer,
-            valid_fraction=config.valid_fraction,
-            seed=config.seed,
-            cache_dir=config.cache_dir,
-            stdlib_max_bytes=config.stdlib_max_bytes,
-        )
-    if data.train.shape[1] != config.max_seq_len + 1:
-        raise ValueError(f"data chunks have {data.train.shape[1]} tokens, expected max_seq_len + 1")
+        if not context.is_main:
+            distributed.barrier()
+        data = prepare_data(config, task.chunk_len(config), tokenizer)
+        if context.is_main:
+            distributed.barrier()
+    if data.train.shape[1] != task.chunk_len(config):
+        raise ValueError(f"data chunks have {data.train.shape[1]} tokens, expected {task.chunk_len(config)}")
+    global_batch_size = min(config.batch_size, len(data.train))  # as EpochSampler draws them
+    if global_batch_size % world:
+        raise ValueError(f"the batch of {global_batch_size} chunks does not split evenly over {world} processes")
     data_s = time.perf_counter() - t_start
     log(
         f"data: {data.num_documents} documents, {data.num_tokens:,} tokens ({data.num_bytes:,} bytes), "
-        f"{len(data.train)} train / {len(data.valid)} valid chunks of {config.max_seq_len + 1}"
+        f"{len(data.train)} train / {len(data.valid)} valid chunks of {task.chunk_len(config)}"
         + (" (cached)" if data.from_cache else "")
     )
 
@@ -297,132 +655,153 @@ def train_clm(
     if model is not None:
         if config.resume:
             raise ValueError("give either a model or resume=True, not both")
-        if model.config.vocab_size != data.vocab_size:
-            raise ValueError(f"model vocab_size {model.config.vocab_size} != the data's {data.vocab_size}")
-        if model.max_seq_len < config.max_seq_len or model.max_latents < config.max_latents:
-            raise ValueError(
-                f"the model (max_seq_len {model.max_seq_len}, max_latents {model.max_latents}) is smaller than the "
-                f"config (max_seq_len {config.max_seq_len}, max_latents {config.max_latents})"
-            )
+        task.check_model(model, config, data.vocab_size)
     elif config.resume:
         state_path = out_dir / TRAINING_STATE_FILE
         if not state_path.is_file():
             raise FileNotFoundError(f"cannot resume: {state_path} not found")
-        model = CausalLanguageModel.from_pretrained(out_dir)
-        expected = asdict(config.model_config(data.vocab_size))
-        saved = asdict(model.config)
-        changed = {k: (saved[k], v) for k, v in expected.items() if k in saved and saved[k] != v}
+        model = task.model_class.from_pretrained(out_dir)
+        changed = _config_diff(asdict(model.config), asdict(task.model_config(config, data.vocab_size)))
         if changed:
             raise ValueError(f"cannot resume with a different model config (saved, given): {changed}")
         state = torch.load(state_path, weights_only=True)
+        expected_format = "fsdp" if config.fsdp else "plain"
+        if state.get("optimizer_format", "plain") != expected_format:
+            raise ValueError(
+                f"{state_path} holds a {state.get('optimizer_format')} optimizer state: resume with"
+                + (" --fsdp" if expected_format == "plain" else "out --fsdp")
+            )
     else:
-        model = CausalLanguageModel(config.model_config(data.vocab_size))
+        model = task.model_class(task.model_config(config, data.vocab_size))
+    num_params = sum(p.numel() for p in model.parameters())
     model.to(device).train()
+    model = distributed.wrap_model(model, context, fsdp=config.fsdp)
     optimizer = _make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
     sampler = EpochSampler(len(data.train), config.batch_size, config.seed)
-    truncation = torch.Generator()
-    collate = CLMCollator(
-        random_truncation=config.random_truncation,
-        min_seq_len=config.min_seq_len if config.min_seq_len is not None else config.max_latents,
-        generator=truncation,
-    )
-    num_params = sum(p.numel() for p in model.parameters())
+    batch_generator = torch.Generator()  # truncation lengths (CLM) or masks (MLM), seeded per micro-step
+    collate = task.collator(config, batch_generator, train=True)
+    dtype = autocast_dtype(config.precision, device)
+    if config.precision == "bf16" and dtype is None:
+        log("precision bf16: no autocast on CPU (bf16 is slower than fp32 there); training in fp32")
 
     metrics: dict[str, Any] = {"history": [], "initial_val_loss": None, "first_train_loss": None}
     start_step = 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
-        torch.set_rng_state(state["torch_rng_state"])
-        if state["cuda_rng_state"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng_state"])
         start_step = int(state["step"])
         metrics.update(state["metrics"])
-        metrics["history"] = list(state["history"])
+        metrics["history"] = [tuple(entry) for entry in state["history"]]
         log(f"resumed from {out_dir} at step {start_step}")
-    log(f"model: {num_params:,} parameters on {device}")
+    mode = f", {world} processes ({'FSDP' if config.fsdp else 'DDP'})" if context.distributed else ""
+    log(f"model: {num_params:,} parameters on {device}{mode}, {'bf16 autocast' if dtype else 'fp32'}")
+    logs = MetricsLog(out_dir, start_step, config.tensorboard, context.is_main, log)
 
-    def run_eval() -> float | None:
+    def run_eval(step: int) -> float | None:
         if len(data.valid) == 0:
             return None
-        return evaluate(model, data.valid, config.batch_size, config.eval_batches, config.max_latents, device)
+        val_loss = evaluate(model, data.valid, task, config, context)
+        log(
+            f"step {step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}, "
+            f"bits/byte {data.bits_per_byte(val_loss):.3f}"
+        )
+        return val_loss
 
-    def report(step: int, val_loss: float | None) -> None:
-        if val_loss is not None:
-            log(
-                f"step {step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}, "
-                f"bits/byte {data.bits_per_byte(val_loss):.3f}"
-            )
+    def eval_columns(val_loss: float | None) -> dict[str, float | None]:
+        if val_loss is None:
+            return {}
+        return dict(val_loss=val_loss, val_ppl=math.exp(val_loss), val_bpb=data.bits_per_byte(val_loss))
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step, config, metrics, context=context)
 
     if start_step == 0:
-        metrics["initial_val_loss"] = run_eval()
-        report(0, metrics["initial_val_loss"])
+        metrics["initial_val_loss"] = run_eval(0)
+        logs.write(0, **eval_columns(metrics["initial_val_loss"]))
 
     # ---- the loop
-    tokens_seen, t_loop = 0, time.perf_counter()
-    val_loss = None
-    bar = tqdm(range(start_step, config.max_steps), desc="training", disable=not config.progress, unit="step")
+    tokens_seen, t_loop, eval_s = 0, time.perf_counter(), 0.0
+    val_loss, evaluated_at = None, -1
+    show_bar = config.progress and context.is_main
+    bar = tqdm(range(start_step, config.max_steps), desc="training", disable=not show_bar, unit="step")
     completed = step = start_step
-    before_step = (sampler.state_dict(), torch.get_rng_state())
+    before_step = sampler.state_dict()
     try:
         for step in bar:
-            # What a resume needs if Ctrl-C lands inside this step: the data position and RNG before it.
-            before_step = (sampler.state_dict(), torch.get_rng_state())
-            loss_sum = 0.0
+            before_step = sampler.state_dict()  # what a resume needs if Ctrl-C lands inside this step
+            torch.manual_seed(_step_seed(config.seed, step, context.rank))  # dropout: reproducible on resume
+            loss_sum, count_sum = 0.0, 0.0
             for micro in range(config.grad_accum_steps):
-                # A per-micro-step seed makes the truncated lengths a function of the step: resuming reproduces them.
-                truncation.manual_seed((config.seed * 1_000_003 + step) * config.grad_accum_steps + micro)
-                labels, x, pad_mask = collate(data.train[sampler.next_indices()])
-                labels, x, pad_mask = labels.to(device), x.to(device), pad_mask.to(device)
-                loss = clm_loss(model, labels, x, pad_mask, config.max_latents)
-                (loss / config.grad_accum_steps).backward()
+                # A per-micro-step seed makes truncation lengths / masks a function of the step (and the same on
+                # every process, which masks the whole global batch and keeps its own rows).
+                batch_generator.manual_seed((config.seed * 1_000_003 + step) * config.grad_accum_steps + micro)
+                global_batch = collate(data.train[sampler.next_indices()])
+                tokens_seen += global_batch[1].numel()
+                global_count = task.count(global_batch, config)
+                batch = tuple(t.to(device) for t in _shard(global_batch, context))
+                last = micro == config.grad_accum_steps - 1
+                with distributed.gradient_sync(model, sync=last):
+                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                        loss = task.loss_sum(model, batch, config)
+                    # The mean over the global micro-batch; DDP/FSDP average gradients over processes, hence * world.
+                    (loss * world / max(global_count, 1) / config.grad_accum_steps).backward()
                 loss_sum += loss.item()
-                tokens_seen += x.numel()
+                count_sum += global_count
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             completed = step + 1
 
-            train_loss = loss_sum / config.grad_accum_steps
+            (loss_sum,) = distributed.all_reduce_sum([loss_sum], device)
+            train_loss = loss_sum / max(count_sum, 1.0)  # tokens-weighted mean over the step's micro-batches
             metrics["history"].append((completed, train_loss))
             if metrics["first_train_loss"] is None:
                 metrics["first_train_loss"] = train_loss
-            tok_s = tokens_seen / max(time.perf_counter() - t_loop, 1e-9)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.1e}", tok_s=f"{tok_s:,.0f}")
+            tok_s = tokens_seen / max(time.perf_counter() - t_loop - eval_s, 1e-9)
+            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
 
-            if config.eval_every and completed % config.eval_every == 0 and completed < config.max_steps:
-                val_loss = run_eval()
-                report(completed, val_loss)
+            columns: dict[str, float | None] = {}
+            if completed == config.max_steps or (config.eval_every and completed % config.eval_every == 0):
+                t_eval = time.perf_counter()
+                val_loss = run_eval(completed)
+                columns, evaluated_at = eval_columns(val_loss), completed
+                eval_s += time.perf_counter() - t_eval
+            logs.write(completed, train_loss=train_loss, lr=lr, tokens_per_s=tok_s, **columns)
             if config.checkpoint_every and completed % config.checkpoint_every == 0 and completed < config.max_steps:
                 metrics["val_loss"] = val_loss
-                save_checkpoint(out_dir, model, optimizer, scheduler, sampler, completed, config, metrics)
+                checkpoint(completed)
     except KeyboardInterrupt:
-        # Save the last completed step so that resume=True carries on exactly as if nothing had happened.
+        # Save the last completed step so that resume=True carries on exactly as if nothing had happened. Under FSDP
+        # saving needs every process to take part, which an interrupt cannot promise: resume from the last checkpoint.
         bar.close()
         if completed == step:  # interrupted inside a step: forget its half-done work
-            sampler.load_state_dict(before_step[0])
-            torch.set_rng_state(before_step[1])
+            sampler.load_state_dict(before_step)
             optimizer.zero_grad(set_to_none=True)
-        if completed > start_step:
+        if completed > start_step and not distributed.is_fsdp(model):
             metrics["val_loss"] = val_loss
-            save_checkpoint(out_dir, model, optimizer, scheduler, sampler, completed, config, metrics)
+            checkpoint(completed)
             log(f"interrupted: saved step {completed} to {out_dir}; resume=True (--resume) continues from there")
         raise
+    finally:
+        logs.close()
     bar.close()
 
     # ---- final evaluation and checkpoint
-    loop_s = time.perf_counter() - t_loop
-    val_loss = run_eval()
-    report(config.max_steps, val_loss)
+    loop_s = time.perf_counter() - t_loop - eval_s
+    final_step = max(config.max_steps, start_step)
+    if evaluated_at != final_step:  # the loop did not run (resumed at or past max_steps)
+        val_loss = run_eval(final_step)
     recent = [loss for _, loss in metrics["history"][-10:]]
     metrics.update(
-        step=max(config.max_steps, start_step),
+        step=final_step,
         start_step=start_step,
         num_params=num_params,
+        world_size=world,
         train_loss=sum(recent) / len(recent) if recent else None,
         val_loss=val_loss,
         val_ppl=math.exp(val_loss) if val_loss is not None else None,
@@ -431,7 +810,7 @@ def train_clm(
         data_s=data_s,
         out_dir=str(out_dir),
     )
-    save_checkpoint(out_dir, model, optimizer, scheduler, sampler, metrics["step"], config, metrics)
+    checkpoint(final_step)
     metrics["elapsed_s"] = time.perf_counter() - t_start
     log(f"saved {out_dir} ({metrics['elapsed_s']:.1f} s)")
     return metrics

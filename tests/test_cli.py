@@ -106,3 +106,61 @@ def test_python_dash_m_help():
         [sys.executable, "-m", "perceiver_fast.cli", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "demo" in result.stdout and "generate" in result.stdout
+
+
+def test_train_mlm_then_resume(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("for i in range(10):\n    print(i)\n" * 100, encoding="utf-8")
+    out = tmp_path / "mlm"
+    argv = ["train", "mlm", "--data", str(data), "--num-self-attention-layers", "1", *TINY_MODEL]
+    argv += ["--whole-word-masking", "--batch-size", "4", "--eval-every", "0", "--eval-batches", "1", "--no-progress"]
+    argv += ["--out-dir", str(out), "--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--max-steps", "3"]) == 0
+    assert "step=3" in capsys.readouterr().out
+    assert (out / "metrics.csv").is_file() and "MaskedLanguageModel" in (out / "config.json").read_text()
+    assert main([*argv, "--max-steps", "5", "--resume"]) == 0
+    printed = capsys.readouterr().out
+    assert "resumed from" in printed and "start_step=3" in printed and "step=5" in printed
+
+
+def test_scale_flags(tmp_path, capsys):
+    args = build_parser().parse_args(["train", "mlm", "--fsdp", "--precision", "bf16", "--mask-prob", "0.2"])
+    assert (args.task, args.fsdp, args.precision, args.mask_prob) == ("mlm", True, "bf16", 0.2)
+    assert args.out_dir == "runs/mlm"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "clm", "--precision", "fp16"])
+    with pytest.raises(SystemExit) as exc:  # FSDP without torchrun: a one-line error
+        main(["train", "clm", "--fsdp", "--no-progress", "--data", str(tmp_path / "missing.txt")])
+    assert exc.value.code == 2 and "--fsdp needs several processes" in capsys.readouterr().err
+
+
+# The seed's example (perceiver-io's Perceiver AR on WikiText-103, 30.7M parameters), as the README gives it.
+SEED_FLAGS = ["--data", "wikitext", "--dataset-config", "wikitext-103-raw-v1", "--max-seq-len", "4096"]
+SEED_FLAGS += ["--max-latents", "512", "--num-channels", "512", "--num-heads", "8", "--num-self-attention-layers", "8"]
+SEED_FLAGS += ["--cross-attention-dropout", "0.5", "--batch-size", "16", "--grad-accum-steps", "4", "--lr", "2e-4"]
+SEED_FLAGS += ["--weight-decay", "0", "--beta2", "0.999", "--device", "auto", "--out-dir", "runs/wikitext-103"]
+
+
+def test_seed_example_starts_on_cpu(tmp_path, capsys):
+    from perceiver_fast.train import TrainConfig as Config
+
+    args = build_parser().parse_args(["train", "clm", *SEED_FLAGS])
+    config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
+    with torch.device("meta"):  # the full model, counted without allocating it
+        full = clm.CausalLanguageModel(config.model_config(BytesTokenizer().vocab_size))
+    num_params = sum(p.numel() for p in full.parameters())
+    # perceiver-io 0.11.0's CausalLanguageModel with this config has exactly as many (its output layer is tied to the
+    # token embedding); the 30.7M of its docs adds an untied 262 x 512 output layer (+134,144).
+    assert num_params == 30_563_078 and abs(num_params + 262 * 512 - 30.7e6) < 0.01e6
+
+    # The same flags, a shorter context, local text, 2 steps (and a smaller batch, to keep the test short).
+    data = tmp_path / "data.txt"
+    data.write_text("The tower is 324 metres tall, about the same height as an 81-storey building.\n" * 100)
+    assert SEED_FLAGS[:4] == ["--data", "wikitext", "--dataset-config", "wikitext-103-raw-v1"]
+    argv = ["train", "clm", *SEED_FLAGS[4:], "--data", str(data), "--max-seq-len", "640"]
+    argv += ["--batch-size", "2", "--grad-accum-steps", "1", "--max-steps", "2", "--eval-every", "0"]
+    argv += ["--eval-batches", "1", "--no-progress", "--out-dir", str(tmp_path / "run"), "--device", "cpu"]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "step=2" in printed and "num_params=28793606" in printed  # 4096 -> 640 positions: 3456 x 512 fewer

@@ -1,5 +1,6 @@
-"""Data: the UTF-8 bytes tokenizer and text corpora packed for causal language modelling."""
+"""Data: the UTF-8 bytes tokenizer, text corpora packed for causal language modelling, and MLM masking."""
 
+from perceiver_fast.data.mlm import MLMCollator
 from perceiver_fast.data.text import (
     CLMCollator,
     CLMData,
@@ -23,6 +24,7 @@ __all__ = [
     "CLMCollator",
     "CLMData",
     "IncrementalDecoder",
+    "MLMCollator",
     "TokenChunks",
     "TokenizedCorpus",
     "default_cache_dir",

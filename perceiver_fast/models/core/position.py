@@ -54,7 +54,8 @@ class RotaryPositionEmbedding:
         window = slice(-seq_len, None) if self.right_align else slice(0, seq_len)
         cos, sin = self.cos[:, window], self.sin[:, window]
         t_rot, t_pass = t[..., : self.rotate_dim], t[..., self.rotate_dim :]
-        t_rot = t_rot * cos + _rotate_pairs(t_rot) * sin
+        # The angles are float32; under bf16 autocast the rotated part must keep the input dtype (q/k/v share one).
+        t_rot = (t_rot * cos + _rotate_pairs(t_rot) * sin).to(t.dtype)
         return torch.cat((t_rot, t_pass), dim=-1)
 
 
