@@ -17,7 +17,6 @@ last key does not exist and every row shifts left by one. A query that sees no k
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -130,9 +129,8 @@ def _requested_backend(backend: str | None) -> str:
     return requested
 
 
-def _decide(problem: AttentionProblem, backend: str | None) -> tuple[Dispatch, AttentionBackend]:
-    requested = _requested_backend(backend)
-    problem = dataclasses.replace(problem, requested=requested)
+def _decide(problem: AttentionProblem) -> tuple[Dispatch, AttentionBackend]:
+    requested = problem.requested
     passed_over: dict[str, str] = {}
     if requested != "auto":
         chosen = next(b for b in _BACKENDS if b.name == requested)
@@ -175,7 +173,7 @@ def _check_bounds(name: str, t: object, batch: int, device: torch.device) -> tor
     return t.to(torch.int32)
 
 
-def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse):
+def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend):
     q, k, v = (_check_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -223,6 +221,7 @@ def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_l
         dropout_p=float(dropout_p),
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
         return_lse=bool(return_lse),
+        requested=_requested_backend(backend),
     )
     return problem, kv_start, kv_len
 
@@ -245,8 +244,8 @@ def explain(
     Takes the same arguments as :func:`attention` and runs nothing. ``str(explain(...))`` reads as a short report.
     Raises like :func:`attention` for bad arguments or a forced backend that cannot run the call.
     """
-    problem, _, _ = _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse)
-    return _decide(problem, backend)[0]
+    problem, _, _ = _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend)
+    return _decide(problem)[0]
 
 
 def attention(
@@ -288,8 +287,10 @@ def attention(
     Raises:
         TypeError / ValueError naming the argument at fault, before any kernel runs.
     """
-    problem, kv_start, kv_len = _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse)
-    _, chosen = _decide(problem, backend)
+    problem, kv_start, kv_len = _check_problem(
+        q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend
+    )
+    _, chosen = _decide(problem)
     out, lse = chosen.run(
         q,
         k,
