@@ -22,13 +22,7 @@ class TextClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
     decoder_config_class = ClassificationDecoderConfig
 
     def __init__(self, config: PerceiverIOConfig):
-        encoder = TextEncoder(
-            config.encoder,
-            num_latents=config.num_latents,
-            num_latent_channels=config.num_latent_channels,
-            activation_checkpointing=config.activation_checkpointing,
-            activation_offloading=config.activation_offloading,
-        )
+        encoder = TextEncoder.from_io_config(config)
         decoder = classification_decoder(config, num_output_queries=config.decoder.num_output_queries)
         super().__init__(encoder, decoder)
         self.config = config

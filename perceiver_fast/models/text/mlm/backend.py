@@ -82,6 +82,17 @@ class TextEncoder(PerceiverEncoder):
         if config.freeze:
             freeze(self)
 
+    @classmethod
+    def from_io_config(cls, config: PerceiverIOConfig) -> TextEncoder:
+        """The encoder of a text model's ``PerceiverIOConfig`` (its ``encoder`` plus the latent settings)."""
+        return cls(
+            config.encoder,
+            num_latents=config.num_latents,
+            num_latent_channels=config.num_latent_channels,
+            activation_checkpointing=config.activation_checkpointing,
+            activation_offloading=config.activation_offloading,
+        )
+
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None, return_adapted_input: bool = False):
         check_token_ids(x, self.input_adapter.max_seq_len)
         return super().forward(x, pad_mask=pad_mask, return_adapted_input=return_adapted_input)
@@ -114,13 +125,7 @@ class MaskedLanguageModel(PerceiverIOPretrainedMixin, PerceiverIO):
     decoder_config_class = TextDecoderConfig
 
     def __init__(self, config: PerceiverIOConfig):
-        encoder = TextEncoder(
-            config.encoder,
-            num_latents=config.num_latents,
-            num_latent_channels=config.num_latent_channels,
-            activation_checkpointing=config.activation_checkpointing,
-            activation_offloading=config.activation_offloading,
-        )
+        encoder = TextEncoder.from_io_config(config)
         tied = config.decoder.num_output_query_channels is None
         query_channels = config.encoder.num_input_channels if tied else config.decoder.num_output_query_channels
         output_query_provider = TrainableQueryProvider(
