@@ -192,6 +192,11 @@ class PerceiverARCache:
             self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
             self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
         if not (cross or drop):
+            if self.any_pad_latent:
+                # A pad latent's cross-attention output is the mean of every value in the window (perceiver-io's
+                # rule for a row that sees no key), so the new token changes it, and through the latent
+                # self-attention, which has no padding mask, every latent after it: nothing cached is reusable.
+                return self._recompute_latents()
             return self._extend_latents()
         self._move_into_prefix(cross, update_prefix_part=incremental)
         if drop:

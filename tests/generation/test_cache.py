@@ -56,6 +56,44 @@ def test_exact_mode_equals_a_full_forward_at_every_step(abs_pos_emb, num_latents
         assert max_rel_error(got, expected) <= 1e-5, step
 
 
+@pytest.mark.parametrize("abs_pos_emb", [True, False])
+@pytest.mark.parametrize("stride", [1, 2, 3])
+@pytest.mark.parametrize("num_latents", [2, 4])
+@pytest.mark.parametrize("pads", [(0, 5), (3, 5)])
+def test_pad_latents_in_every_mode_equal_a_full_forward(abs_pos_emb, stride, num_latents, pads):
+    """Rows whose pads reach into the latents, while the latents grow (num_latents < max_latents), the prefix grows
+    and the window slides. A pad latent's output is the mean of all values in its window, which every new token
+    changes: caching its self-attention keys/values from an earlier step is wrong."""
+    model = _model(abs_pos_emb=abs_pos_emb)
+    schedule = WindowSchedule(12, 4, stride=stride)
+    prompt, pad_mask = _prompt(pads=pads)
+    full, cached = _drive(
+        [FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2)], prompt, pad_mask, num_latents, 14
+    )
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert max_rel_error(got, expected) <= 1e-5, step
+
+
+@pytest.mark.parametrize("cache_mode", ["exact", "strided"])
+def test_short_row_of_a_padded_batch_generates_as_without_cache(cache_mode):
+    """A short prompt batched with a long one has pads among its latents for several steps."""
+    model = _model(max_seq_len=64, max_latents=16, num_channels=64, num_heads=4)
+    with torch.no_grad():  # larger weights than the init scale, so that a stale latent changes the greedy tokens
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else None
+    rows = [list(b"def fibonacci(n):"), list(b"hi")]
+    prompt = torch.zeros(2, len(rows[0]), dtype=torch.long)
+    prompt[0] = torch.tensor(rows[0]) + 6
+    prompt[1, -2:] = torch.tensor(rows[1]) + 6
+    pad_mask = torch.zeros_like(prompt, dtype=torch.bool)
+    pad_mask[1, :-2] = True
+    stride = 4 if cache_mode == "strided" else None
+    kwargs = dict(num_latents=8, pad_mask=pad_mask, cache_mode=cache_mode, stride=stride)
+    cached = model.generate(prompt, 30, **kwargs)
+    uncached = model.generate(prompt, 30, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
 @pytest.mark.parametrize("stride", [2, 3, 4])
 def test_strided_mode_equals_a_full_forward_of_its_schedule(stride):
     model = _model()
@@ -110,7 +148,7 @@ def test_cached_left_padded_batch_equals_one_by_one():
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("num_latents, pads", [(1, 0), (3, 0), (2, 2)])
+@pytest.mark.parametrize("num_latents, pads", [(1, 0), (3, 0), (2, 2), (4, 4)])
 def test_perceiver_io_mode_reproduces_their_cached_generate(num_latents, pads):
     import_perceiver_io("model.text.clm")
     hf = import_perceiver_io("model.text.clm.huggingface")
