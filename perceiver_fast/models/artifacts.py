@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import pickle
 import re
 import zipfile
 from collections import OrderedDict
@@ -36,7 +37,8 @@ import torch.nn as nn
 
 from perceiver_fast.models.audio.symbolic import SymbolicAudioModel
 from perceiver_fast.models.core.config import PerceiverIOConfig
-from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin, sub_config_from_dict
+from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
+from perceiver_fast.models.core.loading import load_state_strict, read_json_object, read_safetensors
 from perceiver_fast.models.core.pretrained import CONFIG_FILE, FORMAT
 from perceiver_fast.models.text.classifier import TextClassifier
 from perceiver_fast.models.text.clm import CausalLanguageModel
@@ -103,49 +105,15 @@ def _resolve_class(candidates: tuple[ModelType, ...], requested: type | None, so
 
 
 def _build_config(model_class: type, values: Mapping[str, Any], source: str) -> Any:
-    """``model_class``'s config from their config fields; unknown or missing fields raise ``ValueError``."""
-    try:
-        if issubclass(model_class, PerceiverIOPretrainedMixin):
-            return model_class.config_from_dict(dict(values))
-        return sub_config_from_dict(model_class.config_class, dict(values))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{source} does not fit {model_class.__name__}'s config: {e}") from None
+    """``model_class``'s config from perceiver-io's config fields: a missing field takes perceiver-io's default (ours
+    are theirs), an unknown field or a value of the wrong type raises ``ValueError`` naming ``source`` and the
+    field."""
+    return model_class.config_from_dict(values, source=source)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-#  Strict weight loading with errors that say what is wrong
+#  Error messages
 # ----------------------------------------------------------------------------------------------------------------
-
-# Parameter-name patterns -> the config fields that decide whether (and how big) those parameters exist.
-_CONFIG_HINTS: tuple[tuple[str, str], ...] = (
-    (r"^input_adapter\.txt_embedding", "vocab_size, num_channels"),
-    (r"^input_adapter\.pos_embedding", "max_seq_len, num_channels, abs_pos_emb"),
-    (r"^input_adapter\.frq_pos_encoding", "num_channels, num_heads, abs_pos_emb"),
-    (r"^cross_attention\.", "num_channels, num_heads, cross_attention_widening_factor"),
-    (r"^self_attention\.", "num_self_attention_layers, num_channels, self_attention_widening_factor"),
-    (r"^out_norm\.", "output_norm"),
-    (r"^output_adapter\.bias", "output_bias, vocab_size"),
-    (r"^0\.input_adapter\.txt_embedding", "encoder.vocab_size, encoder.num_input_channels"),
-    (r"^0\.input_adapter\.pos_embedding", "encoder.max_seq_len, encoder.num_input_channels"),
-    (r"^0\.input_adapter\.position_encoding", "encoder.image_shape, encoder.num_frequency_bands"),
-    (r"^0\.input_adapter\.linear", "encoder.num_patch_input_channels, encoder.num_patch_hidden_channels"),
-    (r"^0\.latent_provider", "num_latents, num_latent_channels"),
-    (r"^0\.cross_attn_1\.", "encoder.num_cross_attention_* fields, encoder.cross_attention_widening_factor"),
-    (r"^0\.cross_attn_n\.", "encoder.num_cross_attention_layers, encoder.first_cross_attention_layer_shared"),
-    (r"^0\.self_attn_1\.", "encoder.num_self_attention_layers_per_block, encoder.num_self_attention_* fields"),
-    (r"^0\.self_attn_n\.", "encoder.num_self_attention_blocks, encoder.first_self_attention_block_shared"),
-    (r"^1\.cross_attn\.", "decoder.num_cross_attention_* fields, decoder.cross_attention_residual"),
-    (r"^1\.output_query_provider", "decoder.max_seq_len / num_output_queries, decoder.num_output_query_channels"),
-    (r"^1\.output_adapter", "decoder.num_classes / vocab_size, decoder.num_output_query_channels"),
-)
-
-
-def _config_hints(keys: list[str]) -> list[str]:
-    hints = []
-    for pattern, fields in _CONFIG_HINTS:
-        if any(re.match(pattern, k) for k in keys) and fields not in hints:
-            hints.append(fields)
-    return hints
 
 
 def _first_line(error: BaseException) -> str:
@@ -157,53 +125,35 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def _listing(title: str, items: list[str], limit: int = 8) -> str:
-    more = f" ... and {len(items) - limit} more" if len(items) > limit else ""
-    return f"\n  {title} ({len(items)}): {', '.join(items[:limit])}{more}"
+# torch's weights-only unpickler refusing a global (a class or function the file names). Matched on its message, the
+# only place it says so; the identifier pattern keeps a damaged file's garbage from reading as a refused name.
+_REFUSED_GLOBAL = re.compile(r"GLOBAL ([A-Za-z_][\w.]*) (?:was not an allowed global|whose module (\S+) is blocked)")
 
 
-def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Load ``state`` into ``model``: every key present, none extra, every shape equal; else ``ValueError`` naming
-    the missing, unexpected and mis-shaped keys and the config fields that decide them."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and tuple(state[k].shape) != tuple(v.shape)
-    ]
-    if missing or unexpected or mismatched:
-        message = f"the weights in {source} do not match {type(model).__name__} built from its config:"
-        if missing:
-            message += _listing("missing", missing)
-        if unexpected:
-            message += _listing("unexpected", unexpected)
-        if mismatched:
-            message += _listing("shape (file != model)", mismatched)
-        hints = _config_hints(missing + unexpected + [m.split(" ", 1)[0] for m in mismatched])
-        if hints:
-            message += "\n  config fields to check: " + "; ".join(hints)
-        raise ValueError(message)
-    model.load_state_dict(state, strict=True)
+def _load_error(path: Path, error: Exception, what: str, legacy_format: bool = False) -> ValueError:
+    """The ``ValueError`` for a weights-only ``torch.load`` of ``path`` that failed: refused as unsafe, naming the
+    global torch refused, or not readable (truncated or corrupt), with torch's reason. ``legacy_format``: the file is
+    not a zip archive, so none of its classes could be offered as stand-ins."""
+    refused = _REFUSED_GLOBAL.search(str(error)) if isinstance(error, pickle.UnpicklingError) else None
+    if refused is None:
+        return ValueError(f"{path} is not a readable {what} (truncated or corrupt?): {_first_line(error)}")
+    name, blocked_module = refused.groups()
+    if blocked_module:
+        why, advice = f"module {blocked_module} is never allowed", "remove that object from it"
+    elif legacy_format:
+        why = "the file is in torch's legacy non-zip format, whose classes cannot be read as inert stand-ins"
+        advice = "re-save it with a current torch.save (zip format)"
+    else:
+        why, advice = "it is not allowed", "remove that object from it"
+    return ValueError(
+        f"{path} was refused as unsafe: it names {name}, which torch's weights-only loader will not import ({why}); "
+        f"nothing from the file ran. If you trust the file, {advice}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 #  Hugging Face-format directories (ours and perceiver-io's)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: {directory} is not a saved model directory")
-    try:
-        meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return meta
 
 
 def is_perceiver_io_config(meta: Mapping[str, Any]) -> bool:
@@ -224,18 +174,16 @@ def _hf_model_type(meta: Mapping[str, Any], source: str) -> ModelType:
 
 def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The state dict of a ``save_pretrained`` directory: safetensors (single or sharded) or ``pytorch_model.bin``."""
-    from safetensors.torch import load_file
 
     def load_one(path: Path) -> dict[str, torch.Tensor]:
+        if path.suffix == ".safetensors":
+            return read_safetensors(path)
         try:
-            if path.suffix == ".safetensors":
-                return load_file(str(path), device="cpu")
             return torch.load(path, map_location="cpu", weights_only=True)
         except FileNotFoundError:
             raise
         except Exception as e:
-            reason = _first_line(e)
-            raise ValueError(f"{path} is not a readable weights file (truncated or corrupt?): {reason}") from None
+            raise _load_error(path, e, "weights file") from None
 
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (directory / name).is_file():
@@ -269,7 +217,7 @@ def load_perceiver_io_pretrained(
             don't match the config (missing/unexpected/mis-shaped keys are named, with the config fields at fault).
     """
     directory = Path(directory)
-    meta = _read_config(directory)
+    meta = read_json_object(directory / CONFIG_FILE)
     source = str(directory / CONFIG_FILE)
     if not is_perceiver_io_config(meta):
         raise ValueError(f"{source} was not written by a perceiver-io Hugging Face wrapper (no model_config)")
@@ -288,7 +236,7 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
     format (see :func:`load_perceiver_io_pretrained`); anything else raises ``ValueError``.
     """
     directory = Path(directory)
-    meta = _read_config(directory)
+    meta = read_json_object(directory / CONFIG_FILE)
     if meta.get("format") == FORMAT:
         model_type = _BY_CLASS_NAME.get(meta.get("model_class"))
         if model_type is None:
@@ -376,10 +324,14 @@ def load_checkpoint_safely(path: str | Path) -> Any:
     ``AttributeDict`` is rebuilt as an ``OrderedDict``. A custom ``pickle_module`` could do the same but would need
     ``weights_only=False`` and its own allow-list of torch internals; this keeps torch's own safe unpickler.
 
+    Some globals stay refused: those of modules torch never allows (``os``, ``sys``, ``posix``, ``nt``: a file
+    naming ``os.system`` is refused even as a stand-in), and in torch's legacy non-zip format every class (the static
+    scan reads zip checkpoints only). Such a file raises as refused, naming the global, not as a damaged one.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a ``torch.save`` file, truncated, a record failing its CRC-32 check, or otherwise unreadable
-            (the reason is included).
+        ValueError: refused as unsafe (the global named), not a ``torch.save`` file, truncated, a record failing its
+            CRC-32 check, or otherwise unreadable (the reason is included).
     """
     path = Path(path)
     if not path.is_file():
@@ -395,8 +347,7 @@ def load_checkpoint_safely(path: str | Path) -> Any:
         with torch.serialization.safe_globals([_stand_in(name) for name in names]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = _first_line(e)
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {reason}") from None
+        raise _load_error(path, e, "PyTorch checkpoint", legacy_format=not zipfile.is_zipfile(path)) from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -4,9 +4,12 @@ broken, foreign and mismatched files raise clear errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
+import os
+import re
 import sys
 import types
 from collections.abc import Callable
@@ -557,3 +560,69 @@ def test_files_that_are_not_lightning_checkpoints_raise(tmp_path):
     torch.save(hacked, wrong_width)
     with pytest.raises(ValueError, match=r"(?s)do not match CausalLanguageModel.*num_channels"):
         from_lightning_checkpoint(wrong_width)
+
+
+def test_refused_checkpoints_say_so_and_name_the_global(tmp_path):
+    """A file torch's weights-only loader refuses is reported as refused (naming the global), not as damaged."""
+    model = _clm()
+    system = _write_lightning_format(model, tmp_path / "system.ckpt", callback=os.system)
+    blocked = r"refused as unsafe: it names (posix|nt)\.system, .*\(module (posix|nt) is never allowed\); nothing"
+    with pytest.raises(ValueError, match=re.escape(str(system)) + " was " + blocked) as raised:
+        from_lightning_checkpoint(system)
+    assert "truncated or corrupt" not in str(raised.value)
+    # torch's legacy format: the static scan that lets us read classes as inert stand-ins reads zip files only
+    legacy = tmp_path / "legacy.ckpt"
+    hparams = {**dataclasses.asdict(model.config), "datamodule": _RunsCodeWhenUnpickled()}
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"hyper_parameters": hparams, "state_dict": state}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(ValueError, match=rf"refused as unsafe: it names {__name__}\._record_call, .*legacy non-zip"):
+        from_lightning_checkpoint(legacy)
+    assert _CALLS == []
+    # the same in a pytorch_model.bin of a Hugging Face-format directory
+    directory = _write_hf_format(model, tmp_path / "bin", "perceiver-ar-causal-language-model")
+    (directory / "model.safetensors").unlink()
+    torch.save({"backend_model.x": torch.zeros(1), "hook": os.system}, directory / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin was refused as unsafe: it names (posix|nt)\.system"):
+        from_pretrained(directory)
+
+
+def test_perceiver_io_config_types_are_checked_and_missing_fields_take_their_defaults(tmp_path):
+    model = _clm()
+    clm_type = "perceiver-ar-causal-language-model"
+    wrong = _write_hf_format(model, tmp_path / "str", clm_type, num_channels="32")
+    field = r"field num_channels \(CausalLanguageModelConfig\) must be int, got str '32'"
+    with pytest.raises(ValueError, match=r"config\.json's model_config does not fit \w+: " + field):
+        from_pretrained(wrong)
+    ckpt = _write_lightning_format(model, tmp_path / "float.ckpt", max_latents=8.0)
+    with pytest.raises(ValueError, match=r"hyper_parameters does not fit .*field max_latents .* got float 8\.0"):
+        from_lightning_checkpoint(ckpt)
+    # perceiver-io wrote these files: a field they lack takes perceiver-io's default, which is ours
+    partial = _write_hf_format(model, tmp_path / "partial", clm_type)
+    meta = json.loads((partial / "config.json").read_text())
+    del meta["model_config"]["output_norm"], meta["model_config"]["num_self_attention_rotary_layers"]
+    (partial / "config.json").write_text(json.dumps(meta))
+    assert from_pretrained(partial).config == model.config
+
+
+def test_perceiver_io_nested_config_types_are_checked(tmp_path):
+    from perceiver_fast.models.vision.image_classifier import ClassificationDecoderConfig, ImageEncoderConfig
+
+    config = PerceiverIOConfig(
+        ImageEncoderConfig(image_shape=(5, 4, 3), num_frequency_bands=3, num_cross_attention_heads=1,
+                           num_self_attention_heads=2, num_self_attention_layers_per_block=1),
+        ClassificationDecoderConfig(num_output_query_channels=8, num_classes=3, num_cross_attention_heads=1),
+        num_latents=4,
+        num_latent_channels=16,
+    )
+    model = ImageClassifier(config)
+    hparams = {"encoder": {**dataclasses.asdict(config.encoder), "image_shape": [5, 4]},
+               "decoder": {**dataclasses.asdict(config.decoder), "num_classes": 3.0}, "num_latents": 4,
+               "num_latent_channels": 16}
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"hyper_parameters": hparams, "state_dict": state}, tmp_path / "cli.ckpt")
+    with pytest.raises(ValueError) as raised:
+        from_lightning_checkpoint(tmp_path / "cli.ckpt")
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'cli.ckpt'}'s hyper_parameters does not fit PerceiverIOConfig: ")
+    assert "field encoder.image_shape (ImageEncoderConfig) must be list of 3 int, got list [5, 4]" in message
+    assert "field decoder.num_classes (ClassificationDecoderConfig) must be int, got float 3.0" in message

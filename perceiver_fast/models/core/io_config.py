@@ -2,29 +2,22 @@
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from perceiver_fast.models.core.config import PerceiverIOConfig
+from perceiver_fast.models.core.loading import build_config
 from perceiver_fast.models.core.pretrained import PretrainedMixin
 
 
-def sub_config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Build the dataclass ``config_class`` from its JSON form.
+def sub_config_from_dict(config_class: type, values: Mapping[str, Any]) -> Any:
+    """Build the dataclass ``config_class`` from its JSON form, missing fields taking their defaults.
 
-    JSON has no tuples, so a list is turned back into a tuple where the field's default is a tuple (e.g.
-    ``image_shape``): models compare shapes with tuples. Unknown keys raise ``ValueError`` naming them.
+    JSON has no tuples: a list becomes a tuple where the field is a tuple (e.g. ``image_shape``), as models compare
+    shapes with tuples. Unknown fields and values of the wrong type raise ``ValueError`` naming them (see
+    :func:`perceiver_fast.models.core.loading.build_config`).
     """
-    known = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {config_class.__name__} fields: {unknown}")
-    converted = {}
-    for name, value in values.items():
-        if isinstance(value, list) and isinstance(known[name].default, tuple):
-            value = tuple(value)
-        converted[name] = value
-    return config_class(**converted)
+    return build_config(config_class, values, config_class.__name__)
 
 
 class PerceiverIOPretrainedMixin(PretrainedMixin):
@@ -35,14 +28,10 @@ class PerceiverIOPretrainedMixin(PretrainedMixin):
     decoder_config_class: ClassVar[type]
 
     @classmethod
-    def config_from_dict(cls, values: dict[str, Any]) -> PerceiverIOConfig:
-        values = dict(values)
-        try:
-            encoder, decoder = values.pop("encoder"), values.pop("decoder")
-        except KeyError as e:
-            raise ValueError(f"a Perceiver IO config needs 'encoder' and 'decoder' entries, missing {e}") from None
-        return PerceiverIOConfig(
-            encoder=sub_config_from_dict(cls.encoder_config_class, encoder),
-            decoder=sub_config_from_dict(cls.decoder_config_class, decoder),
-            **values,
-        )
+    def config_from_dict(
+        cls, values: Mapping[str, Any], source: str = "config", every_field: bool = False
+    ) -> PerceiverIOConfig:
+        """Like :meth:`PretrainedMixin.config_from_dict`; ``encoder`` and ``decoder`` are checked against
+        ``encoder_config_class`` and ``decoder_config_class`` (errors name fields as ``encoder.image_shape``)."""
+        nested = {"encoder": cls.encoder_config_class, "decoder": cls.decoder_config_class}
+        return build_config(PerceiverIOConfig, values, source, every_field=every_field, nested=nested)

@@ -1,14 +1,26 @@
-"""Saving and loading our models as a directory: ``config.json`` + ``model.safetensors``."""
+"""Saving and loading our models as a directory: ``config.json`` + ``model.safetensors``.
+
+``config.json`` is ``{"format": "perceiver_fast", "model_class": ..., "config": {...}}`` where ``config`` holds every
+field of the model's config dataclass, nested ones included. Every version of this module has written every field
+(``dataclasses.asdict``), and no config field has been added or removed since the first one, so a file of our format
+that lacks a field is incomplete and loading it raises instead of giving the field its default: the default may not
+be what the weights were trained with (``num_self_attention_rotary_layers`` changes outputs, not weight shapes). A
+field added in a later version needs an explicit rule here for the files written before it (they are recognisable:
+they lack exactly that field).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
+
+from perceiver_fast.models.core.loading import build_config, load_state_strict, read_json_object, read_safetensors
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -37,9 +49,20 @@ class PretrainedMixin:
         return directory
 
     @classmethod
-    def config_from_dict(cls, values: dict[str, Any]) -> Any:
-        """Rebuild the config from its JSON form (override for nested configs)."""
-        return cls.config_class(**values)
+    def config_from_dict(cls, values: Mapping[str, Any], source: str = "config", every_field: bool = False) -> Any:
+        """Rebuild the config from its JSON (or pickled) form, checking each field against the dataclass.
+
+        Args:
+            values: field name -> value.
+            source: what ``values`` were read from, named in errors.
+            every_field: a missing field is an error (our own files hold every field); otherwise it takes its
+                default (perceiver-io's files: their defaults are ours).
+
+        Raises:
+            ValueError: naming ``source``, unknown and missing fields, and each field of a wrong type with the
+                type expected and the value given (see :func:`perceiver_fast.models.core.loading.build_config`).
+        """
+        return build_config(cls.config_class, values, source, every_field=every_field)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
@@ -47,23 +70,26 @@ class PretrainedMixin:
 
         Also reads a directory written by perceiver-io's Hugging Face ``save_pretrained`` for this model type (a
         directory of another type raises ``ValueError`` naming both).
-        """
-        from safetensors.torch import load_file
 
+        Raises:
+            FileNotFoundError: no ``config.json``, or no ``model.safetensors`` next to it (the file is named).
+            ValueError: naming the file at fault: ``config.json`` that is not a JSON object, not our format, of
+                another model class, or whose config has unknown, missing or mistyped fields; weights that are
+                truncated or corrupt, or whose keys or shapes don't match the config (keys and config fields named).
+        """
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{config_path} not found: not a saved model directory")
-        meta = json.loads(config_path.read_text())
+        meta = read_json_object(config_path)
         if meta.get("format") != FORMAT and "model_config" in meta:  # perceiver-io's Hugging Face format
             return cls._from_perceiver_io_pretrained(directory, map_location)
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{config_path} was not written by perceiver_fast's save_pretrained")
         if meta.get("model_class") != cls.__name__:
             raise ValueError(f"{directory} holds a {meta.get('model_class')}, not a {cls.__name__}")
-        model = cls(cls.config_from_dict(meta["config"]))
-        state = load_file(str(directory / WEIGHTS_FILE), device=str(map_location))
-        model.load_state_dict(state, strict=True)
+        config = cls.config_from_dict(meta["config"], source=f"{config_path}'s config", every_field=True)
+        model = cls(config)
+        weights_path = directory / WEIGHTS_FILE
+        load_state_strict(model, read_safetensors(weights_path), str(weights_path))
         return model.to(map_location).eval()
 
     # --- perceiver-io artifacts (implemented in perceiver_fast.models.artifacts, imported late: it imports the

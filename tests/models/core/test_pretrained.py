@@ -1,0 +1,174 @@
+"""Our own format (``save_pretrained`` / ``from_pretrained``): damaged, incomplete and mistyped directories raise
+``ValueError`` or ``FileNotFoundError`` naming the file and what is wrong with it, never a torch or safetensors error
+from deep inside, and never a model that loads with a value it was not saved with."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+
+from perceiver_fast.models.artifacts import from_pretrained
+from perceiver_fast.models.core.config import ClassificationDecoderConfig, PerceiverIOConfig
+from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_fast.models.vision.image_classifier import ImageClassifier, ImageEncoderConfig
+
+AR = dict(vocab_size=50, num_channels=32, num_heads=2, num_self_attention_layers=2, max_latents=4, max_seq_len=16)
+
+
+def _saved_clm(directory: Path, **overrides) -> Path:
+    CausalLanguageModel(CausalLanguageModelConfig(**{**AR, **overrides})).save_pretrained(directory)
+    return directory
+
+
+def _saved_image_classifier(directory: Path) -> Path:
+    config = PerceiverIOConfig(
+        ImageEncoderConfig(image_shape=(5, 4, 3), num_frequency_bands=2, num_cross_attention_heads=1,
+                           num_self_attention_heads=2, num_self_attention_layers_per_block=1),
+        ClassificationDecoderConfig(num_output_query_channels=8, num_classes=3, num_cross_attention_heads=1),
+        num_latents=4,
+        num_latent_channels=16,
+    )
+    ImageClassifier(config).save_pretrained(directory)
+    return directory
+
+
+def _edit_config(directory: Path, edit) -> Path:
+    """Apply ``edit`` to the ``"config"`` entry of ``directory``'s config.json."""
+    path = directory / "config.json"
+    meta = json.loads(path.read_text())
+    edit(meta["config"])
+    path.write_text(json.dumps(meta))
+    return path
+
+
+def _naming(path: Path, rest: str) -> str:
+    """A pattern for an error that names ``path`` and then says ``rest`` (a regex; ``.`` matches newlines too)."""
+    return "(?s)" + re.escape(str(path)) + rest
+
+
+# ----------------------------------------------------------------------------------------------------------------
+#  Weights
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_mismatched_weights_name_keys_and_config_fields(tmp_path):
+    directory = _saved_clm(tmp_path / "m")
+    wider_vocab = CausalLanguageModel(CausalLanguageModelConfig(**{**AR, "vocab_size": 51}))
+    save_file({k: v.contiguous() for k, v in wider_vocab.state_dict().items()}, str(directory / "model.safetensors"))
+    pattern = r"(?s)txt_embedding\.weight \(51, 32\) != \(50, 32\).*config fields to check: vocab_size"
+    for load in (CausalLanguageModel.from_pretrained, from_pretrained):
+        with pytest.raises(ValueError, match=pattern):
+            load(directory)
+    fewer = {k: v.contiguous() for k, v in wider_vocab.state_dict().items() if not k.startswith("self_attention.1.")}
+    save_file(fewer, str(directory / "model.safetensors"))
+    with pytest.raises(ValueError, match=_naming(directory / "model.safetensors", r".*missing \(\d+\): self_att")):
+        CausalLanguageModel.from_pretrained(directory)
+
+
+def test_truncated_weights_raise_naming_the_file(tmp_path):
+    directory = _saved_clm(tmp_path / "m")
+    weights = directory / "model.safetensors"
+    data = weights.read_bytes()
+    for kept in (len(data) // 2, 5):  # tensors cut off; the header itself cut off
+        weights.write_bytes(data[:kept])
+        with pytest.raises(ValueError, match=_naming(weights, r" is not a readable weights file \(truncated or")):
+            CausalLanguageModel.from_pretrained(directory)
+
+
+def test_missing_weights_file_raises_file_not_found_naming_it(tmp_path):
+    directory = _saved_clm(tmp_path / "m")
+    (directory / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=_naming(directory / "model.safetensors", " not found")):
+        from_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+#  config.json
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_config_json_that_is_not_a_json_object_raises_naming_it(tmp_path):
+    directory = _saved_clm(tmp_path / "m")
+    path = directory / "config.json"
+    path.write_text('{"format": "perceiver_fast", ')
+    with pytest.raises(ValueError, match=_naming(path, " is not valid JSON")):
+        CausalLanguageModel.from_pretrained(directory)
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match=_naming(path, r" does not hold a JSON object \(it holds a list\)")):
+        CausalLanguageModel.from_pretrained(directory)
+    path.write_text(json.dumps({"format": "perceiver_fast", "model_class": "CausalLanguageModel", "config": [32]}))
+    with pytest.raises(ValueError, match=_naming(path, r".*must be a mapping \(JSON object\) of CausalLanguageModel")):
+        CausalLanguageModel.from_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    "field, value, expected",
+    [
+        ("num_channels", "32", "int, got str '32'"),
+        ("max_latents", 8.0, "int, got float 8.0"),
+        ("num_heads", True, "int, got bool True"),
+        ("output_norm", 1, "bool, got int 1"),
+        ("max_heads_parallel", "2", "int or None, got str '2'"),
+        ("init_scale", None, "float, got None"),
+    ],
+)
+def test_config_fields_of_the_wrong_type_raise_naming_file_field_and_types(tmp_path, field, value, expected):
+    directory = _saved_clm(tmp_path / "m")
+    path = _edit_config(directory, lambda config: config.update({field: value}))
+    name = "CausalLanguageModelConfig"
+    message = f"'s config does not fit {name}: field {field} ({name}) must be {expected}"
+    with pytest.raises(ValueError, match=_naming(path, re.escape(message))):
+        CausalLanguageModel.from_pretrained(directory)
+
+
+def test_float_fields_take_ints_and_optional_fields_take_none(tmp_path):
+    directory = _saved_clm(tmp_path / "m", max_heads_parallel=2)
+    ints_and_none = dict(init_scale=1, cross_attention_dropout=0, max_heads_parallel=None)
+    _edit_config(directory, lambda config: config.update(ints_and_none))
+    config = CausalLanguageModel.from_pretrained(directory).config
+    assert type(config.init_scale) is float and config.init_scale == 1.0
+    assert type(config.cross_attention_dropout) is float and config.max_heads_parallel is None
+
+
+def test_unknown_and_missing_fields_raise_instead_of_being_dropped_or_defaulted(tmp_path):
+    # A missing num_self_attention_rotary_layers would default to 1: same weights, other outputs.
+    directory = _saved_clm(tmp_path / "m", num_self_attention_rotary_layers=2)
+    path = _edit_config(directory, lambda config: config.pop("num_self_attention_rotary_layers"))
+    missing = r"'s config does not fit .*missing CausalLanguageModelConfig fields: \['num_self_attention_rotary_layers"
+    with pytest.raises(ValueError, match=_naming(path, missing + r"'\].*holds every field")):
+        from_pretrained(directory)
+    path = _edit_config(directory, lambda config: config.update(num_self_attention_rotary_layers=2, num_experts=4))
+    unknown = r".*unknown CausalLanguageModelConfig fields: \['num_experts'\]"
+    with pytest.raises(ValueError, match=_naming(path, unknown)):
+        CausalLanguageModel.from_pretrained(directory)
+
+
+def test_nested_perceiver_io_configs_are_checked(tmp_path):
+    directory = _saved_image_classifier(tmp_path / "image")
+    assert ImageClassifier.from_pretrained(directory).config.encoder.image_shape == (5, 4, 3)
+
+    def edit(config):
+        config["encoder"].update(image_shape=[5, 4], num_frequency_bands=2.0, image_size=5)
+        config["decoder"].pop("cross_attention_residual")
+        config["num_latents"] = "4"
+
+    path = _edit_config(directory, edit)
+    with pytest.raises(ValueError) as raised:
+        ImageClassifier.from_pretrained(directory)
+    message = str(raised.value)
+    assert message.startswith(f"{path}'s config does not fit PerceiverIOConfig: ")
+    for part in (
+        "encoder: unknown ImageEncoderConfig fields: ['image_size']",
+        "field encoder.image_shape (ImageEncoderConfig) must be list of 3 int, got list [5, 4]",
+        "field encoder.num_frequency_bands (ImageEncoderConfig) must be int, got float 2.0",
+        "decoder: missing ClassificationDecoderConfig fields: ['cross_attention_residual']",
+        "field num_latents (PerceiverIOConfig) must be int, got str '4'",
+    ):
+        assert part in message
+    path = _edit_config(directory, lambda config: config.update(decoder=None))
+    with pytest.raises(ValueError, match=re.escape("decoder: must be a mapping (JSON object) of Classification")):
+        from_pretrained(directory)
