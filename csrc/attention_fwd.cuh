@@ -48,8 +48,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(AttentionParams
   const int row0 = blockIdx.x * kBlockM;
 
   // Keys this batch row has: [start, len). Causal: query i sees keys j <= len - nq + i.
-  const int start = p.kv_start != nullptr ? p.kv_start[b] : 0;
-  const int len = p.kv_len != nullptr ? p.kv_len[b] : p.nk;
+  // The host does not check the bounds of device tensors (reading them back would sync every call), so they are
+  // clamped here: whatever they hold, no key outside [0, nk) is addressed and the result is that of the clamped
+  // values. Clamping first also keeps the tile arithmetic below clear of int overflow.
+  const int len = imin(imax(p.kv_len != nullptr ? p.kv_len[b] : p.nk, 0), p.nk);
+  const int start = imin(imax(p.kv_start != nullptr ? p.kv_start[b] : 0, 0), len);
   const int first_query = row0 / p.group;
   const int last_query = (imin(row0 + kBlockM, rows) - 1) / p.group;
   const int end = p.causal ? imin(len, len - p.nq + last_query + 1) : len;  // keys past `end` nobody here sees
@@ -100,7 +103,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(AttentionParams
   for (int tile = my_lo; tile < my_hi; ++tile) {
     const int n0 = tile * kBlockN;
     __syncthreads();  // everybody is done with the previous K/V tiles
-    // Keys outside [start, len) are loaded as zeros: a preallocated cache may hold NaN there, and 0 * NaN is NaN.
+    // Keys outside [start, len) are never read, only zero-filled: a preallocated cache may hold NaN or inf there,
+    // and a masked key still meets V in the whole-tile P·V, where 0 * NaN is NaN. Keys past the causal edge but
+    // inside [start, len) are real and loaded; the mask alone hides them from the rows before them.
     auto key_row = [&](const T* base, int64_t stride) {
       return [=](int r) -> const T* {
         const int j = n0 + r;

@@ -182,6 +182,16 @@ def test_shim_catches_a_wrong_answer(shim):
     assert max_rel_error(out, ref) > 1e-3
 
 
+def _check_bf16(out, lse, ref, ref_lse):
+    """flash-attn's rule for low precision: error vs float64 within twice that of rounding the exact result."""
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    rounding = (ref.to(torch.bfloat16).double() - ref).abs().max()
+    assert (out.double() - ref).abs().max() <= 2 * rounding + 1e-3
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isneginf(lse), ~finite)
+    torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-3, atol=1e-3)
+
+
 # The tensor-core tile: few, small cases (every emulated mma.sync costs two warp barriers on the CPU).
 MMA_CASES = [
     (1, 20, 100, 2, 1, 40, 24, True),  # prefix-causal, grouped heads, Dqk != Dv, 64-wide tile with zero padding
@@ -191,7 +201,6 @@ MMA_CASES = [
 
 @pytest.mark.parametrize("case", MMA_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_tensor_core_tile_matches_oracle_bf16(shim, case):
-    """flash-attn's rule for low precision: error vs float64 within twice that of rounding the exact result."""
     gen = torch.Generator().manual_seed(zlib.crc32(repr(case).encode()))
     q, k, v = (t.to(torch.bfloat16) for t in _inputs(case, generator=gen))
     batch, nk, causal = case[0], case[2], case[7]
@@ -202,8 +211,102 @@ def test_tensor_core_tile_matches_oracle_bf16(shim, case):
             vec_ok=vec_ok,
         )  # fmt: skip
         ref, ref_lse = attention_oracle(q, k, v, causal=causal, kv_start=kv_start, kv_len=kv_len, scale=0.15)
-        rounding = (ref.to(torch.bfloat16).double() - ref).abs().max()
-        assert (out.double() - ref).abs().max() <= 2 * rounding + 1e-3, num_splits
-        finite = torch.isfinite(ref_lse)
-        assert torch.equal(torch.isneginf(lse), ~finite)
-        torch.testing.assert_close(lse[finite].double(), ref_lse[finite], rtol=1e-3, atol=1e-3)
+        _check_bf16(out, lse, ref, ref_lse)
+
+
+# --- keys a row does not have are never read (issue 11) ---
+#
+# Per the contract keys j < kv_start[b] and j >= kv_len[b] do not exist: a preallocated cache may hold anything there.
+# The kernel multiplies whole 64-key tiles, so a key it merely masks still meets V in P·V, and 0 * NaN = NaN. These
+# bounds make every row's first and last tiles straddle its [kv_start, kv_len) (Nk = 150, three tiles): left padding,
+# ragged ends, a row that owns the whole cache and one that sees no key at all.
+POISON_START = [5, 70, 0, 90]
+POISON_LEN = [100, 131, 150, 90]
+
+# (name, dtype, Nq, Hq, Hkv, Dqk, Dv, causal, num_splits)
+POISON_CASES = [
+    ("simt-causal", torch.float32, 20, 4, 2, 24, 40, True, 1),
+    ("simt-cross", torch.float32, 33, 2, 1, 64, 48, False, 1),
+    ("simt-decode-split", torch.float32, 1, 8, 2, 64, 64, True, 3),
+    ("mma-causal", torch.bfloat16, 20, 2, 1, 40, 24, True, 1),
+    ("mma-decode-split", torch.bfloat16, 3, 4, 1, 32, 32, True, 2),
+    ("mma-cross-split", torch.bfloat16, 9, 2, 1, 64, 72, False, 2),
+]
+
+
+def _poison_outside(t, kv_start, kv_len, value):
+    """A copy of k or v holding `value` at every key its batch row does not have."""
+    t = t.clone()
+    for b, (start, length) in enumerate(zip(kv_start.tolist(), kv_len.tolist())):
+        t[b, :start] = value
+        t[b, length:] = value
+    return t
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("case", POISON_CASES, ids=lambda c: c[0])
+def test_keys_outside_the_bounds_are_never_read(shim, case, fill):
+    name, dtype, nq, hq, hkv, dqk, dv, causal, num_splits = case
+    gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    batch, nk = len(POISON_LEN), 150
+    q, k, v = (t.to(dtype) for t in _inputs((batch, nq, nk, hq, hkv, dqk, dv, causal), generator=gen))
+    kv_start = torch.tensor(POISON_START, dtype=torch.int32)
+    kv_len = torch.tensor(POISON_LEN, dtype=torch.int32)
+    bad_k, bad_v = (_poison_outside(t, kv_start, kv_len, fill) for t in (k, v))
+    out, lse = run_shim(
+        shim, q, bad_k, bad_v, causal=causal, kv_start=kv_start, kv_len=kv_len, scale=0.2, num_splits=num_splits,
+        vec_ok=True,
+    )  # fmt: skip
+    ref, ref_lse = attention_oracle(q, k, v, causal=causal, kv_start=kv_start, kv_len=kv_len, scale=0.2)
+    (_check if dtype == torch.float32 else _check_bf16)(out, lse, ref, ref_lse)
+
+
+# Bounds outside their range are not checked on the host for CUDA tensors (reading them back is a device sync), so
+# the kernel clamps them: len = clamp(kv_len, 0, Nk), start = clamp(kv_start, 0, len). Per batch row, Nk = 150:
+# "near" lies just outside the range, where an unclamped kernel would read the NaN guard rows around the keys (so
+# the comparison sees it); "far" holds the int32 extremes, where it would read far outside any allocation.
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+OUT_OF_RANGE = {
+    "near": ([0, -70, 120, -5, 30, 149], [190, 50, 80, -3, 151, 150]),
+    "far": ([INT32_MIN, 0, INT32_MAX, -1, INT32_MIN, 10], [150, INT32_MAX, 20, INT32_MIN, INT32_MIN, INT32_MAX]),
+}
+# (name, dtype, Nq, causal, num_splits, which bounds are given): the clamp is the same code for every tile, so only
+# the SIMT tile tries each bound alone (the other one defaulted).
+CLAMP_PATHS = [
+    ("simt-causal", torch.float32, 20, True, 1, "both"),
+    ("simt-causal-start-only", torch.float32, 20, True, 1, "kv_start"),
+    ("simt-causal-len-only", torch.float32, 20, True, 1, "kv_len"),
+    ("simt-decode-split", torch.float32, 1, False, 3, "both"),
+    ("mma-causal-split", torch.bfloat16, 5, True, 2, "both"),
+]
+
+
+def _guarded(t, guard):
+    """`t` as a view into a buffer with `guard` NaN rows on either side of its key axis."""
+    batch, n, heads, dim = t.shape
+    buffer = torch.full((batch, n + 2 * guard, heads, dim), float("nan"), dtype=t.dtype)
+    buffer[:, guard : guard + n] = t
+    return buffer[:, guard : guard + n]
+
+
+@pytest.mark.parametrize("bounds", OUT_OF_RANGE, ids=str)
+@pytest.mark.parametrize("path", CLAMP_PATHS, ids=lambda c: c[0])
+def test_out_of_range_bounds_act_as_clamped(shim, path, bounds):
+    name, dtype, nq, causal, num_splits, given = path
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((name, bounds)).encode()))
+    starts, lens = OUT_OF_RANGE[bounds]
+    batch, nk = len(starts), 150
+    q, k, v = (t.to(dtype) for t in _inputs((batch, nq, nk, 2, 1, 32, 32, causal), generator=gen))
+    k, v = _guarded(k, 64), _guarded(v, 64)  # one tile either side: what an unclamped kernel would reach
+    kv_len = torch.tensor(lens, dtype=torch.int32) if given != "kv_start" else None
+    kv_start = torch.tensor(starts, dtype=torch.int32) if given != "kv_len" else None
+    clamped_len = (kv_len if kv_len is not None else torch.full((batch,), nk, dtype=torch.int32)).clamp(0, nk)
+    clamped_start = None if kv_start is None else kv_start.clamp(min=0).minimum(clamped_len)
+    clamped_len = clamped_len if kv_len is not None else None
+
+    args = dict(causal=causal, scale=0.2, num_splits=num_splits)
+    out, lse = run_shim(shim, q, k, v, kv_start=kv_start, kv_len=kv_len, **args)
+    want, want_lse = run_shim(shim, q, k, v, kv_start=clamped_start, kv_len=clamped_len, **args)
+    assert torch.equal(out, want) and torch.equal(lse, want_lse)
+    ref, ref_lse = attention_oracle(q, k, v, causal=causal, kv_start=clamped_start, kv_len=clamped_len, scale=0.2)
+    (_check if dtype == torch.float32 else _check_bf16)(out, lse, ref, ref_lse)
