@@ -1,7 +1,9 @@
-"""Attention kernels behind one op contract; see :mod:`perceiver_fast.kernels.api`."""
+"""Attention kernels behind one op contract; see :mod:`perceiver_fast.kernels.api`.
 
-# Registration order is the auto order (each goes just before eager): CUDA C++ first, then Triton.
-from perceiver_fast.kernels import cuda as _cuda_backend  # noqa: F401  registers "cuda"
+Importing this package imports no backend: the registry loads them the first time a call is dispatched (or
+:func:`available_backends` is asked), so Triton, the CUDA extension and flash-attn are imported only where used.
+"""
+
 from perceiver_fast.kernels.api import (
     AttentionProblem,
     Dispatch,
@@ -10,6 +12,5 @@ from perceiver_fast.kernels.api import (
     explain,
     register_backend,
 )
-from perceiver_fast.kernels.triton import backend as _triton_backend  # noqa: F401  registers "triton"
 
 __all__ = ["AttentionProblem", "Dispatch", "attention", "available_backends", "explain", "register_backend"]

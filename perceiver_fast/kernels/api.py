@@ -17,105 +17,47 @@ last key does not exist and every row shifts left by one. A query that sees no k
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
+from perceiver_fast.kernels import dispatch, registry
+from perceiver_fast.kernels.problem import AttentionBackend, AttentionProblem, host_readable
+from perceiver_fast.kernels.registry import available_backends, register_backend
+
+__all__ = [
+    "BACKEND_ENV_VAR",
+    "CHECK_BOUNDS_ENV_VAR",
+    "AttentionBackend",
+    "AttentionProblem",
+    "Dispatch",
+    "attention",
+    "available_backends",
+    "explain",
+    "register_backend",
+]
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 BACKEND_ENV_VAR = "PERCEIVER_FAST_BACKEND"
-
-
-@dataclass(frozen=True)
-class AttentionProblem:
-    """What a backend needs to know to say whether it can run a call (no tensor data)."""
-
-    device: torch.device
-    dtype: torch.dtype
-    batch: int
-    num_queries: int
-    num_keys: int
-    num_q_heads: int
-    num_kv_heads: int
-    qk_head_dim: int
-    v_head_dim: int
-    causal: bool
-    has_kv_start: bool
-    has_kv_len: bool
-    dropout_p: float
-    requires_grad: bool
-    return_lse: bool
-    # "auto", or the backend asked for by name: a backend may accept some calls only when asked for explicitly
-    # (Triton runs CPU tensors in its interpreter for tests, never under auto).
-    requested: str = "auto"
-
-
-class AttentionBackend(Protocol):
-    """A way to compute the op. ``unsupported_reason`` returns ``None`` when it can run ``problem``."""
-
-    name: str
-
-    def unsupported_reason(self, problem: AttentionProblem) -> str | None: ...
-
-    def run(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        *,
-        causal: bool,
-        kv_start: torch.Tensor | None,
-        kv_len: torch.Tensor | None,
-        scale: float,
-        return_lse: bool,
-        dropout_p: float,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-
-class _EagerBackend:
-    name = "eager"
-
-    def unsupported_reason(self, problem: AttentionProblem) -> str | None:
-        return None
-
-    def run(self, q, k, v, **kwargs):
-        from perceiver_fast.kernels.reference import attention_eager
-
-        return attention_eager(q, k, v, **kwargs)
-
-
-# Priority order for backend="auto": the first that can run a call wins. Eager is last and runs everything.
-_BACKENDS: list[AttentionBackend] = [_EagerBackend()]
-# Backends that run only when asked for by name, never under "auto".
-_OPT_IN: set[str] = set()
-
-
-def register_backend(backend: AttentionBackend, *, opt_in: bool = False) -> None:
-    """Add a backend ahead of eager in the ``auto`` order (or as opt-in only). Re-registering a name replaces it."""
-    _BACKENDS[:] = [b for b in _BACKENDS if b.name != backend.name]
-    _BACKENDS.insert(len(_BACKENDS) - 1, backend)
-    if opt_in:
-        _OPT_IN.add(backend.name)
-    else:
-        _OPT_IN.discard(backend.name)
-
-
-def available_backends() -> list[str]:
-    """Names of the registered backends, in ``auto`` priority order (opt-in ones included)."""
-    return [b.name for b in _BACKENDS]
+CHECK_BOUNDS_ENV_VAR = "PERCEIVER_FAST_CHECK_BOUNDS"
 
 
 @dataclass(frozen=True)
 class Dispatch:
-    """Which backend runs a call and why each other backend was passed over."""
+    """Which backend runs a call, what decided it, and why each backend tried before it was passed over."""
 
     backend: str
     requested: str
     passed_over: dict[str, str] = field(default_factory=dict)
+    decided_by: str = ""
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend} (requested: {self.requested})"]
+        if self.decided_by:
+            lines.append(f"  decided by: {self.decided_by}")
         lines += [f"  {name}: passed over: {why}" for name, why in self.passed_over.items()]
         return "\n".join(lines)
 
@@ -129,24 +71,51 @@ def _requested_backend(backend: str | None) -> str:
     return requested
 
 
-def _decide(problem: AttentionProblem) -> tuple[Dispatch, AttentionBackend]:
+def _decide(problem: AttentionProblem, report: bool = False) -> tuple[Dispatch, AttentionBackend]:
+    """The backend to run, and the :class:`Dispatch` record. ``report`` (for :func:`explain`) also asks every backend
+    not tried whether it could have run the call; the hot path does not spend that time."""
     requested = problem.requested
-    passed_over: dict[str, str] = {}
+    backends = registry.backends()
+    if problem.batch == 0:  # nothing to compute: no kernel needs to handle an empty grid
+        return Dispatch("eager", requested, {}, "batch 0: nothing to compute"), backends["eager"]
     if requested != "auto":
-        chosen = next(b for b in _BACKENDS if b.name == requested)
+        chosen = backends[requested]
         reason = chosen.unsupported_reason(problem)
         if reason is not None:
             raise RuntimeError(f"attention backend {requested!r} cannot run this call: {reason}")
-        return Dispatch(requested, requested, passed_over), chosen
-    for candidate in _BACKENDS:
-        if candidate.name in _OPT_IN:
-            passed_over[candidate.name] = "opt-in only (ask for it with backend=...)"
+        return Dispatch(requested, requested, {}, "requested by name"), chosen
+    policy = dispatch.policy_for(problem)
+    passed_over: dict[str, str] = {}
+    for name in policy.order:
+        candidate = backends.get(name)
+        if candidate is None:
             continue
         reason = candidate.unsupported_reason(problem)
         if reason is None:
-            return Dispatch(candidate.name, requested, passed_over), candidate
-        passed_over[candidate.name] = reason
+            if report:
+                _explain_the_rest(problem, policy.order, name, backends, passed_over)
+            return Dispatch(name, requested, passed_over, policy.source), candidate
+        passed_over[name] = reason
     raise AssertionError("the eager backend accepts every problem")  # pragma: no cover
+
+
+def _explain_the_rest(
+    problem: AttentionProblem,
+    order: tuple[str, ...],
+    chosen: str,
+    backends: dict[str, AttentionBackend],
+    passed_over: dict[str, str],
+) -> None:
+    for name in sorted(backends):
+        if name == chosen or name in passed_over:
+            continue
+        reason = backends[name].unsupported_reason(problem)
+        if name in order:
+            passed_over[name] = reason if reason is not None else f"can run it, ranked below {chosen} for this call"
+        else:
+            passed_over[name] = reason if reason is not None else (
+                "can run it, but auto uses it only where a dispatch table measured it fastest (ask with backend=...)"
+            )
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -159,7 +128,28 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_bounds(name: str, t: object, batch: int, device: torch.device) -> torch.Tensor | None:
+def _check_flag(name: str, value: object) -> bool:
+    if not isinstance(value, (bool, numbers.Integral)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _check_real(name: str, value: object, *, optional: bool) -> float | None:
+    """A plain float from a Python or NumPy real number (bools and tensors are refused)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):  # traced by torch.compile: no value to check
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        expected = "a float or None" if optional else "a float"
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    result = float(value)
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {result}")
+    return result
+
+
+def _check_bounds_tensor(name: str, t: object, batch: int, device: torch.device) -> torch.Tensor | None:
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
@@ -170,7 +160,40 @@ def _check_bounds(name: str, t: object, batch: int, device: torch.device) -> tor
         raise ValueError(f"{name} must have shape [batch] = [{batch}], got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but q is on {device}")
-    return t.to(torch.int32)
+    return t
+
+
+def _shown(t: torch.Tensor) -> str:
+    values = t.tolist()
+    return str(values) if len(values) <= 16 else f"{values[:16]}... ({len(values)} values)"
+
+
+def _check_bound_values(kv_start: torch.Tensor | None, kv_len: torch.Tensor | None, num_keys: int) -> None:
+    """Range checks on the values, in their own dtype (before any narrowing to int32 could wrap them)."""
+    if kv_len is not None and kv_len.numel() and (int(kv_len.min()) < 0 or int(kv_len.max()) > num_keys):
+        raise ValueError(f"kv_len values must lie in [0, {num_keys}], got {_shown(kv_len)}")
+    if kv_start is not None and kv_start.numel():
+        upper = kv_len if kv_len is not None else torch.full_like(kv_start, num_keys)
+        if int(kv_start.min()) < 0 or bool((kv_start > upper).any()):
+            raise ValueError(f"kv_start values must lie in [0, kv_len] (kv_len = Nk = {num_keys} when not given), "
+                             f"got {_shown(kv_start)}")
+
+
+def _narrow(t: torch.Tensor | None, num_keys: int) -> torch.Tensor | None:
+    """int32 bounds for the kernels. Unchecked int64 values saturate rather than wrap: every backend clamps bounds
+    into ``[0, Nk]`` anyway, so an out-of-range value reads no memory outside the keys."""
+    if t is None or t.dtype == torch.int32:
+        return t
+    return t.clamp(0, num_keys).to(torch.int32)
+
+
+def checks_values(t: torch.Tensor) -> bool:
+    """Whether the op reads the values of a bounds tensor to check them: on CPU (free), elsewhere only under the
+    debug switch ``PERCEIVER_FAST_CHECK_BOUNDS=1`` (a read from a GPU is a device sync on every call)."""
+    if host_readable(t):
+        return True
+    debug = os.environ.get(CHECK_BOUNDS_ENV_VAR, "0") == "1"
+    return debug and not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
 def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend):
@@ -191,20 +214,15 @@ def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_l
         raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of k/v heads ({num_kv_heads})")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    causal, return_lse = _check_flag("causal", causal), _check_flag("return_lse", return_lse)
+    scale = _check_real("scale", scale, optional=True)
+    dropout_p = _check_real("dropout_p", dropout_p, optional=False)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    kv_start = _check_bounds("kv_start", kv_start, batch, q.device)
-    kv_len = _check_bounds("kv_len", kv_len, batch, q.device)
-    # Value checks read the tensors (a device sync on GPU); a compiled graph cannot branch on data, so skip there.
-    if not torch.compiler.is_compiling():
-        if kv_len is not None and (int(kv_len.min()) < 0 or int(kv_len.max()) > num_keys):
-            raise ValueError(f"kv_len values must lie in [0, {num_keys}], got {kv_len.tolist()}")
-        if kv_start is not None:
-            upper = kv_len if kv_len is not None else torch.full_like(kv_start, num_keys)
-            if int(kv_start.min()) < 0 or bool((kv_start > upper).any()):
-                raise ValueError(f"kv_start values must lie in [0, kv_len], got {kv_start.tolist()}")
+    kv_start = _check_bounds_tensor("kv_start", kv_start, batch, q.device)
+    kv_len = _check_bounds_tensor("kv_len", kv_len, batch, q.device)
+    if any(t is not None and checks_values(t) for t in (kv_start, kv_len)):
+        _check_bound_values(kv_start, kv_len, num_keys)
     problem = AttentionProblem(
         device=q.device,
         dtype=q.dtype,
@@ -215,15 +233,15 @@ def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_l
         num_kv_heads=num_kv_heads,
         qk_head_dim=qk_dim,
         v_head_dim=v.shape[3],
-        causal=bool(causal),
+        causal=causal,
         has_kv_start=kv_start is not None,
         has_kv_len=kv_len is not None,
-        dropout_p=float(dropout_p),
+        dropout_p=dropout_p,
         requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
-        return_lse=bool(return_lse),
+        return_lse=return_lse,
         requested=_requested_backend(backend),
     )
-    return problem, kv_start, kv_len
+    return problem, _narrow(kv_start, num_keys), _narrow(kv_len, num_keys), scale
 
 
 def explain(
@@ -244,8 +262,8 @@ def explain(
     Takes the same arguments as :func:`attention` and runs nothing. ``str(explain(...))`` reads as a short report.
     Raises like :func:`attention` for bad arguments or a forced backend that cannot run the call.
     """
-    problem, _, _ = _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend)
-    return _decide(problem)[0]
+    problem, _, _, _ = _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend)
+    return _decide(problem, report=True)[0]
 
 
 def attention(
@@ -287,7 +305,7 @@ def attention(
     Raises:
         TypeError / ValueError naming the argument at fault, before any kernel runs.
     """
-    problem, kv_start, kv_len = _check_problem(
+    problem, kv_start, kv_len, scale = _check_problem(
         q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend
     )
     _, chosen = _decide(problem)
@@ -298,7 +316,7 @@ def attention(
         causal=problem.causal,
         kv_start=kv_start,
         kv_len=kv_len,
-        scale=float(scale) if scale is not None else problem.qk_head_dim**-0.5,
+        scale=scale if scale is not None else problem.qk_head_dim**-0.5,
         return_lse=problem.return_lse,
         dropout_p=problem.dropout_p,
     )

@@ -8,8 +8,10 @@ the split-KV decision, the stream and device guard, and the fallback. It is load
 so ``import perceiver_fast`` works with or without the binary; :func:`library_status` says why it is absent.
 
 The kernels are forward-only and use tensor cores: float16/bfloat16 CUDA tensors, head dims up to 128, no dropout,
-sm_80 or newer. Everything else (float32, gradients, ...) is passed over with a reason, and ``auto`` falls back
-to Triton or eager; backward always runs there.
+sm_80 or newer. Everything else (float32, gradients, ...) is passed over with a reason. ``auto`` runs this backend
+only where a measured dispatch table names it (see :mod:`perceiver_fast.kernels.dispatch`): on the H200, on
+2026-11-27, it was the slowest backend for every class, so it is opt-in (``backend="cuda"``) until it measures
+fastest somewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from perceiver_fast.kernels import api
+from perceiver_fast.kernels.problem import NO_CUDA, AttentionProblem, device_capability
+from perceiver_fast.kernels.registry import register_backend
 
 LIBRARY_ENV_VAR = "PERCEIVER_FAST_CUDA_LIB"
 MAX_HEAD_DIM = 128  # csrc/attention_params.cuh: kMaxHeadDim
@@ -154,9 +157,11 @@ def cuda_attention(
         )
     # The kernels index rows through strides but read each row's head dim contiguously.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _cuda_attention_fwd(
-        q, k, v, kv_start.to(torch.int32), kv_len.to(torch.int32), bool(causal), float(scale), int(num_splits)
+    # int64 bounds saturate instead of wrapping (the kernels clamp into [0, Nk] anyway).
+    kv_start, kv_len = (
+        t if t.dtype == torch.int32 else t.clamp(0, num_keys).to(torch.int32) for t in (kv_start, kv_len)
     )
+    return _cuda_attention_fwd(q, k, v, kv_start, kv_len, bool(causal), float(scale), int(num_splits))
 
 
 class CudaBackend:
@@ -164,15 +169,15 @@ class CudaBackend:
 
     name = "cuda"
 
-    def unsupported_reason(self, problem: api.AttentionProblem) -> str | None:
+    def unsupported_reason(self, problem: AttentionProblem) -> str | None:
         if problem.device.type != "cuda":
             return f"{problem.device.type.upper()} tensors: the CUDA kernels run on CUDA tensors only"
+        if problem.dtype not in _DTYPES:
+            return f"dtype {problem.dtype}: the tensor-core (mma.sync) kernels take float16/bfloat16 only"
         if problem.requires_grad:
             return "gradients are needed: the CUDA C++ kernels are forward-only (backward runs on Triton/eager)"
         if problem.dropout_p > 0.0:
             return "dropout_p > 0 is not implemented in the CUDA kernels"
-        if problem.dtype not in _DTYPES:
-            return f"dtype {problem.dtype}: the tensor-core (mma.sync) kernels take float16/bfloat16 only"
         widest = max(problem.qk_head_dim, problem.v_head_dim)
         if widest > MAX_HEAD_DIM:
             return f"head dim {widest} > {MAX_HEAD_DIM} is not supported by the CUDA kernels"
@@ -181,9 +186,9 @@ class CudaBackend:
         missing = library_status()
         if missing is not None:
             return missing
-        if not torch.cuda.is_available():
-            return "torch sees no CUDA device"
-        capability = torch.cuda.get_device_capability(problem.device)
+        capability = device_capability(problem.device)
+        if capability is None:
+            return NO_CUDA
         if capability < (8, 0):
             return "needs a GPU of compute capability 8.0 or newer (mma.sync bf16)"
         index = problem.device.index if problem.device.index is not None else torch.cuda.current_device()
@@ -197,4 +202,4 @@ class CudaBackend:
         return out, (lse if return_lse else None)
 
 
-api.register_backend(CudaBackend())
+register_backend(CudaBackend())

@@ -1,16 +1,26 @@
-"""Eager PyTorch implementation of the attention op contract (see :mod:`perceiver_fast.kernels.api`).
+"""Eager PyTorch implementation of the attention op contract (see :mod:`perceiver_fast.kernels.api`): the ``"eager"``
+backend.
 
 It is the CPU path, the fallback of every other backend, and what the kernels are checked against. The output goes
 through ``F.scaled_dot_product_attention``, which is exact for every case of the contract once rows that see no key
 are taken care of (they are given a visible key, computed and zeroed, so no NaN reaches forward or backward).
 Calls without key bounds skip the mask entirely (SDPA's own causal flag, or none for a single query). Calls that
 ask for the log-sum-exp take one dense float32 pass instead (SDPA does not return it).
+
+Keys a query does not see never reach its result, whatever they hold (NaN, inf, the garbage of ``torch.empty``):
+SDPA multiplies the whole probability matrix with the values, and ``0 * NaN`` is NaN. Keys outside a row's
+``[kv_start, kv_len)`` are therefore cut off (on CPU, where the bounds can be read for free) or zeroed. Keys inside the
+bounds that the causal mask hides from earlier rows are real keys; on CPU they are checked, and only when one is not
+finite does the call take a dense pass that keeps it out of the rows that do not see it.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from perceiver_fast.kernels.problem import AttentionProblem, host_readable
+from perceiver_fast.kernels.registry import register_backend
 
 
 def visible_keys(
@@ -38,6 +48,66 @@ def visible_keys(
     return visible.expand(batch, num_queries, num_keys)
 
 
+def _all_finite(*tensors: torch.Tensor) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
+
+
+def _keys_within_bounds(
+    k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None, kv_len: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``k, v`` and bounds such that no key outside a row's bounds can reach the result.
+
+    On CPU the keys outside every row's bounds are sliced off (free: a preallocated cache is read only up to its
+    longest row), bounds that bound nothing any more are dropped (no mask to build), and the keys still outside some
+    row's bounds are zeroed only if one of them is not finite. Elsewhere the values cannot be read without a device
+    sync, and the keys outside the bounds are zeroed. Bounds are first clamped into ``[0, Nk]`` (what the contract
+    gives unchecked values).
+    """
+    num_keys = k.shape[1]
+    # Out-of-range values are refused by the op where it can read them; where it cannot they mean the clamped ones.
+    if kv_len is not None:
+        kv_len = kv_len.clamp(0, num_keys)
+    if kv_start is not None:
+        kv_start = kv_start.clamp(0, num_keys)
+        kv_start = torch.minimum(kv_start, kv_len) if kv_len is not None else kv_start
+    bounds = kv_start if kv_start is not None else kv_len
+    if host_readable(bounds) and bounds.numel():
+        lo = int(kv_start.min()) if kv_start is not None else 0
+        hi = int(kv_len.max()) if kv_len is not None else num_keys
+        if hi > lo and (lo > 0 or hi < num_keys):
+            k, v, num_keys = k[:, lo:hi], v[:, lo:hi], hi - lo
+            kv_start = kv_start - lo if kv_start is not None else None
+            kv_len = kv_len - lo if kv_len is not None else None
+        if kv_start is not None and int(kv_start.max()) == 0:
+            kv_start = None
+        if kv_len is not None and int(kv_len.min()) == num_keys:
+            kv_len = None
+        if kv_start is None and kv_len is None:
+            return k, v, None, None
+        below = int(kv_start.max()) if kv_start is not None else 0
+        above = int(kv_len.min()) if kv_len is not None else num_keys
+        if _all_finite(k[:, :below], v[:, :below], k[:, above:], v[:, above:]):
+            return k, v, kv_start, kv_len
+    keys = torch.arange(num_keys, device=k.device)
+    outside = torch.zeros(k.shape[0], num_keys, dtype=torch.bool, device=k.device)
+    if kv_start is not None:
+        outside = outside | (keys < kv_start.unsqueeze(1))
+    if kv_len is not None:
+        outside = outside | (keys >= kv_len.unsqueeze(1))
+    outside = outside.view(*outside.shape, 1, 1)
+    return k.masked_fill(outside, 0), v.masked_fill(outside, 0), kv_start, kv_len
+
+
+def _hidden_keys_not_finite(k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None, num_queries: int) -> bool:
+    """On CPU: whether a key that the causal mask hides from some row holds a non-finite value. Those are the last
+    ``Nq - 1`` keys of each row."""
+    if not host_readable(k) or num_queries < 2 or k.numel() == 0:
+        return False
+    shortest = int(kv_len.min()) if kv_len is not None else k.shape[1]
+    first = max(shortest - num_queries + 1, 0)
+    return not _all_finite(k[:, first:], v[:, first:])
+
+
 def attention_eager(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,19 +121,23 @@ def attention_eager(
     dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The op on already validated arguments; returns ``(out, lse or None)``."""
+    if kv_start is not None or kv_len is not None:
+        k, v, kv_start, kv_len = _keys_within_bounds(k, v, kv_start, kv_len)
     batch, num_queries, num_q_heads, _ = q.shape
     num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    guard = causal and _hidden_keys_not_finite(k, v, kv_len, num_queries)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # views: SDPA wants [B, H, N, D]
     # Without bounds, causal masking is SDPA's own (top-left equals bottom-right when Nq == Nk) or void (one query
     # at the last position sees every key): no mask to build, and no row can be empty.
     unmasked = kv_start is None and kv_len is None and (not causal or num_queries in (1, num_keys))
     visible = None
-    if not unmasked or (return_lse and causal and num_queries > 1):
+    if not unmasked or guard or (return_lse and causal and num_queries > 1):
         visible = visible_keys(
             batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
         )
-    if return_lse:
-        return _dense_attention(qt, kt, vt, visible, scale, dropout_p)
+    if return_lse or guard:
+        out, lse = _dense_attention(qt, kt, vt, visible, scale, dropout_p, guard_not_finite=guard)
+        return out, (lse if return_lse else None)
     if unmasked:
         out = F.scaled_dot_product_attention(
             qt, kt, vt, dropout_p=dropout_p, scale=scale, is_causal=causal and num_queries > 1,
@@ -80,27 +154,60 @@ def attention_eager(
 
 
 def _dense_attention(
-    qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, visible: torch.Tensor | None, scale: float, dropout_p: float
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    vt: torch.Tensor,
+    visible: torch.Tensor | None,
+    scale: float,
+    dropout_p: float,
+    guard_not_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and its log-sum-exp in one float32 pass (SDPA does not return the lse). ``[B, H, N, D]`` inputs.
 
     The query heads sharing a k/v head are stacked as rows of one matrix, so grouped k/v are never copied.
+    ``guard_not_finite``: values that are not finite are kept out of the rows that do not see them (a row that sees
+    one gets NaN, as the product would give it).
     """
-    batch, num_q_heads, num_queries, _ = qt.shape
-    num_kv_heads = kt.shape[1]
+    batch, num_q_heads, num_queries, qk_dim = qt.shape
+    num_kv_heads, v_dim = kt.shape[1], vt.shape[-1]
     group = num_q_heads // num_kv_heads
-    rows = qt.reshape(batch, num_kv_heads, group * num_queries, -1).float()  # row g * Nq + i: head h_kv * G + g
+    rows = qt.reshape(batch, num_kv_heads, group * num_queries, qk_dim).float()  # row g * Nq + i: head h_kv * G + g
     scores = torch.matmul(rows, kt.float().transpose(-1, -2)) * scale
-    if visible is None:  # every row sees every key
+    row_visible = None if visible is None else visible.repeat(1, group, 1).unsqueeze(1)  # [B, 1, G * Nq, Nk]
+    if row_visible is None:  # every row sees every key
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.exp(scores - lse)
     else:
-        scores = scores.masked_fill(~visible.repeat(1, group, 1).unsqueeze(1), float("-inf"))
+        scores = scores.masked_fill(~row_visible, float("-inf"))  # also drops NaN scores of hidden keys
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-        seen = torch.isfinite(lse)
+        seen = lse != float("-inf")  # a row that sees a key (a NaN among them makes it NaN, as it should)
         probs = torch.where(seen, torch.exp(scores - torch.where(seen, lse, 0.0)), 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    out = torch.matmul(probs, vt.float()).reshape(batch, num_q_heads, num_queries, -1)
+    values = vt.float()
+    sees_bad_value = None
+    if guard_not_finite and row_visible is not None:
+        bad = ~torch.isfinite(values).all(dim=-1, keepdim=True)  # [B, Hkv, Nk, 1]
+        values = values.masked_fill(bad, 0.0)
+        sees_bad_value = torch.matmul(row_visible.float(), bad.float()) > 0  # [B, Hkv, G * Nq, 1]
+    out = torch.matmul(probs, values)
+    if sees_bad_value is not None:
+        out = out.masked_fill(sees_bad_value, float("nan"))
+    out = out.reshape(batch, num_q_heads, num_queries, v_dim)
     lse = lse.reshape(batch, num_q_heads, num_queries).detach()
     return out.transpose(1, 2).to(qt.dtype), lse
+
+
+class EagerBackend:
+    """The reference: runs every call the op accepts, on any device."""
+
+    name = "eager"
+
+    def unsupported_reason(self, problem: AttentionProblem) -> str | None:
+        return None
+
+    def run(self, q, k, v, **kwargs):
+        return attention_eager(q, k, v, **kwargs)
+
+
+register_backend(EagerBackend())

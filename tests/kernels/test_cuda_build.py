@@ -114,7 +114,7 @@ def test_backend_finds_the_library_through_the_environment(built, monkeypatch):
         assert cuda.library_status() is None
         problem = _problem(device=torch.device("cuda"))
         if not torch.cuda.is_available():
-            assert cuda.CudaBackend().unsupported_reason(problem) == "torch sees no CUDA device"
+            assert cuda.CudaBackend().unsupported_reason(problem).startswith("torch sees no CUDA device")
     finally:
         cuda.library_status.cache_clear()
 

@@ -1,7 +1,7 @@
-"""The ``"triton"`` attention backend (and the opt-in ``"flash_attn"`` one), registered with the dispatcher.
+"""The ``"triton"`` attention backend, registered with the dispatcher.
 
-Importing this module registers the backends without importing Triton or flash-attn: each is imported the first
-time it is asked about, so a machine without them keeps working and :func:`perceiver_fast.kernels.explain` says why.
+Importing this module registers the backend without importing Triton: it is imported the first time it is asked
+about, so a machine without it keeps working and :func:`perceiver_fast.kernels.explain` says why.
 """
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import importlib.util
 
 import torch
 
-from perceiver_fast.kernels import api
+from perceiver_fast.kernels.problem import NO_CUDA, AttentionProblem, device_capability
+from perceiver_fast.kernels.registry import register_backend
 from perceiver_fast.kernels.triton.env import MAX_HEAD_DIM, interpreting
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -40,7 +41,7 @@ class TritonBackend:
 
     name = "triton"
 
-    def unsupported_reason(self, problem: api.AttentionProblem) -> str | None:
+    def unsupported_reason(self, problem: AttentionProblem) -> str | None:
         # Device first: CPU calls under "auto" (every eager call) get their answer without importing Triton.
         device = problem.device.type
         if device == "cpu":
@@ -62,8 +63,12 @@ class TritonBackend:
         widest = max(problem.qk_head_dim, problem.v_head_dim)
         if widest > MAX_HEAD_DIM:
             return f"head dim {widest} > {MAX_HEAD_DIM} does not fit the kernels' tiles"
-        if device == "cuda" and torch.cuda.get_device_capability(problem.device) < (8, 0):
-            return "needs a GPU of compute capability 8.0 or newer"
+        if device == "cuda":
+            capability = device_capability(problem.device)
+            if capability is None:
+                return NO_CUDA
+            if capability < (8, 0):
+                return "needs a GPU of compute capability 8.0 or newer"
         return None
 
     def run(self, q, k, v, *, causal, kv_start, kv_len, scale, return_lse, dropout_p):
@@ -73,34 +78,4 @@ class TritonBackend:
         return out, (lse if return_lse else None)
 
 
-class FlashAttnBackend:
-    """Tri Dao's flash-attn package, opt-in: no ragged bounds, equal head dims, fp16/bf16 on CUDA."""
-
-    name = "flash_attn"
-
-    def unsupported_reason(self, problem: api.AttentionProblem) -> str | None:
-        if importlib.util.find_spec("flash_attn") is None:
-            return "flash_attn is not installed"
-        if problem.device.type != "cuda":
-            return "flash_attn runs on CUDA tensors only"
-        if problem.dtype not in (torch.float16, torch.bfloat16):
-            return f"flash_attn needs float16 or bfloat16, got {problem.dtype}"
-        if problem.has_kv_start or problem.has_kv_len:
-            return "kv_start/kv_len need flash_attn's varlen interface, which this backend does not use"
-        if problem.qk_head_dim != problem.v_head_dim or problem.qk_head_dim > 256:
-            return "flash_attn needs equal q/k and v head dims of at most 256"
-        return None
-
-    def run(self, q, k, v, *, causal, kv_start, kv_len, scale, return_lse, dropout_p):
-        from flash_attn import flash_attn_func
-
-        # flash-attn aligns causal masks bottom-right and reads [B, N, H, D] with grouped heads, like the contract.
-        result = flash_attn_func(q, k, v, dropout_p, softmax_scale=scale, causal=causal, return_attn_probs=return_lse)
-        if return_lse:
-            out, lse, _ = result
-            return out, lse
-        return result, None
-
-
-api.register_backend(TritonBackend())
-api.register_backend(FlashAttnBackend(), opt_in=True)
+register_backend(TritonBackend())

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from perceiver_fast.kernels.triton import config
-from perceiver_fast.kernels.triton.forward import LOG2E, LOG2E_C, _key_range, _unmasked_keys
+from perceiver_fast.kernels.triton.forward import LOG2E, LOG2E_C, _key_range, _row_bounds, _unmasked_keys
 
 
 @triton.jit
@@ -111,9 +111,10 @@ def _dq_blocks(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_mask = offs_dqk[:, None] < head_dim_qk
         v_mask = offs_dv[:, None] < head_dim_v
-        if MASKED:
-            k_mask = k_mask & (offs_n[None, :] < num_keys)
-            v_mask = v_mask & (offs_n[None, :] < num_keys)
+        if MASKED:  # keys outside [kv_start, kv_len) are never loaded (see the forward)
+            in_bounds = (offs_n[None, :] >= start) & (offs_n[None, :] < length)
+            k_mask = k_mask & in_bounds
+            v_mask = v_mask & in_bounds
         kt = tl.load(k_base + offs_n[None, :] * stride_kn, mask=k_mask, other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * stride_vn, mask=v_mask, other=0.0)
         if UPCAST:
@@ -158,23 +159,24 @@ def _attn_bwd_dkdv_kernel(
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     key_ok = offs_n < num_keys
+    start, length = _row_bounds(KV_START, KV_LEN, b, num_keys)
+    # Keys outside [kv_start, kv_len) are never loaded (their gradients are zero whatever they hold).
+    in_bounds = (offs_n >= start) & (offs_n < length)
     # k and v are loaded transposed ([D, N]) so that S = q @ k needs no in-register transpose.
     kt = tl.load(
         K + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
-        mask=key_ok[None, :] & (offs_dqk[:, None] < head_dim_qk),
+        mask=in_bounds[None, :] & (offs_dqk[:, None] < head_dim_qk),
         other=0.0,
     )
     vt = tl.load(
         V + b * stride_vb + h_kv * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-        mask=key_ok[None, :] & (offs_dv[:, None] < head_dim_v),
+        mask=in_bounds[None, :] & (offs_dv[:, None] < head_dim_v),
         other=0.0,
     )
     if UPCAST:
         kt = kt.to(tl.float32)
         vt = vt.to(tl.float32)
 
-    start = tl.load(KV_START + b)
-    length = tl.load(KV_LEN + b)
     block_lo = pid_n * BLOCK_N
     # Query rows that see any key of this block: none when the block lies outside [start, length).
     m_hi = tl.where((block_lo < length) & (block_lo + BLOCK_N > start), num_queries, 0)
@@ -273,7 +275,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + row_base + offs_m, mask=row_ok, other=0.0)
 
     row_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_queries) - 1
-    start, length, lo, hi = _key_range(KV_START, KV_LEN, b, row_last, num_queries, CAUSAL, BLOCK_N)
+    start, length, lo, hi = _key_range(KV_START, KV_LEN, b, row_last, num_queries, num_keys, CAUSAL, BLOCK_N)
     k_base = K + b * stride_kb + h_kv * stride_kh + offs_dqk[:, None] * stride_kd
     v_base = V + b * stride_vb + h_kv * stride_vh + offs_dv[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)

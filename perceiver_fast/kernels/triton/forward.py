@@ -24,10 +24,20 @@ LOG2E_C = tl.constexpr(LOG2E)
 
 
 @triton.jit
-def _key_range(kv_start_ptr, kv_len_ptr, b, row_last, num_queries, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr):
+def _row_bounds(kv_start_ptr, kv_len_ptr, b, num_keys):
+    """A batch row's keys ``[start, length)``. Bounds are not checked on the GPU (that would be a host sync): values
+    out of range are clamped, so they read no memory outside the keys."""
+    length = tl.minimum(tl.maximum(tl.load(kv_len_ptr + b), 0), num_keys)
+    start = tl.minimum(tl.maximum(tl.load(kv_start_ptr + b), 0), length)
+    return start, length
+
+
+@triton.jit
+def _key_range(
+    kv_start_ptr, kv_len_ptr, b, row_last, num_queries, num_keys, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr
+):
     """Keys some row up to ``row_last`` can see: ``[lo, hi)`` with ``lo`` aligned down to a key block."""
-    start = tl.load(kv_start_ptr + b)
-    length = tl.load(kv_len_ptr + b)
+    start, length = _row_bounds(kv_start_ptr, kv_len_ptr, b, num_keys)
     hi = length
     if CAUSAL:
         # Bottom-right alignment: query i sits at key position length - Nq + i.
@@ -59,9 +69,12 @@ def _fwd_blocks(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_mask = offs_dqk[:, None] < head_dim_qk
         v_mask = offs_dv[None, :] < head_dim_v
-        if MASKED:  # interior blocks lie inside [kv_start, kv_len): no key bound to check
-            k_mask = k_mask & (offs_n[None, :] < num_keys)
-            v_mask = v_mask & (offs_n[:, None] < num_keys)
+        if MASKED:
+            # Interior blocks lie inside [kv_start, kv_len). Edge blocks never load the keys outside it: a cache may
+            # hold anything there, and a masked score still multiplies its value (0 * NaN is NaN).
+            in_bounds = (offs_n >= start) & (offs_n < length)
+            k_mask = k_mask & in_bounds[None, :]
+            v_mask = v_mask & in_bounds[:, None]
         k = tl.load(k_base + offs_n[None, :] * stride_kn, mask=k_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn, mask=v_mask, other=0.0)
         if UPCAST:
@@ -133,7 +146,7 @@ def _attn_fwd_kernel(
         row_last = tl.minimum(pid_m * BLOCK_M + BLOCK_M, num_queries) - 1
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    start, length, lo, hi = _key_range(KV_START, KV_LEN, b, row_last, num_queries, CAUSAL, BLOCK_N)
+    start, length, lo, hi = _key_range(KV_START, KV_LEN, b, row_last, num_queries, num_keys, CAUSAL, BLOCK_N)
     if NUM_SPLITS > 1:
         blocks = tl.maximum(tl.cdiv(hi - lo, BLOCK_N), 0)
         per_split = tl.cdiv(blocks, NUM_SPLITS)

@@ -94,4 +94,8 @@ def triton_attention(
         kv_start = torch.zeros(batch, device=q.device, dtype=torch.int32)
     if kv_len is None:
         kv_len = torch.full((batch,), num_keys, device=q.device, dtype=torch.int32)
-    return _attention_fwd(q, k, v, kv_start.to(torch.int32), kv_len.to(torch.int32), bool(causal), float(scale))
+    # int64 bounds saturate instead of wrapping (the kernels clamp into [0, Nk] anyway).
+    kv_start, kv_len = (
+        t if t.dtype == torch.int32 else t.clamp(0, num_keys).to(torch.int32) for t in (kv_start, kv_len)
+    )
+    return _attention_fwd(q, k, v, kv_start, kv_len, bool(causal), float(scale))

@@ -1,0 +1,106 @@
+"""Which backend ``auto`` runs: the measured policy.
+
+Backends only say whether they *can* run a call exactly; this module decides which one *should*. On a CUDA device it
+looks the call's class up in the dispatch table measured for that device's compute capability (JSON files in
+``dispatch_tables/``, written by ``python -m benchmarks kernels --write-dispatch-table`` from a benchmark run whose raw
+results are committed under ``benchmarks/results/``). A class is (dtype, regime, head-dim class, key bounds or
+not, gradients or not); its row lists the backends fastest first. The first one in that list that can run the call
+wins. Where no row applies (another device, an unmeasured class, or none of the row's backends can run the call),
+the conservative order does: PyTorch's SDPA kernels for what they run exactly, our kernels for what they cannot (key
+bounds, the log-sum-exp), eager last. That keeps the rule the tables enforce: ``auto`` is never slower than the
+``F.scaled_dot_product_attention`` a user would otherwise call.
+
+Backends named nowhere in the default order (``cuda``, ``flash-attn-cute``) are used by ``auto`` only where a table
+row names them, that is, where they measured fastest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from perceiver_fast.kernels.problem import AttentionProblem, device_capability
+
+TABLE_DIR = Path(__file__).resolve().parent / "dispatch_tables"
+DEFAULT_ORDER_CUDA = ("sdpa-flash", "sdpa-cudnn", "flash-attn", "sdpa-efficient", "triton", "eager")
+DEFAULT_ORDER_OTHER = ("eager",)
+
+
+@dataclass(frozen=True)
+class ProblemClass:
+    """The key of a dispatch-table row."""
+
+    dtype: str
+    regime: str
+    head_dim: int
+    bounds: bool
+    grad: bool
+
+    @classmethod
+    def of(cls, problem: AttentionProblem) -> ProblemClass:
+        return cls(
+            dtype=str(problem.dtype).removeprefix("torch."),
+            regime=problem.regime,
+            head_dim=problem.head_dim_class,
+            bounds=problem.has_bounds,
+            grad=problem.requires_grad,
+        )
+
+    def __str__(self) -> str:
+        bounds = "key bounds" if self.bounds else "no key bounds"
+        grad = "with grad" if self.grad else "no grad"
+        return f"{self.dtype} {self.regime} D<={self.head_dim} {bounds} {grad}"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The backends ``auto`` tries for a class, in order, and where that order comes from (for :func:`explain`)."""
+
+    order: tuple[str, ...]
+    source: str
+
+
+def table_name(capability: tuple[int, int]) -> str:
+    return f"sm{capability[0]}{capability[1]}.json"
+
+
+@cache
+def load_table(capability: tuple[int, int]) -> dict[str, Any] | None:
+    """The dispatch table of a compute capability, or ``None`` when none was measured (read once)."""
+    path = TABLE_DIR / table_name(capability)
+    if not path.is_file():
+        return None
+    table = json.loads(path.read_text())
+    rows = {}
+    for row in table["rows"]:
+        key = ProblemClass(row["dtype"], row["regime"], int(row["head_dim"]), bool(row["bounds"]), bool(row["grad"]))
+        rows[key] = row
+    return {**table, "rows_by_class": rows}
+
+
+def policy_for(problem: AttentionProblem) -> Policy:
+    """The order ``auto`` tries backends in for ``problem``."""
+    if problem.device.type != "cuda":
+        return Policy(DEFAULT_ORDER_OTHER, f"{problem.device.type} tensors: the eager reference")
+    capability = device_capability(problem.device)
+    if capability is None:
+        return Policy(DEFAULT_ORDER_CUDA, "no CUDA device to look a dispatch table up for: the conservative order")
+    table = load_table(capability)
+    if table is None:
+        return Policy(
+            DEFAULT_ORDER_CUDA, f"no dispatch table for sm_{capability[0]}{capability[1]}: the conservative order"
+        )
+    problem_class = ProblemClass.of(problem)
+    row = table["rows_by_class"].get(problem_class)
+    if row is None:
+        return Policy(
+            DEFAULT_ORDER_CUDA,
+            f"{table_name(capability)} has no row for {problem_class}: the conservative order",
+        )
+    source = f"{table_name(capability)} row {problem_class} (measured on {table['device']}, {table['date']})"
+    # The conservative order follows the row's backends, for calls none of them can run.
+    order = tuple(row["order"]) + tuple(name for name in DEFAULT_ORDER_CUDA if name not in row["order"])
+    return Policy(order, source)

@@ -1,0 +1,62 @@
+"""The attention backends by name.
+
+Each backend lives in one module that calls :func:`register_backend` when imported. The modules listed in
+``BACKEND_MODULES`` are imported the first time anyone asks for the backends (not when ``perceiver_fast.kernels`` is
+imported): a backend module imports this registry, never the other way round at import time, so there is no import
+cycle, and a machine without Triton, the CUDA extension or flash-attn imports none of them. Adding a backend is one
+module plus its line here; where ``auto`` should use it is decided by measurement (:mod:`.dispatch`).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from perceiver_fast.kernels.problem import AttentionBackend
+
+BACKEND_MODULES = (
+    "perceiver_fast.kernels.reference",  # "eager": the reference, runs everything
+    "perceiver_fast.kernels.sdpa",  # "sdpa-flash", "sdpa-cudnn", "sdpa-efficient": PyTorch's fused kernels
+    "perceiver_fast.kernels.flash_attn",  # "flash-attn", "flash-attn-cute": Tri Dao's package, when installed
+    "perceiver_fast.kernels.triton.backend",  # "triton": ours
+    "perceiver_fast.kernels.cuda",  # "cuda": ours, CUDA C++ (csrc/), when built
+)
+
+_backends: dict[str, AttentionBackend] = {}
+_loaded: list[bool] = []  # a list, not a global flag, so that no `global` statement is needed
+
+
+def register_backend(backend: AttentionBackend) -> None:
+    """Make ``backend`` available under ``backend.name`` (replacing one of the same name).
+
+    A backend registered this way can be forced with ``backend=name``; ``auto`` considers it only where a dispatch
+    table row or the default order names it (see :mod:`perceiver_fast.kernels.dispatch`).
+    """
+    if not isinstance(getattr(backend, "name", None), str) or not backend.name:
+        raise TypeError("a backend needs a non-empty str `name`")
+    for method in ("unsupported_reason", "run"):
+        if not callable(getattr(backend, method, None)):
+            raise TypeError(f"backend {backend.name!r} has no {method}() method")
+    _backends[backend.name] = backend
+
+
+def _load() -> None:
+    if not _loaded:
+        _loaded.append(True)
+        for module in BACKEND_MODULES:
+            importlib.import_module(module)
+
+
+def backends() -> dict[str, AttentionBackend]:
+    """Every registered backend by name (importing the built-in backend modules on first use)."""
+    _load()
+    return _backends
+
+
+def available_backends() -> list[str]:
+    """Names of the registered backends (whether or not they can run on this machine: :func:`explain` says)."""
+    return sorted(backends())
+
+
+def get_backend(name: str) -> AttentionBackend:
+    """The backend registered as ``name``; ``KeyError`` if there is none."""
+    return backends()[name]
