@@ -9,7 +9,8 @@ import torch
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How to pick a token. ``do_sample=False`` is greedy and ignores the other fields."""
+    """How to pick a token. ``do_sample=False`` is greedy and ignores the other fields; so is ``temperature=0`` (the
+    limit of sampling as the temperature goes to zero)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -17,8 +18,10 @@ class SamplingConfig:
     top_p: float | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise TypeError(f"temperature must be a float, got {type(self.temperature).__name__}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):
+            raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -46,7 +49,7 @@ def sample_next_token(
     logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """``[b, vocab]`` logits -> ``[b]`` token ids."""
-    if not config.do_sample:
+    if not config.do_sample or config.temperature == 0:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, config).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -125,10 +125,19 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         (dict(input_ids=torch.zeros(1, 13, dtype=torch.long)), ValueError, "prompt length"),
         (dict(input_ids=torch.zeros(1, 3)), TypeError, "integer"),
         (dict(num_latents=9), ValueError, "num_latents"),
-        (dict(temperature=0.0, do_sample=True), ValueError, "temperature"),
+        (dict(temperature=-1.0, do_sample=True), ValueError, "temperature"),
         (dict(top_p=1.5, do_sample=True), ValueError, "top_p"),
         (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
         (dict(pad_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, "all padding"),
+        (dict(cache_mode="strided", stride=0), ValueError, "stride"),
+        (dict(cache_mode="strided", stride=-2), ValueError, "stride"),
+        (dict(input_ids=torch.tensor([[5, 262, 7]])), ValueError, "token id 262, outside"),
+        (dict(input_ids=torch.tensor([[5, -1, 7]])), ValueError, "token id -1, outside"),
+        (dict(eos_token_id=300), ValueError, "eos_token_id 300"),
+        (dict(pad_token_id=-1), ValueError, "pad_token_id -1"),
+        # with nothing to generate the arguments are still checked
+        (dict(max_new_tokens=0, num_latents=9), ValueError, "num_latents"),
+        (dict(max_new_tokens=0, input_ids=torch.tensor([[5, 999]])), ValueError, "outside"),
     ],
 )
 def test_bad_generate_arguments_raise(kwargs, error, match):
@@ -137,3 +146,29 @@ def test_bad_generate_arguments_raise(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         model.generate(**args)
+
+
+def test_stream_checks_its_arguments_when_called():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    with pytest.raises(ValueError, match="num_latents"):
+        model.stream(torch.zeros(1, 3, dtype=torch.long), 4, num_latents=9)  # no next() needed
+
+
+def test_eos_token_id_as_a_tensor_and_temperature_zero_is_greedy():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
+    prompt = torch.randint(6, 262, (2, 5))
+    greedy = model.generate(prompt, 6)
+    assert torch.equal(model.generate(prompt, 6, do_sample=True, temperature=0.0), greedy)
+    first = greedy[:, 5]
+    for eos in (first[0], first, first.tolist()):  # a 0-d tensor, a 1-d tensor, a list
+        stopped = model.generate(prompt, 6, eos_token_id=eos)
+        assert stopped[0, 5] == first[0] and stopped.shape[1] <= greedy.shape[1]
+
+
+def test_generate_restores_the_training_mode():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).train()
+    model.generate(torch.randint(6, 262, (1, 4)), 3)
+    assert model.training
+    model.eval()
+    model.generate(torch.randint(6, 262, (1, 4)), 3)
+    assert not model.training
