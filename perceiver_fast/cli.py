@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import sys
 import time
@@ -79,8 +80,9 @@ _FIELD_HELP = {
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
     "eval_every": "evaluate every N steps (0: only at the start and the end)",
     "checkpoint_every": "also checkpoint every N steps (0: only at the end)",
-    "out_dir": "checkpoint directory (config.json, model.safetensors, training_state.pt)",
-    "resume": "continue from the checkpoint in --out-dir up to --max-steps",
+    "out_dir": "run directory: checkpoint (config.json, model.safetensors, training_state.pt, ...) and metrics.csv",
+    "resume": "continue the run in --out-dir up to --max-steps (the other flags must match the run's, see README)",
+    "overwrite": "replace the run in --out-dir (without it, training into a directory with a checkpoint stops)",
     "device": "cpu, cuda, cuda:1, ... or auto",
     "dataset_config": "configuration of a hub dataset given as --data, e.g. wikitext-103-raw-v1 (network needed)",
     "num_input_channels": "mlm only: token embedding width; None means num_channels",
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         demo.add_argument("--" + dest.replace("_", "-"), type=type(default), default=default, help=help_text)
     demo.add_argument("--data", default=None, help="train on these files instead of the standard library")
     demo.add_argument("--cache-dir", default=None, help="token cache (default: ~/.cache/perceiver_fast)")
-    demo.add_argument("--out", default=DEMO_DEFAULTS["out_dir"], help="checkpoint directory")
+    demo.add_argument("--out", default=DEMO_DEFAULTS["out_dir"],
+                      help="checkpoint directory (the demo replaces an earlier run there)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     demo.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="prompt of the sample printed at the end")
@@ -178,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exact: equal to full forwards; strided: latent stack once per --stride tokens; "
                           "perceiver-io: their approximate cache")
     gen.add_argument("--stride", type=int, default=None, help="stride of --cache-mode strided (default max_latents/2)")
-    gen.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
     return parser
 
 
@@ -193,7 +196,11 @@ def print_generation(
     out: typing.TextIO | None = None,
     **sampling: Any,
 ) -> tuple[str, float]:
-    """Print `prompt` and then the generated text as it is produced; return ``(generated text, tokens per second)``."""
+    """Print `prompt` and then the generated text as it is produced; return ``(generated text, tokens per second)``.
+
+    Bad generation arguments raise before anything is printed: the first token is chosen before the prompt is echoed.
+    An error later in the stream raises after a newline, so that a message printed next starts on a line of its own.
+    """
     out = out if out is not None else sys.stdout
     tokenizer = BytesTokenizer()
     device = next(model.parameters()).device
@@ -205,14 +212,23 @@ def print_generation(
     num_latents = max(num_latents, input_ids.shape[1] - model.max_prefix_len)
     decoder = tokenizer.incremental_decoder()
     pieces = []
+    start = time.perf_counter()
+    # The generation library checks its arguments when stream() is called or at the first step, depending on its
+    # version; taking the first token before echoing the prompt reports a bad argument either way on a clean line.
+    tokens = model.stream(input_ids, max_new_tokens, num_latents=num_latents, **sampling)
+    first = next(tokens, None)
     out.write(prompt)
     out.flush()
-    start = time.perf_counter()
-    for token in model.stream(input_ids, max_new_tokens, num_latents=num_latents, **sampling):
-        text = decoder.decode(token[:1])
-        pieces.append(text)
-        out.write(text)
+    try:
+        for token in itertools.chain([] if first is None else [first], tokens):
+            text = decoder.decode(token[:1])
+            pieces.append(text)
+            out.write(text)
+            out.flush()
+    except Exception:
+        out.write("\n")
         out.flush()
+        raise
     text = decoder.flush()
     pieces.append(text)
     out.write(text + "\n")
@@ -231,7 +247,8 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     values = {**DEMO_DEFAULTS, **{field: getattr(args, dest) for dest, (field, _) in _DEMO_FLAGS.items()}}
     values["warmup_steps"] = min(DEMO_DEFAULTS["warmup_steps"], max(args.steps // 10, 1))
     values.update(data=args.data, cache_dir=args.cache_dir, out_dir=args.out, device=args.device, seed=args.seed)
-    config = TrainConfig(**values, progress=args.progress)
+    # The demo is a recipe run again and again into the same folder: it replaces its earlier run (and says so).
+    config = TrainConfig(**values, progress=args.progress, overwrite=True)
     source = args.data or f"the Python standard library's sources (up to {args.stdlib_max_bytes:,} bytes)"
     print(f"perceiver-fast demo: training a byte-level Perceiver AR language model on {source}", flush=True)
     metrics = train_clm(config)
@@ -282,31 +299,36 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 def run_generate(args: argparse.Namespace) -> str:
     """``generate``: load a checkpoint and stream a continuation of the prompt."""
     from perceiver_fast.models.text.clm import CausalLanguageModel
+    from perceiver_fast.train import resolve_device
 
+    device = resolve_device(args.device)
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise ValueError(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
-    model = CausalLanguageModel.from_pretrained(args.checkpoint).to(args.device)
+    model = CausalLanguageModel.from_pretrained(args.checkpoint).to(device)
     if model.config.vocab_size != BytesTokenizer().vocab_size:
         raise ValueError(
             f"this checkpoint has a {model.config.vocab_size}-token vocabulary; the command line decodes UTF-8 bytes "
             "(262 tokens) only: use the Python API with your tokenizer"
         )
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    text, tok_s = print_generation(
-        model,
-        args.prompt,
-        args.max_new_tokens,
-        num_latents=args.num_latents,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        threshold=args.threshold,
-        generator=generator,
-        use_cache=not args.no_cache,
-        cache_mode=args.cache_mode,
-        stride=args.stride,
-    )
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    try:
+        text, tok_s = print_generation(
+            model,
+            args.prompt,
+            args.max_new_tokens,
+            num_latents=args.num_latents,
+            do_sample=args.do_sample,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            threshold=args.threshold,
+            generator=generator,
+            use_cache=not args.no_cache,
+            cache_mode=args.cache_mode,
+            stride=args.stride,
+        )
+    except TypeError as e:  # an argument of the wrong kind for the generation library: bad input too
+        raise ValueError(str(e)) from e
     print(f"[{args.max_new_tokens} tokens, {tok_s:.1f} tok/s]", file=sys.stderr)
     return text
 
@@ -322,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_train(args)
         else:
             run_generate(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+    except (ValueError, OSError) as e:  # bad input (or a path the system refuses): a message, not a traceback
         parser.exit(2, f"perceiver-fast {args.command}: error: {e}\n")
     except KeyboardInterrupt:
         parser.exit(130, "\ninterrupted\n")

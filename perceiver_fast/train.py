@@ -12,9 +12,17 @@ of each sequence); the masked task predicts the 15% of tokens its collator selec
 
 Every ``eval_every`` steps the validation loss, perplexity and bits per byte are printed; every step goes to
 ``metrics.csv`` in ``out_dir`` (and to TensorBoard with ``tensorboard=True``). At the end (and every
-``checkpoint_every`` steps) the model is saved with ``save_pretrained(out_dir)`` next to ``training_state.pt``
-(optimizer, scheduler, data order, step) and ``train_config.json``; ``resume=True`` continues exactly where it stopped.
-Ctrl-C saves the last completed step the same way before it stops the run.
+``checkpoint_every`` steps) the model is saved with ``save_pretrained`` next to ``training_state.pt`` (optimizer,
+scheduler, data order, step), ``train_config.json`` and ``checkpoint.json`` (the step and a SHA-256 of each file).
+A checkpoint is written whole into ``out_dir/.checkpoint-staging`` first and only then moved into ``out_dir``, so a
+failed or killed write leaves the previous checkpoint as it was (see `save_checkpoint`). ``resume=True`` continues
+exactly where it stopped; Ctrl-C saves the last completed step the same way before it stops the run.
+
+A run directory belongs to one run: training into one that holds a checkpoint needs ``resume=True`` (continue it) or
+``overwrite=True`` (replace it), and resuming refuses a config that differs from the saved ``train_config.json`` in
+anything but `RESUMABLE_FIELDS`, or data of another size. A resume with another ``max_steps`` keeps the learning rate
+continuous: from the saved step on, a cosine from that step's rate down to ``min_lr`` at the new ``max_steps`` (see
+`lr_at`).
 
 Under ``torchrun --nproc_per_node N`` the same code trains data-parallel (`perceiver_fast.distributed`): DDP, or FSDP
 with ``fsdp=True``. ``batch_size`` stays the global batch: every process draws the same global batch and trains on
@@ -25,11 +33,15 @@ writes logs and writes checkpoints.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
+import os
+import re
+import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +61,32 @@ from perceiver_fast.data.text import (
 )
 from perceiver_fast.data.tokenizer import BytesTokenizer
 from perceiver_fast.distributed import DistributedContext
+from perceiver_fast.models.core.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 
 TRAINING_STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
+CHECKPOINT_FILE = "checkpoint.json"  # the manifest: step + size and SHA-256 of every checkpoint file; written last
+STAGING_DIR = ".checkpoint-staging"  # a checkpoint being written, inside out_dir (a rename never crosses devices)
+# TrainConfig fields a resume may change: how long to train, what to evaluate and log, where and how to run. Every
+# other field shapes the data, the model or the optimisation, and changing it would silently make another run.
+RESUMABLE_FIELDS = frozenset(
+    {
+        "max_steps",
+        "eval_every",
+        "eval_batches",
+        "checkpoint_every",
+        "out_dir",
+        "resume",
+        "overwrite",
+        "tensorboard",
+        "progress",
+        "device",
+        "precision",
+        "fsdp",
+        "cache_dir",
+    }
+)
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ["step", "train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl", "val_bpb"]
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -110,7 +144,8 @@ class TrainConfig:
     eval_batches: int = 20
     checkpoint_every: int = 0  # 0: checkpoint only at the end
     out_dir: str = "runs/clm"
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir (its train_config.json must match but for RESUMABLE_FIELDS)
+    overwrite: bool = False  # replace the checkpoint in out_dir with a new run (without it such a run is refused)
     tensorboard: bool = False  # also log to out_dir/tensorboard when torch.utils.tensorboard imports
     # Runtime.
     seed: int = 0
@@ -144,6 +179,8 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.dataset_config is not None and self.data is None:
             raise ValueError("dataset_config needs data: the name of a hub dataset (e.g. wikitext)")
+        if self.resume and self.overwrite:
+            raise ValueError("give resume=True (continue the run in out_dir) or overwrite=True (replace it), not both")
 
     def model_config(self, vocab_size: int) -> CausalLanguageModelConfig:
         """The causal model's config: our fields that `CausalLanguageModelConfig` has, plus `vocab_size`."""
@@ -182,14 +219,36 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------------- pieces
 
 
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate at `step`: linear warmup from 0 to `lr`, then a cosine from `lr` down to `min_lr`."""
+def lr_at(step: int, config: TrainConfig, decay_from: tuple[int, float] | None = None) -> float:
+    """Learning rate at `step`: linear warmup from 0 to `lr`, then a cosine from `lr` down to `min_lr`.
+
+    `decay_from` ``(start, start_lr)`` is the schedule of a run resumed at step ``start`` with another ``max_steps``:
+    from ``start`` on, a cosine from ``start_lr`` (the rate the saved schedule gave that step) down to ``min_lr`` at
+    the new ``max_steps``. The rate therefore never jumps on resume: a longer run stretches the rest of the decay, a
+    run resumed after its end stays at ``min_lr``. (Warmup does not depend on ``max_steps``, so a resume inside the
+    warmup needs no `decay_from`: its cosine simply ends at the new ``max_steps``.)
+    """
     min_lr = config.min_lr if config.min_lr is not None else config.lr / 10
+    if decay_from is not None and step >= decay_from[0]:
+        start, start_lr = decay_from
+        progress = min(1.0, (step - start) / max(1, config.max_steps - start))
+        return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (start_lr - min_lr)
     if step < config.warmup_steps:
         return config.lr * (step + 1) / (config.warmup_steps + 1)
     decay_steps = max(1, config.max_steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.lr - min_lr)
+
+
+def _resumed_decay(
+    start_step: int, config: TrainConfig, saved_max_steps: int, saved_decay_from: tuple[int, float] | None
+) -> tuple[int, float] | None:
+    """The `decay_from` of `lr_at` for a run resumed at `start_step` whose checkpoint was trained towards
+    `saved_max_steps` on `saved_decay_from`: unchanged when ``max_steps`` is, else a new cosine from the saved rate."""
+    if config.max_steps == saved_max_steps or start_step < config.warmup_steps:
+        return saved_decay_from
+    saved_rate = lr_at(start_step, replace(config, max_steps=saved_max_steps), saved_decay_from)
+    return (start_step, saved_rate)
 
 
 class EpochSampler:
@@ -352,10 +411,33 @@ Task = CLMTask | MLMTask
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; anything else as given to `torch.device`."""
+    """``"auto"`` -> CUDA when available, else CPU; anything else as given to `torch.device`, checked.
+
+    :raises ValueError: an unknown device (``"tpu"``), or one this torch cannot use: CUDA on a CPU-only build or on a
+        machine without a visible GPU, an index past the last device, MPS or XPU where there is none.
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            why = (
+                f"this torch ({torch.__version__}) is a CPU-only build"
+                if torch.version.cuda is None
+                else "no CUDA device is visible"
+            )
+            raise ValueError(f"device {device!r}: CUDA is not available ({why}); use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    elif resolved.type != "cpu":
+        backend = getattr(torch, resolved.type, None)  # torch.mps, torch.xpu, ...: each knows whether it can run
+        is_available = getattr(backend, "is_available", None)
+        if callable(is_available) and not is_available():
+            raise ValueError(f"device {device!r}: {resolved.type} is not available on this machine")
+    return resolved
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -428,8 +510,18 @@ def save_checkpoint(
     config: TrainConfig,
     metrics: dict[str, Any],
     context: DistributedContext | None = None,
+    extra_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the model (``save_pretrained``), ``training_state.pt`` and ``train_config.json`` into `out_dir`.
+    """Write a checkpoint into `out_dir`, replacing the previous one only once the new one is complete.
+
+    The checkpoint is the model (``save_pretrained``: ``config.json`` + ``model.safetensors``), ``training_state.pt``
+    (optimizer, scheduler, data order, step, and `extra_state`), ``train_config.json`` and ``checkpoint.json``, the
+    manifest (step, size and SHA-256 of every other file). All are written into ``out_dir/.checkpoint-staging``,
+    synced to disk, and the manifest last; only then are they moved into `out_dir`, the manifest last again. A write
+    that fails (a full disk, an exception, Ctrl-C) removes the staging folder and leaves the previous checkpoint as it
+    was. A process killed while moving the files leaves the complete staging folder behind: a resume finishes the
+    move, and the manifest lets it tell a complete checkpoint from a mixed one. Nothing else in `out_dir`
+    (``metrics.csv``, ``tensorboard/``) is touched, and `out_dir` stays a directory ``from_pretrained`` loads.
 
     `model` may be wrapped (DDP or FSDP): the unwrapped model is saved. Under FSDP every process must call this (the
     shards are gathered); only rank 0 writes.
@@ -447,7 +539,6 @@ def save_checkpoint(
         plain = distributed.unwrap(model)
     if not is_main:
         return out_dir
-    plain.save_pretrained(out_dir)
     state = {
         "step": step,
         "optimizer": optimizer_state,
@@ -456,12 +547,112 @@ def save_checkpoint(
         "sampler": sampler.state_dict(),
         "metrics": {k: v for k, v in metrics.items() if k != "history"},
         "history": metrics.get("history", []),
+        **(extra_state or {}),
     }
-    tmp = out_dir / (TRAINING_STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(out_dir / TRAINING_STATE_FILE)  # never leave a half-written state next to a new model
-    (out_dir / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+    staging = out_dir / STAGING_DIR
+    if staging.exists():  # what an earlier failed write left
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    try:
+        plain.save_pretrained(staging)
+        torch.save(state, staging / TRAINING_STATE_FILE)
+        (staging / TRAIN_CONFIG_FILE).write_text(json.dumps(asdict(config), indent=2) + "\n")
+        files = {path.name: _describe_file(path, sync=True) for path in sorted(staging.iterdir())}
+        manifest = staging / (CHECKPOINT_FILE + ".tmp")
+        manifest.write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
+        _sync(manifest)
+        os.replace(manifest, staging / CHECKPOINT_FILE)  # from here on the staged checkpoint is complete
+        _sync(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _finish_staged_checkpoint(out_dir)
     return out_dir
+
+
+def _describe_file(path: Path, sync: bool = False) -> dict[str, Any]:
+    """Size and SHA-256 of a file (and, with `sync`, the file forced to disk on the way)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+        if sync:
+            os.fsync(fh.fileno())
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _sync(path: Path) -> None:
+    """Force a file, or a directory's entries (renames), to disk where the platform allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on Windows; their renames are durable there anyway
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _finish_staged_checkpoint(out_dir: Path) -> bool:
+    """Move a complete staged checkpoint into `out_dir` (files first, manifest last); discard an incomplete one.
+
+    Safe to run again after a kill at any point: a file already moved is no longer in the staging folder, and the
+    staging folder keeps its manifest until every other file has been moved. Returns whether a checkpoint was moved.
+    """
+    staging = out_dir / STAGING_DIR
+    if not staging.is_dir():
+        return False
+    manifest = staging / CHECKPOINT_FILE
+    if not manifest.is_file():  # a write that never completed (or a move that completed but for the cleanup)
+        shutil.rmtree(staging)
+        return False
+    for name in json.loads(manifest.read_text())["files"]:
+        if (staging / name).is_file():
+            os.replace(staging / name, out_dir / name)
+    os.replace(manifest, out_dir / CHECKPOINT_FILE)
+    _sync(out_dir)
+    shutil.rmtree(staging)
+    return True
+
+
+def _checkpoint_problem(out_dir: Path) -> str | None:
+    """Why the checkpoint in `out_dir` cannot be trusted (files that differ from its manifest), or None."""
+    manifest_path = out_dir / CHECKPOINT_FILE
+    if not manifest_path.is_file():
+        return None  # written before manifests existed: nothing to check against
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        expected_files = manifest["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"its manifest {manifest_path} is unreadable ({e})"
+    problems = []
+    for name, expected in expected_files.items():
+        path = out_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif _describe_file(path) != expected:
+            problems.append(f"{name} is not the file saved at step {manifest.get('step')}")
+    if not problems:
+        return None
+    return (
+        f"the checkpoint in {out_dir} is inconsistent: {'; '.join(problems)} (a checkpoint write was interrupted, "
+        "or files were replaced by hand)"
+    )
+
+
+def _checkpoint_files(out_dir: Path) -> list[Path]:
+    """The files and folders of a checkpoint present in `out_dir` (not metrics.csv or TensorBoard logs)."""
+    names = [CONFIG_FILE, WEIGHTS_FILE, TRAINING_STATE_FILE, TRAIN_CONFIG_FILE, CHECKPOINT_FILE, STAGING_DIR]
+    return [out_dir / name for name in names if (out_dir / name).exists()]
+
+
+def _holds_checkpoint(out_dir: Path) -> bool:
+    """Whether `out_dir` holds a checkpoint (or a model), complete or staged; a staged write that never completed is
+    debris, not a run to protect."""
+    found = [path.name for path in _checkpoint_files(out_dir)]
+    return any(name != STAGING_DIR for name in found) or (out_dir / STAGING_DIR / CHECKPOINT_FILE).is_file()
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -485,10 +676,102 @@ def _config_diff(saved: Any, expected: Any, prefix: str = "") -> dict[str, tuple
     return {} if saved == expected else {prefix.rstrip("."): (saved, expected)}
 
 
+def _check_out_dir(out_dir: Path) -> None:
+    """Refuse an `out_dir` that is, or lies under, a file (found before any work, not at the first write)."""
+    for path in [out_dir, *out_dir.parents]:
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == out_dir else f" ({path} is a file)"
+                raise ValueError(f"out_dir {str(out_dir)!r} is not a directory{where}")
+            return
+
+
+def _read_train_config(out_dir: Path) -> dict[str, Any] | None:
+    """The saved ``train_config.json`` of the run in `out_dir`, or None when there is none."""
+    path = out_dir / TRAIN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path} is unreadable: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} does not hold a training config")
+    return values
+
+
+def _same_data(saved: Any, given: Any) -> bool:
+    """Whether two ``data`` values name the same corpus: equal, or two spellings of one local path."""
+    if saved == given:
+        return True
+    if not isinstance(saved, str) or not isinstance(given, str):
+        return False
+    return Path(saved).expanduser().resolve() == Path(given).expanduser().resolve()
+
+
+def _train_config_diff(saved: dict[str, Any], config: TrainConfig, ignore: Any = ()) -> dict[str, tuple[Any, Any]]:
+    """``{field: (saved, given)}`` for the fields of `config` that differ from a saved ``train_config.json``.
+
+    Fields missing from `saved` (added by later versions) count as equal, as do fields named in `ignore`."""
+    diff = {}
+    for f in fields(config):
+        if f.name in ignore or f.name not in saved:
+            continue
+        value = getattr(config, f.name)
+        same = _same_data(saved[f.name], value) if f.name == "data" else saved[f.name] == value
+        if not same:
+            diff[f.name] = (saved[f.name], value)
+    return diff
+
+
+def _format_diff(diff: dict[str, tuple[Any, Any]]) -> str:
+    return ", ".join(f"{name}: {saved!r} saved, {given!r} given" for name, (saved, given) in diff.items())
+
+
+def _describe_run(out_dir: Path, config: TrainConfig) -> str:
+    """`` (step N; ... differs: ...)`` about the run saved in `out_dir`, for messages; empty when nothing is known."""
+    details = []
+    try:
+        details.append(f"step {json.loads((out_dir / CHECKPOINT_FILE).read_text())['step']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a checkpoint of an older version, or none: the step is only a courtesy
+    try:
+        saved = _read_train_config(out_dir)
+    except ValueError:
+        saved = None
+    if saved is not None:
+        diff = _train_config_diff(saved, config, ignore={"resume", "overwrite", "progress"})
+        details.append(f"this run differs in {_format_diff(diff)}" if diff else "the same config as this run")
+    return f" ({'; '.join(details)})" if details else ""
+
+
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "wikitext", "owner/name"
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")  # ".txt", ".jsonl", ".gz"; not the ".2" of "v1.2"
+
+
+def looks_like_local_path(data: str) -> bool:
+    """Whether ``data`` can only mean a local path, not a Hugging Face hub dataset name.
+
+    Local: it starts with ``.``, ``~`` or ``/``, holds a backslash or more than one ``/``, or ends in a file suffix
+    (``notes.txt``). Hub names are ``name`` or ``owner/name`` without such a suffix, so ``owner/name`` is left to the
+    hub when no such local path exists.
+    """
+    if data.startswith((".", "~", "/")) or "\\" in data or data.count("/") > 1:
+        return True
+    return bool(_FILE_SUFFIX.search(data)) or not _HUB_NAME.fullmatch(data)
+
+
 def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> CLMData:
     """The run's chunks of `chunk_len` tokens: `prepare_clm_data` on ``config.data``, or a hub dataset with a
     configuration (``data="wikitext", dataset_config="wikitext-103-raw-v1"``: its training split's ``text`` rows
-    joined into one document, since WikiText stores one line per row)."""
+    joined into one document, since WikiText stores one line per row).
+
+    A ``data`` that looks like a local path (see `looks_like_local_path`) and names nothing raises
+    `FileNotFoundError` at once instead of being tried as a hub dataset name (which offline retries for long).
+    """
+    if isinstance(config.data, str) and not any(c in config.data for c in "*?["):  # globs fail fast already
+        if looks_like_local_path(config.data) and not Path(config.data).expanduser().exists():
+            raise FileNotFoundError(f"no such file or directory: {config.data!r}")
     if config.dataset_config is None:
         return prepare_clm_data(
             config.data,
@@ -629,6 +912,38 @@ def _train(
 
     if config.fsdp and not context.distributed:
         raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N (N >= 2)")
+    if model is not None and config.resume:
+        raise ValueError("give either a model or resume=True, not both")
+
+    # ---- the run directory: continue the run in it (resume), replace it (overwrite), or refuse (before the data)
+    _check_out_dir(out_dir)
+    saved_config = None
+    if config.resume:
+        problem = None
+        if context.is_main:  # only rank 0 writes checkpoints, so only rank 0 may finish an interrupted one
+            _finish_staged_checkpoint(out_dir)
+            problem = _checkpoint_problem(out_dir)
+        (failed,) = distributed.all_reduce_sum([float(problem is not None)], device)  # every process stops, or none
+        if failed:
+            raise ValueError(f"cannot resume: {problem or f'rank 0 found the checkpoint in {out_dir} inconsistent'}")
+        state_path = out_dir / TRAINING_STATE_FILE
+        if not state_path.is_file():
+            raise FileNotFoundError(f"cannot resume: {state_path} not found")
+        if not (out_dir / CHECKPOINT_FILE).is_file():
+            log(f"warning: {out_dir} has no {CHECKPOINT_FILE} (an older checkpoint): its files cannot be checked")
+        saved_config = _read_train_config(out_dir)
+        if saved_config is None:
+            log(f"warning: {out_dir / TRAIN_CONFIG_FILE} is missing: cannot check that this config matches the run's")
+        elif changed := _train_config_diff(saved_config, config, ignore=RESUMABLE_FIELDS):
+            raise ValueError(
+                f"cannot resume the run in {out_dir} with another config ({_format_diff(changed)}); "
+                f"a resume may change only {', '.join(sorted(RESUMABLE_FIELDS))}"
+            )
+    elif _holds_checkpoint(out_dir) and not config.overwrite:
+        raise ValueError(
+            f"{out_dir} already holds a checkpoint{_describe_run(out_dir, config)}: resume=True (--resume) continues "
+            "it, overwrite=True (--overwrite) replaces it, or choose another out_dir"
+        )
 
     # ---- data (rank 0 first, so that the others read its token cache)
     if data is None:
@@ -652,14 +967,17 @@ def _train(
     # ---- model, optimizer, schedule, data order
     torch.manual_seed(config.seed)
     state = None
+    data_fingerprint = {
+        "train_chunks": len(data.train),
+        "valid_chunks": len(data.valid),
+        "tokens": data.num_tokens,
+        "vocab_size": data.vocab_size,
+    }
+    decay_from: tuple[int, float] | None = None  # see lr_at: set once a resume changed max_steps
     if model is not None:
-        if config.resume:
-            raise ValueError("give either a model or resume=True, not both")
         task.check_model(model, config, data.vocab_size)
     elif config.resume:
         state_path = out_dir / TRAINING_STATE_FILE
-        if not state_path.is_file():
-            raise FileNotFoundError(f"cannot resume: {state_path} not found")
         model = task.model_class.from_pretrained(out_dir)
         changed = _config_diff(asdict(model.config), asdict(task.model_config(config, data.vocab_size)))
         if changed:
@@ -671,13 +989,29 @@ def _train(
                 f"{state_path} holds a {state.get('optimizer_format')} optimizer state: resume with"
                 + (" --fsdp" if expected_format == "plain" else "out --fsdp")
             )
+        saved_data = state.get("data", data_fingerprint)  # checkpoints of older versions did not record it
+        if data_changed := {k: (saved_data[k], v) for k, v in data_fingerprint.items() if saved_data.get(k, v) != v}:
+            raise ValueError(
+                f"cannot resume the run in {out_dir}: the data differs from the run's ({_format_diff(data_changed)});"
+                " a resume needs the same corpus (the chunks' order depends on their number)"
+            )
+        # Checkpoints of older versions recorded neither: their max_steps is in train_config.json, and no decay_from.
+        saved_max_steps = int(state.get("max_steps", (saved_config or {}).get("max_steps", config.max_steps)))
+        saved = state.get("lr_decay_from")
+        saved_decay = (int(saved[0]), float(saved[1])) if saved else None
+        decay_from = _resumed_decay(int(state["step"]), config, saved_max_steps, saved_decay)
+        if decay_from is not None and decay_from != saved_decay:
+            log(
+                f"max_steps {saved_max_steps} -> {config.max_steps}: the learning rate decays on from "
+                f"{decay_from[1]:.3g} at step {decay_from[0]} to its minimum at step {config.max_steps}"
+            )
     else:
         model = task.model_class(task.model_config(config, data.vocab_size))
     num_params = sum(p.numel() for p in model.parameters())
     model.to(device).train()
     model = distributed.wrap_model(model, context, fsdp=config.fsdp)
     optimizer = _make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config) / config.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, config, decay_from) / config.lr)
     sampler = EpochSampler(len(data.train), config.batch_size, config.seed)
     batch_generator = torch.Generator()  # truncation lengths (CLM) or masks (MLM), seeded per micro-step
     collate = task.collator(config, batch_generator, train=True)
@@ -697,6 +1031,14 @@ def _train(
         log(f"resumed from {out_dir} at step {start_step}")
     mode = f", {world} processes ({'FSDP' if config.fsdp else 'DDP'})" if context.distributed else ""
     log(f"model: {num_params:,} parameters on {device}{mode}, {'bf16 autocast' if dtype else 'fp32'}")
+    if config.overwrite and context.is_main and (old := _checkpoint_files(out_dir)):
+        # Removed only now that the new run has its data and model: a typo in the flags costs nothing.
+        log(f"overwrite: replacing the run in {out_dir}{_describe_run(out_dir, config)}")
+        for path in old:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
     logs = MetricsLog(out_dir, start_step, config.tensorboard, context.is_main, log)
 
     def run_eval(step: int) -> float | None:
@@ -715,7 +1057,14 @@ def _train(
         return dict(val_loss=val_loss, val_ppl=math.exp(val_loss), val_bpb=data.bits_per_byte(val_loss))
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(out_dir, model, optimizer, scheduler, sampler, step, config, metrics, context=context)
+        extra = {
+            "max_steps": config.max_steps,
+            "lr_decay_from": list(decay_from) if decay_from else None,
+            "data": data_fingerprint,
+        }
+        save_checkpoint(
+            out_dir, model, optimizer, scheduler, sampler, step, config, metrics, context=context, extra_state=extra
+        )
 
     if start_step == 0:
         metrics["initial_val_loss"] = run_eval(0)

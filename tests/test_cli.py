@@ -164,3 +164,120 @@ def test_seed_example_starts_on_cpu(tmp_path, capsys):
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "step=2" in printed and "num_params=28793606" in printed  # 4096 -> 640 positions: 3456 x 512 fewer
+
+
+# ---------------------------------------------------------------------------------------------------- one-line errors
+
+
+def assert_one_line_error(exc, captured, command, *fragments):
+    """Exit status 2 and a single ``perceiver-fast COMMAND: error: ...`` line on stderr holding each fragment."""
+    err = captured.err
+    assert exc.value.code == 2, err
+    assert err.startswith(f"perceiver-fast {command}: error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    config = TrainConfig(max_seq_len=16, max_latents=4, num_channels=32, num_heads=2, num_self_attention_layers=1)
+    clm.CausalLanguageModel(config.model_config(262)).save_pretrained(tmp_path / "ckpt")
+    return str(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda", "cuda:x"])
+def test_an_unusable_device_is_a_one_line_error(tmp_path, capsys, monkeypatch, tiny_checkpoint, device):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, wherever the test runs
+    data = tmp_path / "data.txt"
+    data.write_text("x = 1\n" * 200, encoding="utf-8")
+    runs = {
+        "train": ["train", "clm", "--data", str(data), "--out-dir", str(tmp_path / "run"), "--no-progress"],
+        "generate": ["generate", "--checkpoint", tiny_checkpoint, "--prompt", "x"],
+        "demo": ["demo", "--data", str(data), "--out", str(tmp_path / "demo"), "--no-progress"],
+    }
+    for command, argv in runs.items():
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--device", device])
+        expected = "CUDA is not available" if device == "cuda" else f"unknown device {device!r}"
+        assert_one_line_error(exc, capsys.readouterr(), command, expected)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "demo").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("x = 1\n" * 200, encoding="utf-8")
+    for out_dir in [data, data / "run"]:
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "clm", "--data", str(data), "--out-dir", str(out_dir), "--no-progress"])
+        assert_one_line_error(exc, capsys.readouterr(), "train", "is not a directory")
+    assert data.read_text(encoding="utf-8") == "x = 1\n" * 200
+
+
+def test_a_mistyped_data_path_fails_at_once(tmp_path, capsys, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path was tried as a hub dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)
+    for data in [str(tmp_path / "notes.txt"), "notes/a.txt", "./notes"]:
+        with pytest.raises(SystemExit) as exc:
+            main(["train", "clm", "--data", data, "--no-progress", "--out-dir", str(tmp_path / "run")])
+        assert_one_line_error(exc, capsys.readouterr(), "train", "no such file or directory", repr(data))
+
+
+@pytest.mark.parametrize(
+    "bad", [["--top-p", "1.5"], ["--threshold", "1.5"], ["--top-k", "3", "--threshold", "0.5"], ["--top-k", "0"],
+            ["--max-new-tokens", "-1"], ["--cache-mode", "exact", "--stride", "2"]]
+)
+def test_generate_rejects_bad_sampling_arguments_before_printing(capsys, tiny_checkpoint, bad):
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "--checkpoint", tiny_checkpoint, "--prompt", "def f(x):", "--do-sample", *bad])
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the prompt is not echoed: the message is not glued to it
+    assert_one_line_error(exc, captured, "generate")
+
+
+def test_generate_errors_from_the_generation_library_end_the_line(capsys, monkeypatch, tiny_checkpoint):
+    def fails_later(self, input_ids, max_new_tokens, **kwargs):
+        yield torch.tensor([BytesTokenizer().encode("!")[0]])
+        raise ValueError("the window broke")
+
+    def fails_at_once(self, input_ids, max_new_tokens, **kwargs):
+        raise TypeError("top_k must be an int")
+
+    argv = ["generate", "--checkpoint", tiny_checkpoint, "--prompt", "def f(x):"]
+    monkeypatch.setattr(clm.CausalLanguageModel, "stream", fails_later)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    assert captured.out == "def f(x):!\n" and exc.value.code == 2
+    assert captured.err == "perceiver-fast generate: error: the window broke\n"
+
+    monkeypatch.setattr(clm.CausalLanguageModel, "stream", fails_at_once)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    captured = capsys.readouterr()
+    assert captured.out == "" and exc.value.code == 2
+    assert captured.err == "perceiver-fast generate: error: top_k must be an int\n"
+
+
+def test_train_refuses_to_replace_a_run_without_overwrite(tmp_path, capsys):
+    data = tmp_path / "data.txt"
+    data.write_text("for i in range(10):\n    print(i)\n" * 100, encoding="utf-8")
+    argv = ["train", "clm", "--data", str(data), "--num-self-attention-layers", "1", *TINY_MODEL, "--batch-size", "4"]
+    argv += ["--eval-every", "0", "--eval-batches", "1", "--no-progress", "--out-dir", str(tmp_path / "run")]
+    argv += ["--cache-dir", str(tmp_path / "cache")]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--max-steps", "1", "--lr", "0.01"])
+    refused = "already holds a checkpoint (step 2"
+    assert_one_line_error(exc, capsys.readouterr(), "train", refused, "lr: 0.001 saved, 0.01 given")
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--max-steps", "3", "--lr", "0.01", "--resume"])
+    assert_one_line_error(exc, capsys.readouterr(), "train", "cannot resume", "lr: 0.001 saved, 0.01 given")
+    assert main([*argv, "--max-steps", "1", "--lr", "0.01", "--overwrite"]) == 0
+    assert "step=1" in capsys.readouterr().out
