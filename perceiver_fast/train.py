@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -54,6 +53,7 @@ from perceiver_fast.data.mlm import MLMCollator
 from perceiver_fast.data.text import (
     CLMCollator,
     CLMData,
+    looks_like_local_path,
     pack_chunks,
     prepare_clm_data,
     split_train_valid,
@@ -743,22 +743,6 @@ def _describe_run(out_dir: Path, config: TrainConfig) -> str:
         diff = _train_config_diff(saved, config, ignore={"resume", "overwrite", "progress"})
         details.append(f"this run differs in {_format_diff(diff)}" if diff else "the same config as this run")
     return f" ({'; '.join(details)})" if details else ""
-
-
-_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "wikitext", "owner/name"
-_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")  # ".txt", ".jsonl", ".gz"; not the ".2" of "v1.2"
-
-
-def looks_like_local_path(data: str) -> bool:
-    """Whether ``data`` can only mean a local path, not a Hugging Face hub dataset name.
-
-    Local: it starts with ``.``, ``~`` or ``/``, holds a backslash or more than one ``/``, or ends in a file suffix
-    (``notes.txt``). Hub names are ``name`` or ``owner/name`` without such a suffix, so ``owner/name`` is left to the
-    hub when no such local path exists.
-    """
-    if data.startswith((".", "~", "/")) or "\\" in data or data.count("/") > 1:
-        return True
-    return bool(_FILE_SUFFIX.search(data)) or not _HUB_NAME.fullmatch(data)
 
 
 def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> CLMData:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sysconfig
 import warnings
 from collections.abc import Callable, Sequence
@@ -440,6 +441,22 @@ class CLMData:
         return loss / math.log(2) / self.bytes_per_token
 
 
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "wikitext", "owner/name"
+_FILE_SUFFIX = re.compile(r"\.[A-Za-z][A-Za-z0-9]{0,7}$")  # ".txt", ".jsonl", ".gz"; not the ".2" of "v1.2"
+
+
+def looks_like_local_path(data: str) -> bool:
+    """Whether ``data`` can only mean a local path, not a Hugging Face hub dataset name.
+
+    Local: it starts with ``.``, ``~`` or ``/``, holds a backslash or more than one ``/``, or ends in a file suffix
+    (``notes.txt``). Hub names are ``name`` or ``owner/name`` without such a suffix, so ``owner/name`` is left to the
+    hub when no such local path exists.
+    """
+    if data.startswith((".", "~", "/")) or "\\" in data or data.count("/") > 1:
+        return True
+    return bool(_FILE_SUFFIX.search(data)) or not _HUB_NAME.fullmatch(data)
+
+
 def prepare_clm_data(
     data: str | Path | Sequence[str | Path] | None = None,
     max_seq_len: int = 512,
@@ -453,7 +470,8 @@ def prepare_clm_data(
     """Files (or the standard library's sources when `data` is None) -> packed, split chunks of ``max_seq_len + 1``.
 
     `data` may be a file, a directory, a glob, a list of these, or, when no local file matches a string, the name of
-    a dataset for ``datasets.load_dataset`` (network needed unless it is in the local Hugging Face cache).
+    a dataset for ``datasets.load_dataset`` (network needed unless it is in the local Hugging Face cache). A string
+    that can only be a local path (see `looks_like_local_path`) and names nothing raises ``FileNotFoundError``.
     """
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
@@ -467,6 +485,8 @@ def prepare_clm_data(
         except ValueError:
             if not isinstance(data, str) or any(c in data for c in "*?["):
                 raise
+            if looks_like_local_path(data):  # fail at once: offline, a hub lookup retries for long
+                raise FileNotFoundError(f"no such file or directory: {data!r}") from None
             dataset_name = data  # no local file of that name: try it as a dataset name
     try:
         corpus = tokenize_corpus(

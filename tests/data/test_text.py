@@ -192,3 +192,16 @@ def test_bad_input():
         tokenize_documents(["x"], separator_id=262)
     with pytest.raises(ValueError, match="no local files match"):
         prepare_clm_data("surely-not-a-local-file-or-cached-dataset-xyz", max_seq_len=8)
+
+
+def test_a_string_that_can_only_be_a_local_path_fails_at_once(tmp_path, monkeypatch):
+    """Offline, a hub lookup of a mistyped path retries for long: a path that names nothing raises immediately."""
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("a local path was tried as a hub dataset")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    for data in [str(tmp_path / "notes.txt"), "./notes", "~/no-such-notes", "corpus.txt"]:
+        with pytest.raises(FileNotFoundError, match="no such file"):
+            prepare_clm_data(data, max_seq_len=16, cache_dir=tmp_path)
