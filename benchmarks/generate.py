@@ -16,6 +16,7 @@ ms/token excludes the prompt's prefill: it is ``(T(n tokens) - T(1 token)) / (n 
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import json
 import platform
@@ -30,7 +31,13 @@ from perceiver_fast.generation import PerceiverARCache, WindowSchedule
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 
 RESULTS = Path(__file__).parent / "results"
-REFERENCE_MODEL = dict(num_channels=256, num_heads=8, num_self_attention_layers=6, max_latents=256)
+MODELS = {
+    # REFERENCE.md's 6.1M-parameter model (max_seq_len is the context of each run).
+    "reference": dict(num_channels=256, num_heads=8, num_self_attention_layers=6, max_latents=256),
+    # README's training command (the 30.7M-parameter perceiver-io configuration), max_latents 512.
+    "seed": dict(num_channels=512, num_heads=8, num_self_attention_layers=8, max_latents=512),
+}
+REFERENCE_MODEL = MODELS["reference"]
 
 
 def _device_name(device: torch.device) -> str:
@@ -88,7 +95,8 @@ def _latent_floor(model, prompt: torch.Tensor, num_latents: int, timed, repeats:
     cache = PerceiverARCache(model, prompt.shape[0])
     with torch.no_grad():
         cache.prefill(prompt[:, window.start : window.end], window.prefix_len)
-        times = [timed(cache._recompute_latents) for _ in range(repeats)]
+        times = [timed(lambda: cache._recompute(cache.num_latents)) for _ in range(repeats)]
+    cache.close()
     return statistics.median(times)
 
 
@@ -96,8 +104,11 @@ def _time_once(timed, run, new_tokens: int) -> float:
     return timed(lambda: run(new_tokens))
 
 
-def bench_context(context: int, batch: int, new_tokens: int, device: torch.device, repeats: int, skip: set[str]):
-    config = dict(REFERENCE_MODEL, max_seq_len=context)
+def bench_context(
+    context: int, batch: int, new_tokens: int, device: torch.device, repeats: int, skip: set[str],
+    model_name: str = "reference",
+):  # fmt: skip
+    config = dict(MODELS[model_name], max_seq_len=context)
     torch.manual_seed(0)
     model = CausalLanguageModel(CausalLanguageModelConfig(**config)).to(device).eval()
     theirs = None if "pio" in skip else _perceiver_io_models(config, model.state_dict(), device)
@@ -113,6 +124,14 @@ def bench_context(context: int, batch: int, new_tokens: int, device: torch.devic
         "ours perceiver-io": lambda n: model.generate(prompt, n, num_latents=num_latents, cache_mode="perceiver-io"),
         "ours uncached": lambda n: model.generate(prompt, n, num_latents=num_latents, use_cache=False),
     }
+    if device.type == "cuda":
+        # The rows above replay CUDA graphs (generate's default on CUDA, kept with the model between calls); these
+        # run every step eagerly, on a copy of the model so that their caches do not replace the graphs' ones.
+        eager_model = copy.deepcopy(model)
+        for mode in ("exact", "strided", "perceiver-io"):
+            methods[f"ours {mode} (eager)"] = lambda n, mode=mode: eager_model.generate(
+                prompt, n, num_latents=num_latents, cache_mode=mode, cuda_graph=False
+            )
     if theirs is not None:
         kwargs = dict(num_latents=num_latents, do_sample=False, pad_token_id=0)
         methods["pio cached"] = lambda n: theirs.generate(input_ids=prompt, max_new_tokens=n, use_cache=True, **kwargs)
@@ -215,7 +234,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     rows = []
     for context in args.contexts:
         for batch in args.batch_sizes:
-            block = bench_context(context, batch, args.new_tokens, device, args.repeats, set(args.skip))
+            block = bench_context(context, batch, args.new_tokens, device, args.repeats, set(args.skip), args.model)
             print_table(block)
             for name, value in ratios(block).items():
                 print(f"  {name}: {value:.2f}x" if "floor" not in name else f"  {name}: {value:.2f}")
@@ -223,7 +242,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows += block
     out_dir = Path(args.out or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate{'-' + args.tag if args.tag else ''}"
+    tag = "-".join(t for t in (args.model if args.model != "reference" else "", args.tag) if t)
+    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate{'-' + tag if tag else ''}"
     payload = dict(
         device=_device_name(device),
         torch=torch.__version__,
@@ -243,6 +263,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--model", choices=sorted(MODELS), default="reference", help="model configuration")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)

@@ -5,8 +5,10 @@ from perceiver_fast.generation.generate import (
     CACHE_MODES,
     CachedDecoder,
     FullForwardDecoder,
+    GenerationMixin,
     PerceiverIODecoder,
     generate,
+    release_decoding,
     stream,
 )
 from perceiver_fast.generation.sampling import SamplingConfig, filter_logits, sample_next_token
@@ -16,6 +18,7 @@ __all__ = [
     "CACHE_MODES",
     "CachedDecoder",
     "FullForwardDecoder",
+    "GenerationMixin",
     "PerceiverARCache",
     "PerceiverIOCompatibleCache",
     "PerceiverIODecoder",
@@ -25,6 +28,7 @@ __all__ = [
     "filter_logits",
     "generate",
     "merge_partial_attention",
+    "release_decoding",
     "sample_next_token",
     "stream",
 ]

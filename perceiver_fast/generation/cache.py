@@ -10,18 +10,32 @@ What a full forward of a window computes, and what of it can be kept from one to
   ``O(latents x prefix)``); the latent part and the latent self-attention stack are recomputed whenever a crossing
   changes them, which is the floor of exact decoding once the latents are full.
 - While nothing crosses, a new token is one more latent at the end: causal masking leaves the other latents
-  unchanged, so only the new row is computed, against cached self-attention keys/values per layer.
-- When the window slides (past ``max_seq_len``), every position changes, so the cache is rebuilt from the window.
+  unchanged, so only the new row is computed, against the self-attention keys/values cached per layer. Not so while
+  a row's left padding reaches into the latents: a pad latent's output is the mean of every value in the window
+  (perceiver-io's rule for a row that sees no key), which every new token changes, so the latents are recomputed.
+- When the window slides (past ``max_seq_len``), a rotary-only model drops the oldest positions in place; with
+  absolute position embeddings every position changes and the cache is rebuilt from the window.
 
-Buffers are preallocated once per batch (static shapes). All rows share one window geometry; rows of different
-prompt lengths are left-padded and the pads are masked through ``kv_start``.
+The keys/values live in the attention layers' own caches (``model.setup_caches``, gpt-fast's pattern); the window
+logic and the latents' state live here. Everything is allocated once, and the window's geometry (where it starts in
+the buffers, the prefix length, the number of latents, each row's pads) is kept twice: as Python ints, which choose
+what a step does (the schedule is deterministic), and as small device tensors, which the step's kernels read and
+update in place. A step therefore has fixed shapes and reads nothing back to the host, so it can be captured in a
+CUDA graph and replayed (:mod:`perceiver_fast.generation.graphs`). Captured, once a kind repeats: extending the
+latents, moving latents into the prefix with the latents full (also the strided hand-over), sliding a rotary-only
+window, and perceiver-io mode's step. Run eagerly: the prompt's prefill, rebuilding the window of a model with
+absolute position embeddings, steps while pads sit among the latents, and compacting the buffers (once per window
+length).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
+from functools import partial
+
 import torch
 
-from perceiver_fast.kernels import attention
+from perceiver_fast.generation.graphs import StepGraphs
 from perceiver_fast.models.core.position import RotaryPositionEmbedding, positions
 
 
@@ -39,15 +53,58 @@ def merge_partial_attention(
     return out_a.float() * weight_a + out_b.float() * weight_b, lse
 
 
-def _attend_with_lse(q, k, v, *, causal: bool = False, kv_start: torch.Tensor | None = None, scale: float):
-    """The op with lse, defined for an empty key set too (zeros and ``-inf``)."""
-    if k.shape[1] == 0:
-        b, n, h, _ = q.shape
-        return q.new_zeros(b, n, h, v.shape[-1]), q.new_full((b, h, n), float("-inf"), dtype=torch.float32)
-    return attention(q, k, v, causal=causal, kv_start=kv_start, scale=scale, return_lse=True)
+class _DecodingBase:
+    """What both caches share: the model's layers, the static token input and the step runner."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        self.batch_size = batch_size
+        self.cross = model.cross_attention
+        self.self_layers = list(model.self_attention)
+        self.graphs = StepGraphs(cuda_graph)
+        # The token a step consumes: copied in before the step, so that a captured step reads it from here.
+        self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+
+    def _layer_caches(self) -> list:
+        layers = [self.cross, *self.self_layers]
+        return [layer.attention_module.attention.kv_cache for layer in layers]
+
+    def owns_layer_caches(self) -> bool:
+        """Whether the layers still hold the caches this decoder set up (someone may have replaced them since)."""
+        return all(a is b for a, b in zip(self._layer_caches(), self._own_caches)) and bool(self._own_caches)
+
+    def _claim_layer_caches(self) -> None:
+        self._own_caches = self._layer_caches()
+
+    def _counter(self, size: int = 1) -> torch.Tensor:
+        return torch.zeros(size, dtype=torch.long, device=self.device)
+
+    def _run(self, kind: Hashable, step: Callable[[], torch.Tensor], capturable: bool) -> torch.Tensor:
+        return self.graphs.run(kind, step) if capturable else step()
+
+    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
+        return self.model.head(h_last)[1][:, -1]
+
+    def _layer_rot(self, index: int, rot: RotaryPositionEmbedding) -> RotaryPositionEmbedding | None:
+        return rot if self.model.self_attention.uses_rotary(index) else None
+
+    def close(self) -> None:
+        """Free the captured graphs, and the layers' caches if they are still this decoder's."""
+        self.graphs.release()
+        if self.owns_layer_caches():
+            self.model.release_caches()
+        self._own_caches = []
 
 
-class PerceiverARCache:
+def _bounds(start: torch.Tensor, end: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row int32 key bounds ``[batch]`` from device counters (``[1]`` or ``[batch]``)."""
+    end = end.expand(batch)
+    return torch.minimum(start.expand(batch), end).to(torch.int32), end.to(torch.int32)
+
+
+class PerceiverARCache(_DecodingBase):
     """Decoding state of a Perceiver AR sequence model (e.g. ``CausalLanguageModel``) for one batch.
 
     ``prefill`` builds it from a window; ``append`` adds one token, optionally hands the oldest latents to the prefix
@@ -62,105 +119,123 @@ class PerceiverARCache:
     """
 
     def __init__(
-        self, model: torch.nn.Module, batch_size: int, capacity_factor: int = 1, incremental_prefix: bool = True
+        self,
+        model: torch.nn.Module,
+        batch_size: int,
+        capacity_factor: int = 1,
+        incremental_prefix: bool = True,
+        cuda_graph: bool = False,
     ):
-        self.model = model
+        super().__init__(model, batch_size, cuda_graph)
         # Keep each latent's attention to the prefix as a partial softmax, updated as positions cross (best when
         # positions cross every token); without it, a crossing recomputes the latents' attention over the window
         # (best when many cross at once, the strided schedule), and a new token's row is one attention call.
         self.incremental_prefix = incremental_prefix
-        param = next(model.parameters())
-        self.dtype, self.device = param.dtype, param.device
-        self.batch_size = batch_size
-        self.cross = model.cross_attention[0].module  # CrossAttention (q_norm, kv_norm, attention)
-        self.cross_mlp = model.cross_attention[1]  # residual MLP
-        self.self_layers = list(model.self_attention)
-        heads = self.cross.attention.num_heads
-        qk_dim = self.cross.attention.num_qk_channels // heads
-        v_dim = self.cross.attention.num_v_channels // heads
-        def alloc(n: int, d: int) -> torch.Tensor:
-            # [b, n, heads, d] views of head-major memory: each head's keys are contiguous, which the attention
-            # kernels read fastest (the op takes any strides).
-            return torch.empty(batch_size, heads, n, d, dtype=self.dtype, device=self.device).transpose(1, 2)
-
-        seq_capacity, latent_capacity = capacity_factor * model.max_seq_len, capacity_factor * model.max_latents
-        self.cross_k, self.cross_v = alloc(seq_capacity, qk_dim), alloc(seq_capacity, v_dim)
-        self.self_k = [alloc(latent_capacity, layer[0].module.attention.num_qk_channels // heads)
-                       for layer in self.self_layers]
-        self.self_v = [alloc(latent_capacity, layer[0].module.attention.num_v_channels // heads)
-                       for layer in self.self_layers]
+        self.seq_capacity = capacity_factor * model.max_seq_len
+        self.max_latents = model.max_latents
+        slots = self.max_latents + 1  # the new token sits beside full latents until the oldest crosses
+        model.setup_caches(batch_size, seq_capacity=self.seq_capacity, latent_capacity=slots)
+        attn = self.cross.attention_module.attention
+        heads = attn.num_heads
+        b, channels = batch_size, model.input_adapter.num_input_channels
+        angles_dtype = model.input_adapter.frq_pos_encoding.inv_freq.dtype
+        rot_dim = model.input_adapter.frq_pos_encoding.inv_freq.numel() * 2
+        # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
+        self.latent_h = torch.empty(b, slots, channels, dtype=self.dtype, device=self.device)
+        self.latent_angles = torch.empty(b, slots, rot_dim, dtype=angles_dtype, device=self.device)
+        qk_dim = attn.num_qk_channels // heads
+        self.latent_q = torch.empty(b, slots, heads, qk_dim, dtype=self.dtype, device=self.device)
+        v_dim = attn.num_v_channels // heads
+        self.prefix_out = torch.empty(b, slots, heads, v_dim, dtype=torch.float32, device=self.device)
+        self.prefix_lse = torch.empty(b, heads, slots, dtype=torch.float32, device=self.device)
+        # The window's geometry on the device (read by the kernels of a step, updated in place by it)...
+        self.offset_t, self.prefix_t, self.latents_t = self._counter(), self._counter(), self._counter()
+        self.pads_t = self._counter(b)  # pads inside the window, per row
+        self.pos_shift_t = self._counter(b)  # window index i has position (i - pos_shift).clamp(min=0)
+        # ... and on the host, where it decides what a step does.
         self.offset = 0  # buffer index of the window's first position
         self.length = 0  # window length
         self.prefix_len = 0
-        self.pads = torch.zeros(batch_size, dtype=torch.int32, device=self.device)  # pads inside the window
-        self.has_pads = False
-        self.pos_shift = self.pads.clone()  # window index i has position (i - pos_shift).clamp(min=0)
-        self.any_pad_latent = False
-        # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
-        self.latent_h = self.latent_angles = self.latent_q = self.prefix_out = self.prefix_lse = None
+        self.pads = [0] * b
+        self._claim_layer_caches()
 
     @property
     def num_latents(self) -> int:
         return self.length - self.prefix_len
 
     @property
+    def has_pads(self) -> bool:
+        return max(self.pads) > 0
+
+    @property
+    def any_pad_latent(self) -> bool:
+        return max(self.pads) > self.prefix_len
+
+    @property
     def can_slide(self) -> bool:
         """Whether ``append(..., drop=n)`` is exact here (see the class docstring)."""
         return not self.model.config.abs_pos_emb and not self.any_pad_latent
 
-    def _cross_kv(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention keys/values of window positions ``[lo, hi)`` (views into the buffers)."""
-        window = slice(self.offset + lo, self.offset + hi)
-        return self.cross_k[:, window], self.cross_v[:, window]
+    def state_tensors(self) -> list[torch.Tensor]:
+        """Every tensor a step reads or writes (for checks that steps reallocate nothing)."""
+        tensors = [t for cache in self._layer_caches() for t in cache.buffers()]
+        return tensors + [
+            self.latent_h, self.latent_angles, self.latent_q, self.prefix_out, self.prefix_lse, self.offset_t,
+            self.prefix_t, self.latents_t, self.pads_t, self.pos_shift_t, self.token,
+        ]  # fmt: skip
 
-    def _write_cross_kv(self, lo: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        hi = self.offset + lo + k.shape[1]
-        self.cross_k[:, self.offset + lo : hi], self.cross_v[:, self.offset + lo : hi] = k, v
+    # --- bounds of the cross-attention keys, from the device geometry ([b] int32 each)
 
-    def _kv_start(self, lo: int, hi: int) -> torch.Tensor | None:
-        """Left-padding bound for window keys ``[lo, hi)``; ``None`` when no row has pads (no mask to apply)."""
-        return (self.pads - lo).clamp(0, hi - lo) if self.has_pads else None
+    def _prefix_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefix ``[pads, P)`` of each row."""
+        return _bounds(self.offset_t + self.pads_t, self.offset_t + self.prefix_t, self.batch_size)
+
+    def _latent_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents ``[max(P, pads), P + L)`` of each row."""
+        start = self.offset_t + torch.maximum(self.pads_t, self.prefix_t)
+        return _bounds(start, self.offset_t + self.prefix_t + self.latents_t, self.batch_size)
+
+    def _window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole window ``[pads, P + L)`` of each row."""
+        return _bounds(self.offset_t + self.pads_t, self.offset_t + self.prefix_t + self.latents_t, self.batch_size)
 
     def _prefix_part(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self._cross_kv(0, self.prefix_len)
-        kv_start = self._kv_start(0, self.prefix_len)
-        return _attend_with_lse(q, k, v, kv_start=kv_start, scale=self.cross.attention.dp_scale)
+        kv_start, kv_len = self._prefix_bounds()
+        return self.cross.attend_cache(q, kv_start=kv_start, kv_len=kv_len, return_lse=True)
+
+    # --- prefill: the prompt's window, eagerly
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, prefix_len: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Rebuild the cache from a window ``tokens [b, n]`` (left-padded per ``pad_mask``); ``[b, vocab]`` logits."""
+        """Rebuild the cache from a window ``tokens [b, n]`` (left-padded per ``pad_mask``); ``[b, vocab]`` logits.
+
+        The pad counts are read back to the host once here (they decide which steps need the latents recomputed).
+        """
         b, n = tokens.shape
         if b != self.batch_size or not 0 <= prefix_len < n <= self.model.max_seq_len:
             raise ValueError(f"window {tuple(tokens.shape)} with prefix_len {prefix_len} does not fit this cache")
-        self.pads = (torch.zeros(b, dtype=torch.int32, device=self.device) if pad_mask is None
-                     else pad_mask.sum(dim=1).to(torch.int32))
-        self.pos_shift = self.pads.clone()
-        self.has_pads = bool((self.pads > 0).any())
-        self.any_pad_latent = bool((self.pads > prefix_len).any())
+        pads = torch.zeros(b, dtype=torch.long, device=self.device) if pad_mask is None else pad_mask.sum(dim=1)
+        self.pads = [0] * b if pad_mask is None else pads.tolist()
         self.offset, self.length, self.prefix_len = 0, n, prefix_len
-        h, angles = self.model.input_adapter(tokens, abs_pos=positions(b, n, shift=self.pads.unsqueeze(1),
-                                                                       device=tokens.device))
-        attn = self.cross.attention
-        p = prefix_len
-        prefix_k, prefix_v = attn.project_keys_values(
-            self.cross.kv_norm(h[:, :p]), RotaryPositionEmbedding(angles[:, :p])
-        )
-        latent_x = self.cross.q_norm(h[:, p:])
+        p, num_latents = prefix_len, n - prefix_len
+        for counter, value in ((self.offset_t, 0), (self.prefix_t, p), (self.latents_t, num_latents)):
+            counter.fill_(value)
+        self.pads_t.copy_(pads)
+        self.pos_shift_t.copy_(pads)
+        abs_pos = positions(b, n, shift=pads.unsqueeze(1), device=self.device)
+        h, angles = self.model.input_adapter(tokens, abs_pos=abs_pos)
+        self.cross.write_cache(h[:, :p], 0, RotaryPositionEmbedding(angles[:, :p]), prefix=True)
         latent_rot = RotaryPositionEmbedding(angles[:, p:])
-        self._write_cross_kv(0, prefix_k, prefix_v)
-        self._write_cross_kv(p, *attn.project_keys_values(latent_x, latent_rot))
-        self.latent_h, self.latent_angles = h[:, p:], angles[:, p:]
-        self.latent_q = attn.project_queries(latent_x, latent_rot)
-        self.prefix_out = self.prefix_lse = None
+        self.cross.write_cache(h[:, p:], p, latent_rot, prefix=False)
+        self.latent_h[:, :num_latents] = h[:, p:]
+        self.latent_angles[:, :num_latents] = angles[:, p:]
+        self.latent_q[:, :num_latents] = self.cross.queries(h[:, p:], latent_rot)
         if self.incremental_prefix:
-            self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
-        return self._recompute_latents()
+            out, lse = self._prefix_part(self.latent_q[:, :num_latents])
+            self.prefix_out[:, :num_latents], self.prefix_lse[:, :, :num_latents] = out, lse
+        return self._recompute(num_latents)
 
-    def _make_room(self) -> None:
-        if self.offset + self.length == self.cross_k.shape[1]:  # move the window to the front
-            for buffer in (self.cross_k, self.cross_v):
-                buffer[:, : self.length] = buffer[:, self.offset : self.offset + self.length].clone()
-            self.offset = 0
+    # --- one step
 
     @torch.no_grad()
     def append(self, token: torch.Tensor, cross: int = 0, drop: int = 0) -> torch.Tensor:
@@ -174,131 +249,144 @@ class PerceiverARCache:
             raise ValueError(f"cannot drop {drop} positions from a prefix of {self.prefix_len + cross}")
         if self.length >= self.model.max_seq_len and not drop:
             raise ValueError("the window is full: drop positions or rebuild it with prefill()")
+        if self.num_latents + 1 - cross > self.max_latents:
+            raise ValueError(f"{self.num_latents + 1 - cross} latents would exceed max_latents ({self.max_latents})")
         self._make_room()
-        token = token.reshape(self.batch_size, 1)
-        h, angle = self.model.input_adapter(token, abs_pos=(self.length - self.pos_shift).clamp(min=0).unsqueeze(1))
-        attn = self.cross.attention
-        x = self.cross.q_norm(h)
+        self.token.copy_(token.reshape(self.batch_size, 1))
+        num_latents, pad_latents = self.num_latents, self.any_pad_latent
+        self._advance_host(cross, drop)  # the host geometry describes the window after this step from here on
+        if not (cross or drop or pad_latents):
+            return self._run(("extend", self.incremental_prefix), self._extend, capturable=True)
+        # The number of latents and how many cross are fixed for a kind: its shapes are the same every time.
+        step = partial(self._append_and_recompute, num_latents, cross, drop, pad_latents)
+        kind = ("recompute", num_latents, cross, drop, self.incremental_prefix)
+        return self._run(kind, step, capturable=not pad_latents)
+
+    def _advance_host(self, cross: int, drop: int) -> None:
+        self.length += 1 - drop
+        self.prefix_len += cross - drop
+        self.offset += drop
+        self.pads = [max(pad - drop, 0) for pad in self.pads]
+
+    def _make_room(self) -> None:
+        """Move the window to the front of the buffers when the next token would not fit (eager, once a window)."""
+        if self.offset + self.length < self.seq_capacity:
+            return
+        self.cross.attention_module.attention.kv_cache.move(self.offset, 0, self.length)
+        self.offset = 0
+        self.offset_t.fill_(0)
+
+    def _new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
+        """Embed ``self.token`` at the window's end: ``(h, angle, rot, query)``; its keys/values go to the cache."""
+        end = self.prefix_t + self.latents_t
+        abs_pos = (end - self.pos_shift_t).clamp(min=0).unsqueeze(1)
+        h, angle = self.model.input_adapter(self.token, abs_pos=abs_pos)
         rot = RotaryPositionEmbedding(angle)
-        q = attn.project_queries(x, rot)
-        self._write_cross_kv(self.length, *attn.project_keys_values(x, rot))
-        self.length += 1
-        self.latent_h = torch.cat([self.latent_h, h], dim=1)
-        self.latent_angles = torch.cat([self.latent_angles, angle], dim=1)
-        self.latent_q = torch.cat([self.latent_q, q], dim=1)
+        self.cross.write_cache(h, self.offset_t + end, rot, prefix=False)
+        return h, angle, rot, self.cross.queries(h, rot)
+
+    def _extend(self) -> torch.Tensor:
+        """A new latent while nothing crosses: only its row is computed (the step captured while latents grow)."""
+        h, angle, rot, q = self._new_token()
+        row = self.latents_t.clone()  # the slot of the new latent (latents_t itself moves on below)
+        self.latent_h.index_copy_(1, row, h)
+        self.latent_angles.index_copy_(1, row, angle)
+        self.latent_q.index_copy_(1, row, q)
+        self.latents_t += 1
+        if self.incremental_prefix:
+            prefix_out, prefix_lse = self._prefix_part(q)
+            self.prefix_out.index_copy_(1, row, prefix_out.float())
+            self.prefix_lse.index_copy_(2, row, prefix_lse)
+            kv_start, kv_len = self._latent_bounds()
+            latent_out, latent_lse = self.cross.attend_cache(q, kv_start=kv_start, kv_len=kv_len, return_lse=True)
+            out = merge_partial_attention(prefix_out, prefix_lse, latent_out, latent_lse)[0].to(self.dtype)
+        else:
+            kv_start, kv_len = self._window_bounds()
+            out = self.cross.attend_cache(q, kv_start=kv_start, kv_len=kv_len)
+        x = self.cross.finish(h, out)
+        self_len = self.latents_t.expand(self.batch_size).to(torch.int32)
+        for index, layer in enumerate(self.self_layers):
+            x = layer.forward_cached(x, row, rot_pos_emb=self._layer_rot(index, rot), kv_len=self_len)
+        return self._logits(x)
+
+    def _append_and_recompute(self, num_latents: int, cross: int, drop: int, pad_latents: bool) -> torch.Tensor:
+        """A new latent, ``cross`` latents into the prefix, ``drop`` positions out, then every latent recomputed."""
+        h, angle, _, q = self._new_token()
+        slot, count = num_latents, num_latents + 1
+        self.latent_h[:, slot : slot + 1] = h
+        self.latent_angles[:, slot : slot + 1] = angle
+        self.latent_q[:, slot : slot + 1] = q
         incremental = self.incremental_prefix and not drop
         if incremental:
             prefix_out, prefix_lse = self._prefix_part(q)
-            self.prefix_out = torch.cat([self.prefix_out, prefix_out.float()], dim=1)
-            self.prefix_lse = torch.cat([self.prefix_lse, prefix_lse], dim=2)
-        if not (cross or drop):
-            if self.any_pad_latent:
-                # A pad latent's cross-attention output is the mean of every value in the window (perceiver-io's
-                # rule for a row that sees no key), so the new token changes it, and through the latent
-                # self-attention, which has no padding mask, every latent after it: nothing cached is reusable.
-                return self._recompute_latents()
-            return self._extend_latents()
-        self._move_into_prefix(cross, update_prefix_part=incremental)
+            self.prefix_out[:, slot : slot + 1], self.prefix_lse[:, :, slot : slot + 1] = prefix_out, prefix_lse
+        self.latents_t += 1
+        if cross:
+            self.cross.write_cache(
+                self.latent_h[:, :cross], self.offset_t + self.prefix_t,
+                RotaryPositionEmbedding(self.latent_angles[:, :cross]), prefix=True,
+            )  # fmt: skip
+            rest = slice(cross, count)
+            if incremental:
+                # Fold the crossing keys into the prefix part of every latent that stays.
+                start = self.offset_t + torch.maximum(self.pads_t, self.prefix_t)
+                kv_start, kv_len = _bounds(start, self.offset_t + self.prefix_t + cross, self.batch_size)
+                out, lse = self.cross.attend_cache(
+                    self.latent_q[:, rest], kv_start=kv_start, kv_len=kv_len, return_lse=True
+                )
+                merged_out, merged_lse = merge_partial_attention(
+                    self.prefix_out[:, rest], self.prefix_lse[:, :, rest], out, lse
+                )
+                self.prefix_out[:, : count - cross], self.prefix_lse[:, :, : count - cross] = merged_out, merged_lse
+            for buffer in (self.latent_h, self.latent_angles, self.latent_q):
+                buffer[:, : count - cross] = buffer[:, rest].clone()
+            self.prefix_t += cross
+            self.latents_t -= cross
         if drop:
-            self._drop_oldest(drop)
+            self.offset_t += drop
+            self.prefix_t -= drop
+            self.pads_t.sub_(drop).clamp_(min=0)
+            self.pos_shift_t -= drop  # remaining positions keep their angles: the frame moves instead
             if self.incremental_prefix:
                 # A softmax cannot forget a key stably: the prefix part is recomputed over the remaining prefix.
-                self.prefix_out, self.prefix_lse = self._prefix_part(self.latent_q)
-        return self._recompute_latents()
+                out, lse = self._prefix_part(self.latent_q[:, : count - cross])
+                self.prefix_out[:, : count - cross], self.prefix_lse[:, :, : count - cross] = out, lse
+        return self._recompute(count - cross, pad_latents)
 
-    def _move_into_prefix(self, count: int, update_prefix_part: bool) -> None:
-        """The ``count`` oldest latents become prefix: remake their keys/values with ``kv_norm`` and (optionally) fold
-        them into the prefix part of every remaining latent's attention."""
-        if not count:
-            return
-        attn = self.cross.attention
-        p = self.prefix_len
-        k, v = attn.project_keys_values(
-            self.cross.kv_norm(self.latent_h[:, :count]), RotaryPositionEmbedding(self.latent_angles[:, :count])
-        )
-        self._write_cross_kv(p, k, v)
-        rest = slice(count, None)
-        if update_prefix_part:
-            out, lse = _attend_with_lse(
-                self.latent_q[:, rest], k, v, kv_start=self._kv_start(p, p + count), scale=attn.dp_scale
-            )
-            self.prefix_out, self.prefix_lse = merge_partial_attention(
-                self.prefix_out[:, rest], self.prefix_lse[:, :, rest], out, lse
-            )
-        self.latent_h, self.latent_angles, self.latent_q = (
-            t[:, rest] for t in (self.latent_h, self.latent_angles, self.latent_q)
-        )
-        self.prefix_len += count
-        self.any_pad_latent = bool((self.pads > self.prefix_len).any())
-
-    def _drop_oldest(self, count: int) -> None:
-        self.offset += count
-        self.length -= count
-        self.prefix_len -= count
-        self.pads = (self.pads - count).clamp(min=0)
-        self.has_pads = self.has_pads and bool((self.pads > 0).any())
-        self.pos_shift = self.pos_shift - count  # remaining positions keep their angles: the frame moves instead
-
-    def _cross_attend(self, rows: slice) -> torch.Tensor:
-        """Cross-attention layer output (attention + MLP, residuals included) for latents ``rows``."""
-        attn = self.cross.attention
-        p = self.prefix_len
-        first = rows.start or 0
+    def _recompute(self, num_latents: int, pad_latents: bool | None = None) -> torch.Tensor:
+        """The cross-attention layer and the latent stack for all ``num_latents`` latents; logits of the last."""
+        rows = slice(0, num_latents)
         q = self.latent_q[:, rows]
-        if self.prefix_out is None:  # one causal attention over the whole window (rows end at the last latent)
-            k, v = self._cross_kv(0, self.length)
-            out = attention(q, k, v, causal=True, kv_start=self._kv_start(0, self.length), scale=attn.dp_scale)
+        if self.incremental_prefix:
+            kv_start, kv_len = self._latent_bounds()
+            latent_out, latent_lse = self.cross.attend_cache(
+                q, causal=True, kv_start=kv_start, kv_len=kv_len, return_lse=True
+            )
+            out = merge_partial_attention(self.prefix_out[:, rows], self.prefix_lse[:, :, rows], latent_out, latent_lse)
+            out = out[0].to(self.dtype)
         else:
-            latent_k, latent_v = self._cross_kv(p, self.length)
-            latent_out, latent_lse = _attend_with_lse(  # every latent key before the rows is visible to them too
-                q, latent_k, latent_v, causal=True, kv_start=self._kv_start(p, self.length), scale=attn.dp_scale
-            )
-            out, _ = merge_partial_attention(
-                self.prefix_out[:, rows], self.prefix_lse[:, :, rows], latent_out, latent_lse
-            )
-            out = out.to(self.dtype)
-        if self.any_pad_latent:
-            # perceiver-io gives a row that sees no key (a pad as query) the mean of all values (see attention.py)
-            pad_row = (p + first + torch.arange(q.shape[1], device=self.device)).unsqueeze(0) < self.pads.unsqueeze(1)
-            mean_v = self._cross_kv(0, self.length)[1].mean(dim=1, keepdim=True)
-            out = torch.where(pad_row.view(*pad_row.shape, 1, 1), mean_v, out)
-        h = self.latent_h[:, rows] + attn.project_output(out)
-        return self.cross_mlp(h)
-
-    def _self_attention_layer(self, index: int, x: torch.Tensor, rows: slice) -> torch.Tensor:
-        """One latent self-attention layer for latents ``rows``, writing their keys/values into the layer cache."""
-        layer = self.self_layers[index]
-        block = self.model.self_attention
-        attn = layer[0].module.attention
-        normed = layer[0].module.norm(x)
-        rot = RotaryPositionEmbedding(self.latent_angles[:, rows]) if block.uses_rotary(index) else None
-        q = attn.project_queries(normed, rot)
-        k, v = attn.project_keys_values(normed, rot)
-        self.self_k[index][:, rows], self.self_v[index][:, rows] = k, v
-        end = rows.stop if rows.stop is not None else self.num_latents
-        out = attention(q, self.self_k[index][:, :end], self.self_v[index][:, :end], causal=True, scale=attn.dp_scale)
-        return layer[1](x + attn.project_output(out))
-
-    def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        if model.config.output_norm:
-            h_last = model.out_norm(h_last)
-        return model.output_adapter(h_last, txt_embedding=model.input_adapter.txt_embedding)[:, -1]
-
-    def _run_latents(self, rows: slice) -> torch.Tensor:
-        x = self._cross_attend(rows)
-        for index in range(len(self.self_layers)):
-            x = self._self_attention_layer(index, x, rows)
+            kv_start, kv_len = self._window_bounds()
+            out = self.cross.attend_cache(q, causal=True, kv_start=kv_start, kv_len=kv_len)
+        if self.any_pad_latent if pad_latents is None else pad_latents:
+            out = self._pad_latents_see_the_mean(out, num_latents)
+        x = self.cross.finish(self.latent_h[:, rows], out)
+        rot = RotaryPositionEmbedding(self.latent_angles[:, rows])
+        for index, layer in enumerate(self.self_layers):
+            x = layer.forward_cached(x, 0, rot_pos_emb=self._layer_rot(index, rot), limit=num_latents)
         return self._logits(x[:, -1:])
 
-    def _recompute_latents(self) -> torch.Tensor:
-        return self._run_latents(slice(0, self.num_latents))
+    def _pad_latents_see_the_mean(self, out: torch.Tensor, num_latents: int) -> torch.Tensor:
+        """perceiver-io gives a row that sees no key (a pad as query) the mean of all values (see attention.py).
+        Eager only (it reads the host geometry, which already describes the window after the step), like every
+        step with pads among the latents."""
+        values = self.cross.attention_module.attention.kv_cache.v
+        mean_v = values[:, self.offset : self.offset + self.length].mean(dim=1, keepdim=True)
+        pads = self.pads_t.unsqueeze(1)
+        pad_row = (self.prefix_len + torch.arange(num_latents, device=self.device)).unsqueeze(0) < pads
+        return torch.where(pad_row.view(*pad_row.shape, 1, 1), mean_v, out)
 
-    def _extend_latents(self) -> torch.Tensor:
-        return self._run_latents(slice(self.num_latents - 1, self.num_latents))
 
-
-class PerceiverIOCompatibleCache:
+class PerceiverIOCompatibleCache(_DecodingBase):
     """perceiver-io 0.11.0's cached decoding, reproduced token for token on static buffers.
 
     It is *approximate*: perceiver-io keeps every key/value as first computed and only truncates its caches (the
@@ -309,78 +397,113 @@ class PerceiverIOCompatibleCache:
 
     Rotary angles are applied once, when a key is written, in a fixed frame (position of the token in the whole
     sequence minus its row's pads): perceiver-io re-rotates every key each step in a frame that moves with the
-    truncation, but rotary attention depends only on position differences, so the scores are the same.
+    truncation, but rotary attention depends only on position differences, so the scores are the same. The spans of
+    the two caches are device counters like the exact cache's geometry, so every step has the same shapes.
     """
 
-    def __init__(self, model: torch.nn.Module, batch_size: int):
-        self.cache = PerceiverARCache(model, batch_size, capacity_factor=2)
-        self.model = model
+    def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool = False):
+        super().__init__(model, batch_size, cuda_graph)
+        self.cache = PerceiverARCache(model, batch_size, capacity_factor=2, cuda_graph=False)
+        self.self_capacity = 2 * model.max_latents
+        # The exact cache sized the self-attention caches for max_latents + 1 rows; perceiver-io's need two windows.
+        for layer in self.self_layers:
+            layer.attention_module.attention.setup_cache(
+                batch_size, self.self_capacity, dtype=self.dtype, device=self.device
+            )
         self.prefix_len = 0
         self.total_len = 0
         self.cross_span = [0, 0]
         self.self_span = [0, 0]
+        self.cross_span_t, self.self_span_t = self._counter(2), self._counter(2)
+        self.total_t = self._counter()
+        self._claim_layer_caches()
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, prefix_len: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
         """perceiver-io's first forward over the whole prompt (``prefix_len`` fixed for the whole generation)."""
+        n = tokens.shape[1]
         logits = self.cache.prefill(tokens, prefix_len, pad_mask)
-        self.prefix_len, self.total_len = prefix_len, tokens.shape[1]
-        self.cross_span = [0, tokens.shape[1]]
-        self.self_span = [0, tokens.shape[1] - prefix_len]
+        # The exact prefill wrote the latents' self-attention keys at rows [0, n - prefix_len): perceiver-io's too.
+        self.prefix_len, self.total_len = prefix_len, n
+        self.cross_span, self.self_span = [0, n], [0, n - prefix_len]
+        self._sync_counters()
         return logits
 
-    @staticmethod
-    def _make_room(span: list[int], buffers: list[torch.Tensor]) -> None:
+    def _sync_counters(self) -> None:
+        for counter, values in ((self.cross_span_t, self.cross_span), (self.self_span_t, self.self_span)):
+            counter[0].fill_(values[0])
+            counter[1].fill_(values[1])
+        self.total_t.fill_(self.total_len)
+
+    def _make_room(self, span: list[int], caches: list, capacity: int) -> bool:
         """Move the live entries to the front when the next write would overflow (once per window length)."""
-        if span[1] == buffers[0].shape[1]:
-            live = span[1] - span[0]
-            for buffer in buffers:
-                buffer[:, :live] = buffer[:, span[0] : span[1]].clone()
-            span[:] = [0, live]
+        if span[1] < capacity:
+            return False
+        live = span[1] - span[0]
+        for cache in caches:
+            cache.move(span[0], 0, live)
+        span[:] = [0, live]
+        return True
 
     @torch.no_grad()
     def append(self, token: torch.Tensor) -> torch.Tensor:
         """Add ``token [b]`` with perceiver-io's truncation rules; ``[b, vocab]`` logits of the new token."""
-        cache, model = self.cache, self.model
+        model = self.model
         input_len = self.cross_span[1] - self.cross_span[0] + 1
-        if input_len - self.prefix_len > model.max_latents:
+        trim_self = input_len - self.prefix_len > model.max_latents
+        trim_cross = input_len > model.max_seq_len
+        if trim_self:
             self.self_span[0] = max(self.self_span[0], self.self_span[1] - (model.max_latents - 1))
-        if input_len > model.max_seq_len:
+        if trim_cross:
             self.cross_span[0] = max(self.cross_span[0], self.cross_span[1] - (model.max_seq_len - 1))
-        self._make_room(self.self_span, cache.self_k + cache.self_v)
-        self._make_room(self.cross_span, [cache.cross_k, cache.cross_v])
+        self_caches = [layer.attention_module.attention.kv_cache for layer in self.self_layers]
+        cross_cache = self.cross.attention_module.attention.kv_cache
+        moved = self._make_room(self.self_span, self_caches, self.self_capacity)
+        moved = self._make_room(self.cross_span, [cross_cache], cross_cache.capacity) or moved
+        if moved:
+            self._sync_counters()  # eager, once per window length: the spans moved to the front
+        self.token.copy_(token.reshape(self.batch_size, 1))
+        step = partial(self._step, trim_self, trim_cross)
+        logits = self._run(("perceiver-io", trim_self, trim_cross), step, capturable=True)
         self.total_len += 1
-        total, pads = self.total_len, cache.pads
-        index = self.cross_span[1] - self.cross_span[0]  # of the new token in perceiver-io's truncated window
-        pads_in_window = (pads - (total - min(total, model.max_seq_len))).clamp(min=0)
+        self.cross_span[1] += 1
+        self.self_span[1] += 1
+        return logits
+
+    def _step(self, trim_self: bool, trim_cross: bool) -> torch.Tensor:
+        model, cache, b = self.model, self.cache, self.batch_size
+        # The truncation as the host did it (idempotent after a move, which already synced the trimmed spans).
+        if trim_self:
+            limit = model.max_latents - 1
+            self.self_span_t[0:1] = torch.maximum(self.self_span_t[0:1], self.self_span_t[1:2] - limit)
+        if trim_cross:
+            limit = model.max_seq_len - 1
+            self.cross_span_t[0:1] = torch.maximum(self.cross_span_t[0:1], self.cross_span_t[1:2] - limit)
+        self.total_t += 1
+        total, pads = self.total_t, cache.pads_t
+        cross_start, cross_end = self.cross_span_t[0:1], self.cross_span_t[1:2]
+        index = cross_end - cross_start  # of the new token in perceiver-io's truncated window
+        pads_in_window = (pads - (total - total.clamp(max=model.max_seq_len))).clamp(min=0)
         abs_pos = (index - pads_in_window).clamp(min=0).unsqueeze(1)
-        token = token.reshape(cache.batch_size, 1)
-        h, _ = model.input_adapter(token, abs_pos=abs_pos)
+        h, _ = model.input_adapter(self.token, abs_pos=abs_pos)
         angle = model.input_adapter.frq_pos_encoding((total - 1 - pads).clamp(min=0).unsqueeze(1))
         rot = RotaryPositionEmbedding(angle)
 
-        attn = cache.cross.attention
-        x = cache.cross.q_norm(h)
-        q = attn.project_queries(x, rot)
-        k, v = attn.project_keys_values(x, rot)
-        start, end = self.cross_span
-        cache.cross_k[:, end : end + 1], cache.cross_v[:, end : end + 1] = k, v
-        self.cross_span[1] = end + 1
-        kv_start = (pads - (total - (end + 1 - start))).clamp(0, end + 1 - start)
-        out = attention(q, cache.cross_k[:, start : end + 1], cache.cross_v[:, start : end + 1], kv_start=kv_start,
-                        scale=attn.dp_scale)
-        h = cache.cross_mlp(h + attn.project_output(out))
+        self.cross.write_cache(h, cross_end, rot, prefix=False)
+        live = cross_end + 1 - cross_start
+        kv_start = cross_start + (pads - (total - live)).clamp(min=0).minimum(live)
+        kv_start, kv_len = _bounds(kv_start, cross_end + 1, b)
+        h = self.cross.finish(h, self.cross.attend_cache(self.cross.queries(h, rot), kv_start=kv_start, kv_len=kv_len))
 
-        start, end = self.self_span
-        for index, layer in enumerate(cache.self_layers):
-            attn = layer[0].module.attention
-            normed = layer[0].module.norm(h)
-            layer_rot = rot if model.self_attention.uses_rotary(index) else None
-            q = attn.project_queries(normed, layer_rot)
-            k, v = attn.project_keys_values(normed, layer_rot)
-            cache.self_k[index][:, end : end + 1], cache.self_v[index][:, end : end + 1] = k, v
-            out = attention(q, cache.self_k[index][:, start : end + 1], cache.self_v[index][:, start : end + 1],
-                            scale=attn.dp_scale)
-            h = layer[1](h + attn.project_output(out))
-        self.self_span[1] = end + 1
-        return cache._logits(h)
+        self_start, self_end = self.self_span_t[0:1], self.self_span_t[1:2]
+        kv_start, kv_len = _bounds(self_start, self_end + 1, b)
+        for index, layer in enumerate(self.self_layers):
+            rot_layer = self._layer_rot(index, rot)
+            h = layer.forward_cached(h, self_end, rot_pos_emb=rot_layer, kv_start=kv_start, kv_len=kv_len)
+        self.cross_span_t[1:2] += 1
+        self.self_span_t[1:2] += 1
+        return self._logits(h)
+
+    def close(self) -> None:
+        self.cache.close()
+        super().close()

@@ -7,10 +7,16 @@ Decoders (chosen by ``use_cache`` / ``cache_mode``):
   ``cache_mode="exact"`` (stride 1) equals the full forward at every step, ``"strided"`` equals a full forward of
   the strided schedule (latents hand ``stride`` positions to the prefix at once).
 - ``PerceiverIODecoder``: perceiver-io 0.11.0's approximate cache, token for token.
+
+The loop writes tokens into a sequence buffer allocated once, samples on the device, and reads nothing back to the
+host but the stop condition (every step when streaming, every ``STOP_CHECK_EVERY`` steps in :func:`generate` on a
+GPU). On CUDA the cached decoders replay their steps as CUDA graphs (``cuda_graph``, see
+:mod:`perceiver_fast.generation.graphs`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -25,6 +31,9 @@ from perceiver_fast.generation.schedule import WindowSchedule
 CACHE_MODES = ("exact", "strided", "perceiver-io")
 
 
+STOP_CHECK_EVERY = 16
+
+
 class Decoder(Protocol):
     def start(self, sequence: torch.Tensor, pad_mask: torch.Tensor | None, num_latents: int) -> torch.Tensor:
         """Logits ``[b, vocab]`` for the token after the prompt ``sequence``."""
@@ -32,6 +41,10 @@ class Decoder(Protocol):
 
     def step(self, sequence: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits for the token after ``sequence``, whose last token was just appended."""
+        ...
+
+    def close(self) -> None:
+        """Free what the decoder holds (caches, graphs)."""
         ...
 
 
@@ -59,18 +72,22 @@ class FullForwardDecoder:
         self.window = self.schedule.advance(self.window)
         return self._forward(sequence, pad_mask)
 
+    def close(self) -> None:
+        pass
+
 
 class CachedDecoder:
     """Exact cached decoding under ``schedule``: incremental while only latents grow, the latent stack recomputed
     when latents cross into the prefix; when the window slides, rotary-only models drop the oldest positions in
     place and models with absolute position embeddings rebuild the cache (see ``PerceiverARCache.can_slide``)."""
 
-    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int):
+    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int, cuda_graph: bool = False):
         self.schedule = schedule
         capacity_factor = 1 if model.config.abs_pos_emb else 2  # room to slide in place
         self.cache = PerceiverARCache(
-            model, batch_size, capacity_factor=capacity_factor, incremental_prefix=schedule.stride == 1
-        )
+            model, batch_size, capacity_factor=capacity_factor, incremental_prefix=schedule.stride == 1,
+            cuda_graph=cuda_graph,
+        )  # fmt: skip
         self.window = None
 
     def _prefill(self, sequence, pad_mask):
@@ -88,13 +105,16 @@ class CachedDecoder:
             return self._prefill(sequence, pad_mask)
         return self.cache.append(sequence[:, -1], cross=self.window.prefix_end - old.prefix_end, drop=dropped)
 
+    def close(self) -> None:
+        self.cache.close()
+
 
 class PerceiverIODecoder:
     """perceiver-io 0.11.0's cached ``generate``, token for token (approximate once the latents are full)."""
 
-    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int):
+    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int, cuda_graph: bool = False):
         self.schedule = schedule
-        self.cache = PerceiverIOCompatibleCache(model, batch_size)
+        self.cache = PerceiverIOCompatibleCache(model, batch_size, cuda_graph=cuda_graph)
 
     def start(self, sequence, pad_mask, num_latents):
         window = self.schedule.initial(sequence.shape[1], num_latents)
@@ -102,6 +122,9 @@ class PerceiverIODecoder:
 
     def step(self, sequence, pad_mask):
         return self.cache.append(sequence[:, -1])
+
+    def close(self) -> None:
+        self.cache.close()
 
 
 def _check_prompt(
@@ -157,7 +180,7 @@ def _token_ids(name: str, value: object, vocab_size: int) -> list[int]:
     return ids
 
 
-def _make_decoder(model, batch_size, use_cache, cache_mode, stride) -> tuple[Decoder, WindowSchedule]:
+def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) -> tuple[Decoder, WindowSchedule]:
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
     if stride is not None and cache_mode != "strided":
@@ -167,13 +190,43 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride) -> tuple[Dec
     else:
         stride = 1
     schedule = WindowSchedule(max_seq_len=model.max_seq_len, max_latents=model.max_latents, stride=stride)
-    if cache_mode == "perceiver-io":
-        if not use_cache:
-            raise ValueError("cache_mode='perceiver-io' is perceiver-io's cache: it needs use_cache=True")
-        return PerceiverIODecoder(model, schedule, batch_size), schedule
+    if cache_mode == "perceiver-io" and not use_cache:
+        raise ValueError("cache_mode='perceiver-io' is perceiver-io's cache: it needs use_cache=True")
     if not use_cache:
         return FullForwardDecoder(model, schedule), schedule
-    return CachedDecoder(model, schedule, batch_size), schedule
+    if cuda_graph:
+        # Captured graphs point at the decoder's buffers: keep both with the model for the next call of the same
+        # shape, so that a new generation replays them instead of capturing again (release_decoding frees them).
+        key = (batch_size, cache_mode, stride, next(model.parameters()).dtype)
+        held = model.__dict__.get(_HELD_DECODER)
+        if held is not None and held[1] in _IN_USE:  # another generation of this model is running: leave it alone
+            make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
+            return make(model, schedule, batch_size, False), schedule
+        if held is not None and held[0] == key and held[1].cache.owns_layer_caches():
+            return held[1], schedule
+        release_decoding(model)
+    make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
+    decoder = make(model, schedule, batch_size, cuda_graph)
+    if cuda_graph:
+        model.__dict__[_HELD_DECODER] = (key, decoder)
+    return decoder, schedule
+
+
+_HELD_DECODER = "_perceiver_fast_held_decoder"
+_IN_USE: list = []  # decoders of the generations running now (a list: decoders need not be hashable)
+
+
+def release_decoding(model: torch.nn.Module) -> None:
+    """Free the decoding buffers and CUDA graphs that :func:`generate` keeps with ``model`` between calls (with
+    ``cuda_graph``, the default on CUDA). The next call allocates and captures them again."""
+    held = model.__dict__.pop(_HELD_DECODER, None)
+    if held is not None:
+        held[1].close()
+
+
+def _is_held(model: torch.nn.Module, decoder: Decoder) -> bool:
+    held = model.__dict__.get(_HELD_DECODER)
+    return held is not None and held[1] is decoder
 
 
 def _threshold_top_k(threshold: float, vocab_size: int) -> int:
@@ -198,6 +251,8 @@ class _Generation:
     stop_ids: torch.Tensor
     pad_token_id: int
     progress: bool
+    stop_check_every: int = 1
+    done_at: int | None = None  # the step after which every row had stopped (set when generation ends early)
 
 
 def stream(
@@ -219,12 +274,21 @@ def stream(
     cache_mode: str = "exact",
     stride: int | None = None,
     progress: bool = False,
+    cuda_graph: bool | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``[b]`` per step, as it is chosen; arguments as :func:`generate`.
 
     Every argument is checked here, when ``stream`` is called, not at the first ``next()``. While the stream runs the
     model is in eval mode; its training mode is restored when the stream ends or is closed.
     """
+    return _decode(_prepare(**locals()))
+
+
+def _prepare(
+    model, input_ids, max_new_tokens, *, num_latents, do_sample, temperature, top_k, top_p, threshold, pad_mask,
+    generator, eos_token_id, pad_token_id, use_cache, cache_mode, stride, progress, cuda_graph,
+) -> _Generation:  # fmt: skip
+    """Check every argument and build the decoder."""
     device = next(model.parameters()).device
     vocab_size = model.config.vocab_size
     _check_prompt(input_ids, pad_mask, device, vocab_size)
@@ -237,9 +301,13 @@ def stream(
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     stop = sorted(set(_token_ids("eos_token_id", eos_token_id, vocab_size)))
     (pad_token_id,) = _token_ids("pad_token_id", pad_token_id, vocab_size)
-    decoder, schedule = _make_decoder(model, input_ids.shape[0], use_cache, cache_mode, stride)
+    if cuda_graph is None:
+        cuda_graph = device.type == "cuda"
+    elif cuda_graph and device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    decoder, schedule = _make_decoder(model, input_ids.shape[0], use_cache, cache_mode, stride, bool(cuda_graph))
     schedule.initial(input_ids.shape[1], _check_count("num_latents", num_latents, 1))  # raises for a bad window
-    run = _Generation(
+    return _Generation(
         model=model,
         decoder=decoder,
         input_ids=input_ids,
@@ -252,39 +320,56 @@ def stream(
         pad_token_id=pad_token_id,
         progress=progress,
     )
-    return _decode(run)
 
 
 def _decode(run: _Generation) -> Iterator[torch.Tensor]:
     was_training = run.model.training
     run.model.eval()
+    _IN_USE.append(run.decoder)
     try:
         with torch.no_grad():
             yield from _decode_steps(run)
     finally:
+        _IN_USE.remove(run.decoder)
+        if not _is_held(run.model, run.decoder):
+            run.decoder.close()
         run.model.train(was_training)
 
 
 def _decode_steps(run: _Generation) -> Iterator[torch.Tensor]:
-    sequence, pads = run.input_ids, run.pad_mask
-    finished = torch.zeros(sequence.shape[0], dtype=torch.bool, device=sequence.device)
     if run.max_new_tokens == 0:
         return
-    logits = run.decoder.start(sequence, pads, run.num_latents)
+    prompt, device = run.input_ids, run.input_ids.device
+    batch, prompt_len = prompt.shape
+    # The whole sequence is allocated once: a step appends by writing one column, the decoders read views.
+    sequence = torch.empty(batch, prompt_len + run.max_new_tokens, dtype=prompt.dtype, device=device)
+    sequence[:, :prompt_len] = prompt
+    pads = None
+    if run.pad_mask is not None:
+        pads = torch.zeros(batch, sequence.shape[1], dtype=torch.bool, device=device)
+        pads[:, :prompt_len] = run.pad_mask
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    all_done_at = torch.full((), -1, dtype=torch.long, device=device)  # first step after which all had stopped
+    pad_token = torch.full((batch,), run.pad_token_id, dtype=prompt.dtype, device=device)
+    logits = run.decoder.start(prompt, run.pad_mask, run.num_latents)
     for step in tqdm(range(run.max_new_tokens), desc="generating", unit="tok", disable=not run.progress):
-        token = sample_next_token(logits, run.sampling, run.generator).to(sequence.dtype)
-        token = torch.where(finished, torch.full_like(token, run.pad_token_id), token)
+        length = prompt_len + step
+        token = sample_next_token(logits, run.sampling, run.generator).to(prompt.dtype)
+        token = torch.where(finished, pad_token, token)
+        sequence[:, length] = token
         yield token
         if len(run.stop_ids):
             finished |= torch.isin(token, run.stop_ids)
-            if bool(finished.all()):
-                return
+            all_done_at = torch.where((all_done_at < 0) & finished.all(), step, all_done_at)
+            # The stop condition is the only host read of the loop: each step when streaming, in batches otherwise.
+            if (step + 1) % run.stop_check_every == 0 or step + 1 == run.max_new_tokens:
+                done_at = int(all_done_at)
+                if done_at >= 0:
+                    run.done_at = done_at
+                    return
         if step + 1 == run.max_new_tokens:
             return
-        sequence = torch.cat([sequence, token.unsqueeze(1)], dim=1)
-        if pads is not None:
-            pads = torch.cat([pads, pads.new_zeros(pads.shape[0], 1)], dim=1)
-        logits = run.decoder.step(sequence, pads)
+        logits = run.decoder.step(sequence[:, : length + 1], None if pads is None else pads[:, : length + 1])
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
@@ -309,12 +394,48 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
             default ``max_latents // 2``: the latent stack is recomputed once per ``stride`` tokens; exact for that
             schedule), or ``"perceiver-io"`` (perceiver-io 0.11.0's approximate cache, token for token).
         progress: show a progress bar.
+        cuda_graph: replay the cached decoding steps as CUDA graphs (default: on for a model on a CUDA device; the
+            tokens are the same as without). ``False`` runs every step eagerly.
 
     Raises:
         ValueError / TypeError for a bad argument (token ids outside the vocabulary, an empty or right-padded prompt,
         ``num_latents`` or ``stride`` out of range, ...), before any token is generated.
     """
-    tokens = list(stream(model, input_ids, max_new_tokens, **kwargs))
+    run = _prepare(model, input_ids, max_new_tokens, **{**_STREAM_DEFAULTS, **_known(kwargs)})
+    if input_ids.device.type == "cuda":
+        run.stop_check_every = STOP_CHECK_EVERY
+    tokens = list(_decode(run))
+    if run.done_at is not None:
+        tokens = tokens[: run.done_at + 1]  # steps checked in a batch may have run past the stop
     if not tokens:
         return input_ids
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
+
+
+_STREAM_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(stream).parameters.items()
+    if parameter.kind is inspect.Parameter.KEYWORD_ONLY
+}
+
+
+def _known(kwargs: dict) -> dict:
+    unknown = sorted(set(kwargs) - set(_STREAM_DEFAULTS))
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments: {', '.join(unknown)}")
+    return kwargs
+
+
+class GenerationMixin:
+    """``model.generate(...)`` and ``model.stream(...)`` for Perceiver AR sequence models (mixed into the task models,
+    so that the model layers need not import generation)."""
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Append up to ``max_new_tokens`` tokens; see :func:`perceiver_fast.generation.generate` for the options
+        (sampling, left-padded batches, stop tokens, ``use_cache``, ``cache_mode`` and ``cuda_graph``)."""
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
+        """Yield each new token ``[b]`` as it is chosen; arguments as :meth:`generate`."""
+        return stream(self, input_ids, max_new_tokens, **kwargs)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 # Up to this many queries a call is a decoding step over a cache (split-KV kernels, bandwidth-bound).
 DECODE_MAX_QUERIES = 16
@@ -84,9 +85,7 @@ NO_CUDA = "torch sees no CUDA device (fake or meta CUDA tensors only)"
 def host_readable(t: torch.Tensor) -> bool:
     """Whether reading ``t``'s values costs nothing: a real CPU tensor, outside ``torch.compile`` tracing. On a GPU a
     read is a device sync; meta and fake tensors (``FakeTensorMode``, tracing) have no values at all."""
-    from torch._subclasses.fake_tensor import is_fake
-
-    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not is_fake(t)
+    return t.device.type == "cpu" and not isinstance(t, FakeTensor) and not torch.compiler.is_compiling()
 
 
 class AttentionBackend(Protocol):

@@ -113,7 +113,7 @@ def test_rotary_only_window_slides_in_place_with_constant_memory(stride, monkeyp
     schedule = WindowSchedule(12, 4, stride=stride)
     prompt, pad_mask = _prompt(pads=(0, 3))
     full_decoder, cached_decoder = FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2)
-    buffers = cached_decoder.cache.cross_k.data_ptr(), cached_decoder.cache.cross_k.shape
+    buffers = [(t.data_ptr(), t.shape) for t in cached_decoder.cache.state_tensors()]
     prefills = []
     original = cached_decoder.cache.prefill
     monkeypatch.setattr(cached_decoder.cache, "prefill", lambda *a, **k: prefills.append(1) or original(*a, **k))
@@ -121,7 +121,7 @@ def test_rotary_only_window_slides_in_place_with_constant_memory(stride, monkeyp
     for step, (expected, got) in enumerate(zip(full, cached)):
         assert max_rel_error(got, expected) <= 1e-5, step
     assert len(prefills) == 1  # only the prompt
-    assert (cached_decoder.cache.cross_k.data_ptr(), cached_decoder.cache.cross_k.shape) == buffers
+    assert [(t.data_ptr(), t.shape) for t in cached_decoder.cache.state_tensors()] == buffers
 
 
 def test_generate_modes_agree_where_they_must():

@@ -228,3 +228,25 @@ def test_unchecked_out_of_range_bounds_act_as_clamped(causal, device, backend):
 
 def test_every_built_in_backend_is_registered():
     assert {"eager", "triton", "cuda", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flash-attn"} <= set(BACKENDS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_no_host_sync_on_the_hot_path(backend):
+    """The op reads no tensor value back from a GPU (a device sync per call): bounds included, every backend."""
+    _skip_unless_available("cuda")
+    q, k, v = (t.detach() for t in _inputs((2, 16, 300, 4, 4, 64, 64, True), torch.bfloat16, "cuda"))
+    kv_start = torch.tensor([0, 17], dtype=torch.int32, device="cuda")
+    kv_len = torch.tensor([300, 250], dtype=torch.int32, device="cuda")
+    for kwargs in (dict(causal=True), dict(causal=True, kv_start=kv_start, kv_len=kv_len)):
+        try:
+            explain(q, k, v, backend=backend, **kwargs)
+        except RuntimeError:
+            continue  # this backend cannot run the call
+        attention(q, k, v, backend=backend, **kwargs)  # compile and tune first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            attention(q, k, v, backend=backend, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

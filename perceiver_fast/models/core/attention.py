@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from perceiver_fast.kernels import attention
+from perceiver_fast.models.core.kv_cache import KVCache
 from perceiver_fast.models.core.masking import padding_bounds, rows_without_keys
 from perceiver_fast.models.core.position import RotaryPositionEmbedding
 from perceiver_fast.models.core.utils import Residual, run_checkpointed
@@ -60,6 +61,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(num_kv_input_channels, num_v_channels, bias=qkv_bias)
         self.o_proj = nn.Linear(num_v_channels, num_output_channels, bias=out_bias)
         self.dropout = nn.Dropout(dropout)
+        self.kv_cache: KVCache | None = None  # set up for decoding (setup_cache), not part of the state dict
 
     def forward(
         self,
@@ -111,6 +113,50 @@ class MultiHeadAttention(nn.Module):
     def project_output(self, o: torch.Tensor) -> torch.Tensor:
         """``[b, n, heads, v_channels_per_head] -> [b, n, output_channels]``."""
         return self.o_proj(o.flatten(-2))
+
+    # Decoding with a key/value cache owned by this layer (gpt-fast's pattern): keys and values are written in place
+    # and queries attend to the cache under per-row key bounds, so every shape stays fixed from step to step.
+
+    def setup_cache(self, batch: int, capacity: int, *, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        """Allocate (or replace) this layer's cache: ``capacity`` positions for ``batch`` rows."""
+        heads = self.num_heads
+        self.kv_cache = KVCache(
+            batch, capacity, heads, self.num_qk_channels // heads, self.num_v_channels // heads,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+        return self.kv_cache
+
+    def release_cache(self) -> None:
+        self.kv_cache = None
+
+    def _cache(self) -> KVCache:
+        if self.kv_cache is None:
+            raise RuntimeError("this attention layer has no key/value cache: call setup_cache() first")
+        return self.kv_cache
+
+    def write_cache(
+        self, x_kv: torch.Tensor, position: int | torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
+    ) -> None:
+        """Project ``x_kv [b, n, c]`` to keys (rotated) and values and store them at ``position`` onwards."""
+        self._cache().write(position, *self.project_keys_values(x_kv, rot_pos_emb))
+
+    def attend_cache(
+        self,
+        q: torch.Tensor,
+        *,
+        causal: bool = False,
+        kv_start: torch.Tensor | None = None,
+        kv_len: torch.Tensor | None = None,
+        limit: int | None = None,
+        return_lse: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Projected queries ``[b, n, heads, d]`` attend to the cached keys ``[kv_start, kv_len)`` of each row, among
+        the first ``limit`` positions (``None``: all; a fixed limit is a view, where per-row bounds are a mask)."""
+        cache = self._cache()
+        k, v = (cache.k, cache.v) if limit is None else (cache.k[:, :limit], cache.v[:, :limit])
+        return attention(
+            q, k, v, causal=causal, kv_start=kv_start, kv_len=kv_len, scale=self.dp_scale, return_lse=return_lse
+        )
 
 
 class CrossAttention(nn.Module):
@@ -223,6 +269,18 @@ class _AttentionLayer(nn.Sequential):
     activation_checkpointing: bool = False
     activation_offloading: bool = False
 
+    @property
+    def attention_module(self) -> nn.Module:
+        """The ``CrossAttention`` / ``SelfAttention`` inside the (optional) residual wrapper."""
+        return self[0].module if isinstance(self[0], Residual) else self[0]
+
+    def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer after its attention: output projection, residual, residual MLP."""
+        out = self.attention_module.attention.project_output(attended)
+        if isinstance(self[0], Residual):
+            out = x + self[0].dropout(out)
+        return self[1](out)
+
     def _attend_and_mix(self, *args, **kwargs) -> torch.Tensor:
         return self[1](self[0](*args, **kwargs))
 
@@ -273,6 +331,30 @@ class CrossAttentionLayer(_AttentionLayer):
         self.activation_checkpointing = activation_checkpointing
         self.activation_offloading = activation_offloading
 
+    # Cached decoding (Perceiver AR): the queries are latents; a latent's keys/values are made with q_norm, a prefix
+    # position's with kv_norm, and both live in this layer's cache (see MultiHeadAttention.setup_cache).
+
+    def queries(self, x: torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None) -> torch.Tensor:
+        """Projected (and rotated) queries of the latents ``x [b, n, c]``."""
+        cross = self.attention_module
+        return cross.attention.project_queries(cross.q_norm(x), rot_pos_emb)
+
+    def write_cache(
+        self,
+        x: torch.Tensor,
+        position: int | torch.Tensor,
+        rot_pos_emb: RotaryPositionEmbedding | None = None,
+        *,
+        prefix: bool,
+    ) -> None:
+        """Store the keys/values of positions ``x [b, n, c]``, as prefix (``kv_norm``) or as latents (``q_norm``)."""
+        cross = self.attention_module
+        cross.attention.write_cache((cross.kv_norm if prefix else cross.q_norm)(x), position, rot_pos_emb)
+
+    def attend_cache(self, q: torch.Tensor, **bounds) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``q`` attends to the cached keys; ``bounds`` as :meth:`MultiHeadAttention.attend_cache`."""
+        return self.attention_module.attention.attend_cache(q, **bounds)
+
 
 class SelfAttentionLayer(_AttentionLayer):
     def __init__(
@@ -311,6 +393,29 @@ class SelfAttentionLayer(_AttentionLayer):
         self.num_v_channels = self_attn.attention.num_v_channels
         self.activation_checkpointing = activation_checkpointing
         self.activation_offloading = activation_offloading
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        position: int | torch.Tensor,
+        *,
+        rot_pos_emb: RotaryPositionEmbedding | None = None,
+        kv_start: torch.Tensor | None = None,
+        kv_len: torch.Tensor | None = None,
+        limit: int | None = None,
+    ) -> torch.Tensor:
+        """The layer for rows ``x [b, n, c]`` that sit at cache positions ``position .. position + n - 1``.
+
+        Their keys/values are written into the layer's cache and the rows attend causally to the cache's keys
+        ``[kv_start, kv_len)`` (``[b]`` tensors) among its first ``limit`` positions (an int), which must end with the
+        rows themselves.
+        """
+        self_attn = self.attention_module
+        normed = self_attn.norm(x)
+        q = self_attn.attention.project_queries(normed, rot_pos_emb)
+        self_attn.attention.write_cache(normed, position, rot_pos_emb)
+        attended = self_attn.attention.attend_cache(q, causal=True, kv_start=kv_start, kv_len=kv_len, limit=limit)
+        return self.finish(x, attended)
 
 
 class SelfAttentionBlock(nn.Sequential):

@@ -2,8 +2,7 @@
 expected and what the file holds.
 
 Shared by our own format (:mod:`perceiver_fast.models.core.pretrained`) and perceiver-io's formats
-(:mod:`perceiver_fast.models.artifacts`). It lives below both because ``artifacts`` imports every model class, and
-the model classes import ``pretrained``: neither of those can be what the other imports at load time.
+(:mod:`perceiver_fast.models.core.perceiver_io_artifacts`), both of which sit below the model classes.
 """
 
 from __future__ import annotations
@@ -20,7 +19,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["build_config", "load_state_strict", "read_json_object", "read_safetensors"]
+__all__ = ["CONFIG_FILE", "build_config", "load_state_strict", "read_json_object", "read_safetensors"]
+
+# Where a saved model directory keeps its config, in our format and in Hugging Face's (perceiver-io's wrappers).
+CONFIG_FILE = "config.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -137,6 +136,30 @@ class PerceiverAR(nn.Module):
         h = self.self_attention(h, rot_pos_emb=RotaryPositionEmbedding(angles_latent, right_align=True))
         return PerceiverAROutput(last_hidden_state=h)
 
+    def setup_caches(
+        self,
+        batch: int,
+        *,
+        seq_capacity: int,
+        latent_capacity: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """Give every attention layer its own key/value cache for decoding: the cross-attention one for
+        ``seq_capacity`` positions, each latent self-attention layer one for ``latent_capacity``. Dtype and device
+        default to the parameters'."""
+        param = next(self.parameters())
+        dtype, device = dtype or param.dtype, device or param.device
+        self.cross_attention.attention_module.attention.setup_cache(batch, seq_capacity, dtype=dtype, device=device)
+        for layer in self.self_attention:
+            layer.attention_module.attention.setup_cache(batch, latent_capacity, dtype=dtype, device=device)
+
+    def release_caches(self) -> None:
+        """Free the decoding caches (:meth:`setup_caches`)."""
+        self.cross_attention.attention_module.attention.release_cache()
+        for layer in self.self_attention:
+            layer.attention_module.attention.release_cache()
+
 
 class CausalSequenceModel(PretrainedMixin, PerceiverAR):
     """A Perceiver AR over token ids with tied output embedding: perceiver-io's ``CausalSequenceModel``."""
@@ -182,23 +205,11 @@ class CausalSequenceModel(PretrainedMixin, PerceiverAR):
         if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] > self.max_seq_len:
             raise ValueError(f"sequence length {x.shape[1]} exceeds max_seq_len ({self.max_seq_len})")
         output = super().forward(x, prefix_len=prefix_len, pad_mask=pad_mask)
-        h = output.last_hidden_state
-        if self.config.output_norm:
-            h = self.out_norm(h)
-        output.last_hidden_state = h
-        output.logits = self.output_adapter(h, txt_embedding=self.input_adapter.txt_embedding)
+        output.last_hidden_state, output.logits = self.head(output.last_hidden_state)
         return output
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Append up to ``max_new_tokens`` tokens; see :func:`perceiver_fast.generation.generate` for the options
-        (sampling, left-padded batches, stop tokens, ``use_cache`` and ``cache_mode``)."""
-        from perceiver_fast.generation import generate  # generation builds on models, not the other way round
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
-
-    def stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> Iterator[torch.Tensor]:
-        """Yield each new token ``[b]`` as it is chosen; arguments as :meth:`generate`."""
-        from perceiver_fast.generation import stream
-
-        return stream(self, input_ids, max_new_tokens, **kwargs)
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output norm (if any) and the tied-embedding logits of latent states ``h``: ``(normed h, logits)``."""
+        if self.config.output_norm:
+            h = self.out_norm(h)
+        return h, self.output_adapter(h, txt_embedding=self.input_adapter.txt_embedding)

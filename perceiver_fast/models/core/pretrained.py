@@ -20,9 +20,17 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from perceiver_fast.models.core.loading import build_config, load_state_strict, read_json_object, read_safetensors
+from perceiver_fast.models.core import perceiver_io_artifacts
+from perceiver_fast.models.core.loading import (
+    CONFIG_FILE,
+    build_config,
+    load_state_strict,
+    read_json_object,
+    read_safetensors,
+)
 
-CONFIG_FILE = "config.json"
+__all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "PretrainedMixin"]
+
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "perceiver_fast"
 
@@ -92,21 +100,16 @@ class PretrainedMixin:
         load_state_strict(model, read_safetensors(weights_path), str(weights_path))
         return model.to(map_location).eval()
 
-    # --- perceiver-io artifacts (implemented in perceiver_fast.models.artifacts, imported late: it imports the
-    # --- model classes, which import this module)
+    # --- perceiver-io's artifacts: read below the model classes, which pass themselves as the class to build
 
     @classmethod
     def _from_perceiver_io_pretrained(cls, directory: Path, map_location: str | torch.device) -> Any:
         """``from_pretrained`` on a directory written by perceiver-io's Hugging Face ``save_pretrained``."""
-        from perceiver_fast.models.artifacts import load_perceiver_io_pretrained
-
-        return load_perceiver_io_pretrained(directory, model_class=cls, map_location=map_location)
+        return perceiver_io_artifacts.load_perceiver_io_pretrained(directory, cls, map_location)
 
     @classmethod
     def from_lightning_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Any:
         """Load a Lightning checkpoint saved by perceiver-io's ``Lit*`` module of this model type, without
         perceiver-io installed; a checkpoint of another model type raises ``ValueError`` naming both (see
         :func:`perceiver_fast.models.artifacts.from_lightning_checkpoint`)."""
-        from perceiver_fast.models.artifacts import from_lightning_checkpoint
-
-        return from_lightning_checkpoint(path, model_class=cls, map_location=map_location)
+        return perceiver_io_artifacts.from_lightning_checkpoint(path, cls, map_location)

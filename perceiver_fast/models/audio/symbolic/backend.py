@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from perceiver_fast.generation.generate import GenerationMixin
 from perceiver_fast.models.core.config import CausalSequenceModelConfig
 from perceiver_fast.models.core.perceiver_ar import CausalSequenceModel
+from perceiver_fast.models.core.registry import register_model_type
 
 
 @dataclass
@@ -17,7 +19,8 @@ class SymbolicAudioModelConfig(CausalSequenceModelConfig):
     """perceiver-io's ``SymbolicAudioModelConfig``: the same fields and defaults as ``CausalSequenceModelConfig``."""
 
 
-class SymbolicAudioModel(CausalSequenceModel):
+@register_model_type("perceiver-ar-symbolic-audio-model", "PerceiverSymbolicAudioModel", "LitSymbolicAudioModel")
+class SymbolicAudioModel(GenerationMixin, CausalSequenceModel):
     """Perceiver AR over symbolic audio tokens: ``forward(x, prefix_len, pad_mask=None)`` gives latent logits."""
 
     config_class = SymbolicAudioModelConfig

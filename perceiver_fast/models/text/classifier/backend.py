@@ -5,14 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from perceiver_fast.models.convert import transformers_reader
 from perceiver_fast.models.core.config import ClassificationDecoderConfig, PerceiverIOConfig
 from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
 from perceiver_fast.models.core.perceiver_io import PerceiverIO, classification_decoder
+from perceiver_fast.models.core.registry import register_model_type
 from perceiver_fast.models.text.mlm.backend import TextEncoder, TextEncoderConfig
 
 TextClassifierConfig = PerceiverIOConfig[TextEncoderConfig, ClassificationDecoderConfig]
 
 
+@register_model_type("perceiver-io-text-classifier", "PerceiverTextClassifier", "LitTextClassifier")
 class TextClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
     """Token ids ``[b, n]`` -> class logits ``[b, num_classes]`` (one learned output query when
     ``num_output_queries == 1``; with more queries the logits keep a query axis, as in perceiver-io)."""
@@ -35,6 +38,4 @@ class TextClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
     def from_transformers(cls, model: nn.Module) -> TextClassifier:
         """Convert a ``transformers.PerceiverForSequenceClassification`` (config and weights); see
         :func:`perceiver_fast.models.convert.transformers.text_classifier_from_transformers`."""
-        from perceiver_fast.models.convert.transformers import text_classifier_from_transformers
-
-        return text_classifier_from_transformers(model)
+        return transformers_reader.text_classifier(model, cls)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from perceiver_fast.generation.generate import GenerationMixin
 from perceiver_fast.models.core.config import CausalSequenceModelConfig
 from perceiver_fast.models.core.perceiver_ar import CausalSequenceModel
+from perceiver_fast.models.core.registry import register_model_type
 
 
 @dataclass
@@ -13,7 +15,8 @@ class CausalLanguageModelConfig(CausalSequenceModelConfig):
     """perceiver-io's ``CausalLanguageModelConfig``: the same fields and defaults."""
 
 
-class CausalLanguageModel(CausalSequenceModel):
+@register_model_type("perceiver-ar-causal-language-model", "PerceiverCausalLanguageModel", "LitCausalLanguageModel")
+class CausalLanguageModel(GenerationMixin, CausalSequenceModel):
     """Perceiver AR language model over token ids (UTF-8 bytes by default: ``vocab_size=262``)."""
 
     config_class = CausalLanguageModelConfig

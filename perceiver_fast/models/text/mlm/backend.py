@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from perceiver_fast.models.convert import transformers_reader
 from perceiver_fast.models.core.adapter import (
     OutputAdapter,
     TiedTokenOutputAdapter,
@@ -20,6 +21,7 @@ from perceiver_fast.models.core.adapter import (
 from perceiver_fast.models.core.config import DecoderConfig, EncoderConfig, PerceiverIOConfig
 from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
 from perceiver_fast.models.core.perceiver_io import PerceiverDecoder, PerceiverEncoder, PerceiverIO
+from perceiver_fast.models.core.registry import register_model_type
 from perceiver_fast.models.core.utils import freeze
 
 
@@ -113,6 +115,7 @@ class TokenOutputAdapter(OutputAdapter):
 TextDecoder = PerceiverDecoder
 
 
+@register_model_type("perceiver-io-masked-language-model", "PerceiverMaskedLanguageModel", "LitMaskedLanguageModel")
 class MaskedLanguageModel(PerceiverIOPretrainedMixin, PerceiverIO):
     """Perceiver IO masked language model: token ids ``[b, n]`` -> logits ``[b, n, vocab_size]``.
 
@@ -173,6 +176,4 @@ class MaskedLanguageModel(PerceiverIOPretrainedMixin, PerceiverIO):
     def from_transformers(cls, model: nn.Module) -> MaskedLanguageModel:
         """Convert a ``transformers.PerceiverForMaskedLM`` (config and weights); see
         :func:`perceiver_fast.models.convert.transformers.masked_lm_from_transformers`."""
-        from perceiver_fast.models.convert.transformers import masked_lm_from_transformers
-
-        return masked_lm_from_transformers(model)
+        return transformers_reader.masked_lm(model, cls)

@@ -11,11 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from perceiver_fast.models.convert import transformers_reader
 from perceiver_fast.models.core.adapter import InputAdapter
 from perceiver_fast.models.core.config import ClassificationDecoderConfig, EncoderConfig, PerceiverIOConfig
 from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
 from perceiver_fast.models.core.perceiver_io import PerceiverEncoder, PerceiverIO, classification_decoder
 from perceiver_fast.models.core.position import FourierPositionEncoding
+from perceiver_fast.models.core.registry import register_model_type
 
 
 @dataclass
@@ -51,6 +53,7 @@ class ImageInputAdapter(InputAdapter):
         return torch.cat([x.reshape(b, -1, self.image_shape[-1]), x_pos], dim=-1)
 
 
+@register_model_type("perceiver-io-image-classifier", "PerceiverImageClassifier", "LitImageClassifier")
 class ImageClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
     """Images ``[b, h, w, c]`` -> class logits ``[b, num_classes]``.
 
@@ -91,6 +94,4 @@ class ImageClassifier(PerceiverIOPretrainedMixin, PerceiverIO):
         """Convert a ``transformers.PerceiverForImageClassificationFourier`` (config and weights); see
         :func:`perceiver_fast.models.convert.transformers.image_classifier_from_transformers`. It takes images
         channels first, this model channels last."""
-        from perceiver_fast.models.convert.transformers import image_classifier_from_transformers
-
-        return image_classifier_from_transformers(model)
+        return transformers_reader.image_classifier(model, cls)

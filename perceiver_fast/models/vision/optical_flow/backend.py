@@ -12,11 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from perceiver_fast.models.convert import transformers_reader
 from perceiver_fast.models.core.adapter import InputAdapter, OutputAdapter, QueryProvider
 from perceiver_fast.models.core.config import DecoderConfig, EncoderConfig, PerceiverIOConfig
 from perceiver_fast.models.core.io_config import PerceiverIOPretrainedMixin
 from perceiver_fast.models.core.perceiver_io import PerceiverDecoder, PerceiverEncoder, PerceiverIO
 from perceiver_fast.models.core.position import FourierPositionEncoding
+from perceiver_fast.models.core.registry import register_model_type
 
 
 @dataclass
@@ -107,6 +109,7 @@ class OpticalFlowQueryProvider(nn.Module, QueryProvider):
         return x
 
 
+@register_model_type("perceiver-io-optical-flow", "OpticalFlowPerceiver", None)
 class OpticalFlow(PerceiverIOPretrainedMixin, PerceiverIO):
     """Frame patches ``[b, 2, num_patch_input_channels, h, w]`` -> flow ``[b, h, w, 2]``.
 
@@ -161,6 +164,4 @@ class OpticalFlow(PerceiverIOPretrainedMixin, PerceiverIO):
     def from_transformers(cls, model: nn.Module) -> OpticalFlow:
         """Convert a ``transformers.PerceiverForOpticalFlow`` (config and weights); see
         :func:`perceiver_fast.models.convert.transformers.optical_flow_from_transformers`."""
-        from perceiver_fast.models.convert.transformers import optical_flow_from_transformers
-
-        return optical_flow_from_transformers(model)
+        return transformers_reader.optical_flow(model, cls, NUM_FRAMES)

@@ -1,0 +1,184 @@
+"""Decoding steps are what a CUDA graph can capture: fixed buffers and no host reads.
+
+On CPU (no graphs here) two properties prove it: every step kind reuses the same tensors step after step (nothing is
+reallocated, so a captured graph's addresses stay valid), and no step reads a tensor back to the host (which on a GPU
+is a device sync, and inside a capture an error). The op's CPU path may read key bounds for free; here it is made to
+take the path it takes on a GPU. On a GPU, the graph tests compare captured and eager decoding token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from perceiver_fast.generation import CachedDecoder, FullForwardDecoder, PerceiverIODecoder, WindowSchedule
+from perceiver_fast.kernels import api, reference
+from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+from tests.generation.test_cache import _drive, _prompt
+from tests.oracle import max_rel_error
+
+SMALL = dict(num_channels=32, num_heads=2, num_self_attention_layers=3, max_latents=4, max_seq_len=12)
+
+
+class HostReadError(AssertionError):
+    pass
+
+
+def _refuse(*args, **kwargs):
+    raise HostReadError("a decoding step read a tensor back to the host")
+
+
+class NoHostReads(TorchDispatchMode):
+    """Fails on anything that turns tensor data into Python values: ``item``, ``int``, ``bool``, ``if t:`` (all
+    ``aten._local_scalar_dense``), and ``tolist``/``numpy``, which do not dispatch and are patched while it is on."""
+
+    def __enter__(self):
+        self._saved = torch.Tensor.tolist, torch.Tensor.numpy
+        torch.Tensor.tolist = torch.Tensor.numpy = _refuse
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist, torch.Tensor.numpy = self._saved
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            _refuse()
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def gpu_like_op(monkeypatch):
+    """The op reads no bounds value on a GPU; make its CPU path do the same."""
+    for module in (api, reference):
+        monkeypatch.setattr(module, "host_readable", lambda t: False)
+
+
+def _model(**overrides):
+    return CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, **overrides})).eval()
+
+
+def _step_kinds(decoder):
+    return decoder.cache.graphs._seen if hasattr(decoder.cache, "graphs") else {}
+
+
+@pytest.mark.parametrize(
+    "mode, abs_pos_emb, stride",
+    [("exact", True, 1), ("exact", False, 1), ("strided", False, 2), ("strided", True, 3), ("perceiver-io", True, 1)],
+)
+def test_steps_reuse_their_buffers_and_read_nothing_back(mode, abs_pos_emb, stride, gpu_like_op):
+    """Latents grow, the prefix grows, the window slides (in place for rotary-only models): every step that is
+    captured on a GPU runs under a mode that fails on a host read, and leaves every state tensor where it was."""
+    model = _model(abs_pos_emb=abs_pos_emb)
+    schedule = WindowSchedule(12, 4, stride=stride)
+    decoder = PerceiverIODecoder(model, schedule, 2) if mode == "perceiver-io" else CachedDecoder(model, schedule, 2)
+    cache = decoder.cache.cache if mode == "perceiver-io" else decoder.cache
+    prompt, pad_mask = _prompt(pads=(0, 1))  # pads in the prefix only: every step is one a GPU captures
+    sequence, pads = prompt, pad_mask
+    logits = decoder.start(sequence, pads, 1)
+    buffers = [(t.data_ptr(), t.shape) for t in cache.state_tensors()]
+    steps_checked = 0
+    for _ in range(20):
+        token = logits.argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        pads = torch.cat([pads, torch.zeros_like(pads[:, :1])], dim=1)
+        window_full = sequence.shape[1] > schedule.max_seq_len
+        rebuild = mode != "perceiver-io" and window_full and abs_pos_emb  # eager by design: a full prefill
+        if rebuild:
+            logits = decoder.step(sequence, pads)
+            continue
+        with NoHostReads():
+            logits = decoder.step(sequence, pads)
+        steps_checked += 1
+        assert [(t.data_ptr(), t.shape) for t in cache.state_tensors()] == buffers
+    assert steps_checked >= 5
+
+
+def test_the_guard_catches_a_host_read(gpu_like_op):
+    with pytest.raises(HostReadError), NoHostReads():
+        bool(torch.ones(2).sum() > 1)
+    with pytest.raises(HostReadError), NoHostReads():
+        torch.ones(2).tolist()
+    assert torch.ones(2).tolist() == [1.0, 1.0]  # restored
+
+
+@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+def test_generate_accepts_cuda_graph_only_on_cuda(mode):
+    model = _model()
+    prompt = torch.randint(6, 262, (1, 4))
+    kwargs = dict(cache_mode=mode, stride=2 if mode == "strided" else None)
+    with pytest.raises(ValueError, match="cuda_graph=True needs the model on a CUDA device"):
+        model.generate(prompt, 3, cuda_graph=True, **kwargs)
+    assert torch.equal(model.generate(prompt, 3, cuda_graph=False, **kwargs), model.generate(prompt, 3, **kwargs))
+
+
+# --- on a GPU: captured graphs against eager steps
+
+
+def _cuda_model(**overrides):
+    return CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, "max_seq_len": 64, "max_latents": 16,
+                                                           **overrides})).cuda().eval()  # fmt: skip
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+@pytest.mark.parametrize("abs_pos_emb", [True, False])
+@pytest.mark.parametrize("sampling", ["greedy", "seeded"])
+def test_graph_and_eager_decoding_give_the_same_tokens(mode, abs_pos_emb, sampling):
+    model = _cuda_model(abs_pos_emb=abs_pos_emb)
+    prompt = torch.randint(6, 262, (3, 40), device="cuda")
+    pad_mask = torch.zeros_like(prompt, dtype=torch.bool)
+    pad_mask[1, :9] = True
+    kwargs = dict(num_latents=4, pad_mask=pad_mask, cache_mode=mode, stride=8 if mode == "strided" else None)
+    if sampling == "seeded":
+        kwargs.update(do_sample=True, top_k=20)
+    runs = []
+    for cuda_graph in (True, False):
+        generator = torch.Generator(device="cuda").manual_seed(7) if sampling == "seeded" else None
+        runs.append(model.generate(prompt, 60, generator=generator, cuda_graph=cuda_graph, **kwargs))
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+def test_captured_steps_run_without_a_device_sync(mode):
+    """``torch.cuda.set_sync_debug_mode("error")`` around the decoding steps: any host read raises."""
+    model = _cuda_model(abs_pos_emb=False)
+    schedule = WindowSchedule(64, 16, stride=8 if mode == "strided" else 1)
+    make = PerceiverIODecoder if mode == "perceiver-io" else CachedDecoder
+    decoder = make(model, schedule, 2, cuda_graph=True)
+    reference_decoder = FullForwardDecoder(model, schedule)
+    prompt, pad_mask = _prompt(length=40, pads=(0, 3))
+    prompt, pad_mask = prompt.cuda(), pad_mask.cuda()
+    sequence, pads = prompt, pad_mask
+    logits = decoder.start(sequence, pads, 4)
+    reference_decoder.start(sequence, pads, 4)
+    for step in range(40):
+        token = logits.argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        pads = torch.cat([pads, torch.zeros_like(pads[:, :1])], dim=1)
+        expected = reference_decoder.step(sequence, pads)
+        torch.cuda.synchronize()
+        if step >= 4:  # past the warm-up runs, which compile and tune kernels
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            logits = decoder.step(sequence, pads)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        if mode != "perceiver-io":
+            assert max_rel_error(logits, expected) <= 1e-4, step
+    assert decoder.cache.graphs.captured, "no step kind was captured"
+
+
+@pytest.mark.gpu
+def test_cached_decoding_equals_full_forwards_with_graphs():
+    model = _cuda_model()
+    schedule = WindowSchedule(64, 16)
+    prompt, pad_mask = _prompt(length=40, pads=(0, 7))
+    full, cached = _drive(
+        [FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2, cuda_graph=True)],
+        prompt.cuda(), pad_mask.cuda(), 4, 40,
+    )  # fmt: skip
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert max_rel_error(got, expected) <= 1e-4, step
