@@ -64,6 +64,7 @@ class _DecodingBase:
         self.cross = model.cross_attention
         self.self_layers = list(model.self_attention)
         self.graphs = StepGraphs(cuda_graph)
+        self._own_caches: list = []  # the layers' caches this decoder allocated (set by _claim_layer_caches)
         # The token a step consumes: copied in before the step, so that a captured step reads it from here.
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
 

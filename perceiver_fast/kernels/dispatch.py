@@ -3,9 +3,10 @@
 Backends only say whether they *can* run a call exactly; this module decides which one *should*. On a CUDA device it
 looks the call's class up in the dispatch table measured for that device's compute capability (JSON files in
 ``dispatch_tables/``, written by ``python -m benchmarks kernels --write-dispatch-table`` from a benchmark run whose raw
-results are committed under ``benchmarks/results/``). A class is (dtype, regime, head-dim class, key bounds or
-not, gradients or not); its row lists the backends fastest first. The first one in that list that can run the call
-wins. Where no row applies (another device, an unmeasured class, or none of the row's backends can run the call),
+results are committed under ``benchmarks/results/``). A class is (dtype, regime, head-dim class, key-length class,
+key bounds or not, gradients or not); its row lists the backends fastest first. The first one in that list that can
+run the call wins. A class that was not measured at its length takes the row of the nearest measured length of the
+same kind. Where no row applies (another device, an unmeasured kind, or none of the row's backends can run the call),
 the conservative order does: PyTorch's SDPA kernels for what they run exactly, our kernels for what they cannot (key
 bounds, the log-sum-exp), eager last. That keeps the rule the tables enforce: ``auto`` is never slower than the
 ``F.scaled_dot_product_attention`` a user would otherwise call.
@@ -17,6 +18,7 @@ row names them, that is, where they measured fastest.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -36,6 +38,7 @@ class ProblemClass:
     dtype: str
     regime: str
     head_dim: int
+    keys: int
     bounds: bool
     grad: bool
 
@@ -45,14 +48,21 @@ class ProblemClass:
             dtype=str(problem.dtype).removeprefix("torch."),
             regime=problem.regime,
             head_dim=problem.head_dim_class,
+            keys=problem.key_class,
             bounds=problem.has_bounds,
             grad=problem.requires_grad,
         )
 
+    @property
+    def kind(self) -> tuple:
+        """Everything but the length: rows of one kind stand in for each other at lengths not measured."""
+        return (self.dtype, self.regime, self.head_dim, self.bounds, self.grad)
+
     def __str__(self) -> str:
         bounds = "key bounds" if self.bounds else "no key bounds"
         grad = "with grad" if self.grad else "no grad"
-        return f"{self.dtype} {self.regime} D<={self.head_dim} {bounds} {grad}"
+        keys = f"{self.keys // 1024}k" if self.keys < 2**20 else f"{self.keys // 2**20}M"
+        return f"{self.dtype} {self.regime} D<={self.head_dim} keys<={keys} {bounds} {grad}"
 
 
 @dataclass(frozen=True)
@@ -76,9 +86,22 @@ def load_table(capability: tuple[int, int]) -> dict[str, Any] | None:
     table = json.loads(path.read_text())
     rows = {}
     for row in table["rows"]:
-        key = ProblemClass(row["dtype"], row["regime"], int(row["head_dim"]), bool(row["bounds"]), bool(row["grad"]))
+        key = ProblemClass(
+            row["dtype"], row["regime"], int(row["head_dim"]), int(row["keys"]), bool(row["bounds"]), bool(row["grad"])
+        )
         rows[key] = row
     return {**table, "rows_by_class": rows}
+
+
+def _nearest_row(rows: dict[ProblemClass, dict], wanted: ProblemClass) -> tuple[ProblemClass, dict] | None:
+    """The row of ``wanted``'s class, or of the nearest measured length of its kind (ties: the shorter)."""
+    if wanted in rows:
+        return wanted, rows[wanted]
+    same_kind = [key for key in rows if key.kind == wanted.kind]
+    if not same_kind:
+        return None
+    nearest = min(same_kind, key=lambda key: (abs(math.log(key.keys / wanted.keys)), key.keys))
+    return nearest, rows[nearest]
 
 
 def policy_for(problem: AttentionProblem) -> Policy:
@@ -94,13 +117,15 @@ def policy_for(problem: AttentionProblem) -> Policy:
             DEFAULT_ORDER_CUDA, f"no dispatch table for sm_{capability[0]}{capability[1]}: the conservative order"
         )
     problem_class = ProblemClass.of(problem)
-    row = table["rows_by_class"].get(problem_class)
-    if row is None:
+    found = _nearest_row(table["rows_by_class"], problem_class)
+    if found is None:
         return Policy(
             DEFAULT_ORDER_CUDA,
             f"{table_name(capability)} has no row for {problem_class}: the conservative order",
         )
-    source = f"{table_name(capability)} row {problem_class} (measured on {table['device']}, {table['date']})"
+    row_class, row = found
+    nearest = "" if row_class == problem_class else f", the nearest measured length for {problem_class}"
+    source = f"{table_name(capability)} row {row_class}{nearest} (measured on {table['device']}, {table['date']})"
     # The conservative order follows the row's backends, for calls none of them can run.
     order = tuple(row["order"]) + tuple(name for name in DEFAULT_ORDER_CUDA if name not in row["order"])
     return Policy(order, source)

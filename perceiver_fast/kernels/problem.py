@@ -59,6 +59,15 @@ class AttentionProblem:
         return "prefix-causal" if self.num_queries < self.num_keys else "causal"
 
     @property
+    def key_class(self) -> int:
+        """The number of keys rounded up to a power of 4 from 1024 (1k, 4k, 16k, 64k, 256k, 1M, ...): the fastest
+        kernel can change with the length, and the tables are measured per length class."""
+        bucket = 1024
+        while bucket < self.num_keys:
+            bucket *= 4
+        return bucket
+
+    @property
     def head_dim_class(self) -> int:
         """The widest head dim rounded up to 64, 128 or 256 (the kernels' tile classes); larger dims are 512."""
         widest = max(self.qk_head_dim, self.v_head_dim)
