@@ -182,3 +182,25 @@ def test_cached_decoding_equals_full_forwards_with_graphs():
     )  # fmt: skip
     for step, (expected, got) in enumerate(zip(full, cached)):
         assert max_rel_error(got, expected) <= 1e-4, step
+
+
+@pytest.mark.gpu
+def test_graphs_are_kept_with_the_model_between_calls_and_released_on_request():
+    from perceiver_fast.generation import release_decoding
+    from perceiver_fast.generation.generate import _HELD_DECODER
+
+    model = _cuda_model(abs_pos_emb=False)
+    prompt = torch.randint(6, 262, (2, 40), device="cuda")
+    first = model.generate(prompt, 40, num_latents=4)
+    decoder = model.__dict__[_HELD_DECODER][1]
+    graphs = dict(decoder.cache.graphs._graphs)
+    assert graphs, "no step was captured"
+    other = torch.randint(6, 262, (2, 40), device="cuda")
+    second = model.generate(other, 40, num_latents=4)
+    assert model.__dict__[_HELD_DECODER][1] is decoder
+    # Replayed, not captured again:
+    assert all(decoder.cache.graphs._graphs[kind] is graph for kind, graph in graphs.items())
+    assert torch.equal(second, model.generate(other, 40, num_latents=4, cuda_graph=False))
+    assert torch.equal(first, model.generate(prompt, 40, num_latents=4, cuda_graph=False))
+    release_decoding(model)
+    assert _HELD_DECODER not in model.__dict__
