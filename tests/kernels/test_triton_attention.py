@@ -16,22 +16,13 @@ from hypothesis import strategies as st
 
 from perceiver_fast.kernels import attention, explain
 from perceiver_fast.kernels.triton.backend import TritonBackend
-from tests.kernels.test_contract import check_against_oracle
+from tests.kernels.test_contract import _inputs, check_against_oracle
 from tests.oracle import attention_oracle, max_rel_error, random_bounds
 
 pytest.importorskip("triton")
 from perceiver_fast.kernels.triton import config  # noqa: E402  (imports triton)
 
 FP32_TOL = {"out": 1e-5, "lse": 1e-5, "grad": 1e-4}  # grads: ds = p * (dp - delta) cancels where p is near one
-
-
-def _inputs(case, dtype, device, generator=None):
-    batch, nq, nk, hq, hkv, dqk, dv, _ = case
-
-    def make(*shape):
-        return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype).requires_grad_()
-
-    return make(batch, nq, hq, dqk), make(batch, nk, hkv, dqk), make(batch, nk, hkv, dv)
 
 
 @pytest.mark.gpu
