@@ -62,6 +62,35 @@ inline dim3 forward_grid(const AttentionParams& p) {
   return dim3(ceil_div(p.nq * p.group, kBlockM), p.batch * p.hkv, p.num_splits);
 }
 
+// The fast forward (attention_flash.cuh): 128 packed rows per block, one warp per 16 rows. Q stays in registers,
+// and a warp's registers hold Q, O and S for its 16 rows (for head dim 128: 32 + 64 + 32 of them), so 32 rows per
+// warp would pass 255; 8 warps x 16 rows is how the block reaches 128 rows, sharing every K/V tile between them.
+constexpr int kFlashBlockM = 128;
+constexpr int kFlashWarps = kFlashBlockM / 16;
+constexpr int kFlashThreads = kFlashWarps * kWarpSize;
+
+// Its head-dim tile for these parameters, or 0 when it does not take them: cp.async moves 16 bytes, so every row
+// start must be 16-byte aligned (vec_ok); head dims up to 32 keep the 64-row tile of attention_fwd.cuh.
+__host__ __device__ constexpr int flash_head_dim(int dqk, int dv, int vec_ok) {
+  const int tile = head_dim_tile(dqk, dv);
+  return vec_ok && (tile == 64 || tile == 128) ? tile : 0;
+}
+
+// Pipeline depth the launcher uses: K/V tiles of 8 KiB (d64) or 16 KiB (d128) each. Three stages at d64 (64 KiB
+// with Q, two blocks per SM); two at d128 (96 KiB: one block per SM, which its registers allow anyway, and under
+// the 99 KiB an sm_86/sm_89 block may have).
+__host__ __device__ constexpr int flash_stages(int head_dim) { return head_dim <= 64 ? 3 : 2; }
+
+// Q tile plus `stages` K and V tiles, unpadded (the swizzle keeps ldmatrix free of bank conflicts).
+template <class T>
+__host__ __device__ constexpr std::size_t flash_smem_bytes(int head_dim, int stages) {
+  return sizeof(T) * static_cast<std::size_t>(kFlashBlockM + 2 * stages * kBlockN) * head_dim;
+}
+
+inline dim3 flash_grid(const AttentionParams& p) {
+  return dim3(ceil_div(p.nq * p.group, kFlashBlockM), p.batch * p.hkv, p.num_splits);
+}
+
 inline dim3 combine_grid(const AttentionParams& p) { return dim3(p.batch * p.hq * p.nq); }
 
 constexpr int kCombineThreads = 64;

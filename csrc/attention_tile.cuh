@@ -1,6 +1,6 @@
 // The two inner products of a 64x64 attention tile, S = Q·K^T and O += P·V, in two interchangeable flavours:
-//   MmaTile  - tensor cores (sm_80 mma.sync.m16n8k16, fp16/bf16 operands, fp32 accumulate); on the CPU its bf16
-//              form runs with the instruction emulated (cpu_mma.h), which checks the fragment code without a GPU;
+//   MmaTile  - tensor cores (sm_80 mma.sync.m16n8k16, fp16/bf16 operands, fp32 accumulate); on the CPU it runs
+//              with the instruction emulated (cpu_mma.h), which checks the fragment code without a GPU;
 //   SimtTile - plain fp32 dot products, any storage type; it runs on the CPU through cpu_shim.h.
 // Both leave their results in the same per-thread layout, the accumulator fragment of mma.m16n8k16, so the tiling,
 // masking and online softmax around them (attention_fwd.cuh) are one piece of code, tested on the CPU with both.
@@ -66,7 +66,7 @@ __device__ __forceinline__ uint32_t pack_u16(uint16_t lo, uint16_t hi) {
   return static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
 }
 
-// The tensor-core primitives per platform: fp16/bf16 mma.sync on the GPU; bf16 emulated by cpu_mma.h on the CPU.
+// The tensor-core primitives per platform: fp16/bf16 mma.sync on the GPU, emulated by cpu_mma.h on the CPU.
 template <class T>
 __device__ __forceinline__ uint32_t pack_floats(float lo, float hi);
 
@@ -118,15 +118,22 @@ __device__ __forceinline__ void mma_16816(float (&acc)[4], const uint32_t (&a)[4
 
 template <>
 struct IsMmaType<pf_shim::bfloat16> : std::true_type {};
+template <>
+struct IsMmaType<pf_shim::float16> : std::true_type {};
 
 template <>
 inline uint32_t pack_floats<pf_shim::bfloat16>(float lo, float hi) {
   return pack_u16(pf_shim::float_to_bf16(lo), pf_shim::float_to_bf16(hi));
 }
 
+template <>
+inline uint32_t pack_floats<pf_shim::float16>(float lo, float hi) {
+  return pack_u16(pf_shim::float_to_fp16(lo), pf_shim::float_to_fp16(hi));
+}
+
 template <class T>
 inline void mma_16816(float (&acc)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  pf_shim::mma_m16n8k16_bf16(acc, a, b0, b1);
+  pf_shim::mma_m16n8k16<T>(acc, a, b0, b1);
 }
 
 #endif  // __CUDACC__

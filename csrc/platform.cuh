@@ -46,6 +46,12 @@ struct Elem<pf_shim::bfloat16> {
   static float to_float(pf_shim::bfloat16 x) { return pf_shim::bf16_to_float(x.bits); }
   static pf_shim::bfloat16 from_float(float x) { return {pf_shim::float_to_bf16(x)}; }
 };
+
+template <>
+struct Elem<pf_shim::float16> {
+  static float to_float(pf_shim::float16 x) { return pf_shim::fp16_to_float(x.bits); }
+  static pf_shim::float16 from_float(float x) { return {pf_shim::float_to_fp16(x)}; }
+};
 #else
 template <>
 struct Elem<__half> {

@@ -1,11 +1,18 @@
-// CPU entry points for tests/kernels/test_cuda_shim.py: run the forward kernel (and the split-KV reduction)
-// through cpu_shim.h with the same launch geometry as the GPU launcher, either with the SIMT tile on fp32 arrays
-// or with the tensor-core tile on bf16 arrays (mma.sync emulated by cpu_mma.h). Built with g++ -std=c++20 into a
-// shared library and called through ctypes.
+// CPU entry points for tests/kernels/test_cuda_shim.py: run the forward kernels (and the split-KV reduction)
+// through cpu_shim.h with the same launch geometry as the GPU launcher: the 64-row kernel with the SIMT tile on fp32
+// arrays or the tensor-core tile on bf16 arrays, and the cp.async/ldmatrix kernel (attention_flash.cuh) on bf16 or
+// fp16 arrays, with the sm_80 instructions emulated (cpu_mma.h). Also deliberately broken configurations of the
+// latter, each a mistake the tests must catch. Built with g++ -std=c++20 into a shared library, called through ctypes.
+#include <cstdio>
+#include <string>
+
 #include "attention_combine.cuh"
-#include "attention_fwd.cuh"
+#include "attention_flash.cuh"
 
 namespace {
+
+using pf_shim::bfloat16;
+using pf_shim::float16;
 
 template <class T, template <class, int> class Tile, int D_TILE>
 void run(const pf::AttentionParams& p) {
@@ -31,6 +38,104 @@ int dispatch(const pf::AttentionParams& p) {
     default:
       return 1;  // unsupported head dims
   }
+}
+
+template <class Cfg>
+void run_flash(const pf::AttentionParams& p) {
+  using T = typename Cfg::Elem;
+  pf_shim::launch(pf::flash_grid(p), dim3(Cfg::kThreads), pf::flash_smem_bytes<T>(Cfg::kHeadDim, Cfg::kStages),
+                  pf::attention_fwd_flash_kernel<Cfg>, p);
+  if (p.num_splits > 1)
+    pf_shim::launch(pf::combine_grid(p), dim3(pf::kCombineThreads), 0, pf::attention_combine_kernel<T>, p);
+}
+
+// --- broken configurations of the fast kernel (head dim 64), one mistake each ---
+
+// The tiles unswizzled, consistently on both sides: right answers, but every ldmatrix phase reads 8 rows of one
+// bank group (an 8-way conflict), which the emulation counts.
+template <class T, int S>
+struct NoSwizzle : pf::FlashConfig<T, 64, S> {
+  using Base = pf::FlashConfig<T, 64, S>;
+  static int offset(int row, int chunk) { return row * 64 + chunk * 8; }
+  static void load_q(uint32_t (&a)[4], const T* sQ, int warp_row, int kk, int lane) {
+    pf::ldmatrix_x4(a, sQ + offset(warp_row + (lane & 15), 2 * kk + (lane >> 4)));
+  }
+  static void load_k(uint32_t (&b)[4], const T* sK, int n, int kk, int lane) {
+    pf::ldmatrix_x4(b, sK + offset(n * 8 + ((lane >> 4) << 3) + (lane & 7), 2 * kk + ((lane >> 3) & 1)));
+  }
+  static void load_v(uint32_t (&b)[4], const T* sV, int c, int n, int lane) {
+    pf::ldmatrix_x4_trans(b, sV + offset(c * 16 + (((lane >> 3) & 1) << 3) + (lane & 7), n + (lane >> 4)));
+  }
+};
+
+// The V reader forgets the XOR the copies were written with.
+template <class T, int S>
+struct VReadUnswizzled : pf::FlashConfig<T, 64, S> {
+  static void load_v(uint32_t (&b)[4], const T* sV, int c, int n, int lane) {
+    pf::ldmatrix_x4_trans(b, sV + (c * 16 + (((lane >> 3) & 1) << 3) + (lane & 7)) * 64 + (n + (lane >> 4)) * 8);
+  }
+};
+
+// One group too many left pending at the wait: with kStages - 1 groups in flight at the top of an iteration this
+// is the same as no wait at all, so the tile being read (and Q) may not have landed.
+template <class T, int S>
+struct WaitOneShort : pf::FlashConfig<T, 64, S> {
+  static constexpr int kPendingAtWait = S - 1;
+};
+
+// P's A fragment with its middle registers swapped (rows g+8 and keys 8-15 exchanged).
+template <class T, int S>
+struct PFragmentSwapped : pf::FlashConfig<T, 64, S> {
+  static void p_fragment(uint32_t (&a)[4], const float (&s)[pf::kBlockN / 8][4], int c) {
+    pf::FlashConfig<T, 64, S>::p_fragment(a, s, c);
+    const uint32_t keep = a[1];
+    a[1] = a[2];
+    a[2] = keep;
+  }
+};
+
+// V read with a plain ldmatrix, as if it were K: the B fragment holds rows where it needs columns.
+template <class T, int S>
+struct VNotTransposed : pf::FlashConfig<T, 64, S> {
+  static void load_v(uint32_t (&b)[4], const T* sV, int c, int n, int lane) {
+    pf::ldmatrix_x4(b, sV + pf::FlashConfig<T, 64, S>::offset(c * 16 + (((lane >> 3) & 1) << 3) + (lane & 7),
+                                                              n + (lane >> 4)));
+  }
+};
+
+enum Variant { kCorrect = 0, kNoSwizzle, kVReadUnswizzled, kWaitOneShort, kPFragmentSwapped, kVNotTransposed };
+
+template <class T>
+int dispatch_flash(const pf::AttentionParams& p, int stages, int variant) {
+  const int head_dim = pf::flash_head_dim(p.dqk, p.dv, p.vec_ok);
+  if (head_dim == 0 || stages < 2 || stages > 3) return 1;
+  if (variant != kCorrect) {
+    if (head_dim != 64 || stages != 2) return 1;
+    switch (variant) {
+      case kNoSwizzle:
+        run_flash<NoSwizzle<T, 2>>(p);
+        return 0;
+      case kVReadUnswizzled:
+        run_flash<VReadUnswizzled<T, 2>>(p);
+        return 0;
+      case kWaitOneShort:
+        run_flash<WaitOneShort<T, 2>>(p);
+        return 0;
+      case kPFragmentSwapped:
+        run_flash<PFragmentSwapped<T, 2>>(p);
+        return 0;
+      case kVNotTransposed:
+        run_flash<VNotTransposed<T, 2>>(p);
+        return 0;
+      default:
+        return 1;
+    }
+  }
+  if (head_dim == 64)
+    stages == 2 ? run_flash<pf::FlashConfig<T, 64, 2>>(p) : run_flash<pf::FlashConfig<T, 64, 3>>(p);
+  else
+    stages == 2 ? run_flash<pf::FlashConfig<T, 128, 2>>(p) : run_flash<pf::FlashConfig<T, 128, 3>>(p);
+  return 0;
 }
 
 // strides: q, k, v, out as (batch, seq, head) triples in elements; dims: B, Nq, Nk, Hq, Hkv, Dqk, Dv.
@@ -61,6 +166,12 @@ pf::AttentionParams make_params(const void* q, const void* k, const void* v, voi
   return p;
 }
 
+// 0 on success, 1 for what the entry does not take, 2 when the emulation recorded a fault (pf_shim_take_fault).
+int finish(int status) {
+  if (status != 0) return status;
+  return pf_shim::faulted.load() ? 2 : 0;
+}
+
 }  // namespace
 
 #define PF_SHIM_ARGS                                                                                             \
@@ -70,9 +181,75 @@ pf::AttentionParams make_params(const void* q, const void* k, const void* v, voi
 #define PF_SHIM_PARAMS \
   make_params(q, k, v, out, lse, part_out, part_lse, kv_start, kv_len, strides, dims, scale, causal, num_splits, vec_ok)
 
-// Returns 0 on success, 1 for unsupported head dims.
-extern "C" int pf_shim_attention_f32_simt(PF_SHIM_ARGS) { return dispatch<float, pf::SimtTile>(PF_SHIM_PARAMS); }
+extern "C" int pf_shim_attention_f32_simt(PF_SHIM_ARGS) {
+  return finish(dispatch<float, pf::SimtTile>(PF_SHIM_PARAMS));
+}
 
 extern "C" int pf_shim_attention_bf16_mma(PF_SHIM_ARGS) {
-  return dispatch<pf_shim::bfloat16, pf::MmaTile>(PF_SHIM_PARAMS);
+  return finish(dispatch<bfloat16, pf::MmaTile>(PF_SHIM_PARAMS));
+}
+
+// The fast kernel: dtype 0 = bf16, 1 = fp16; stages 2 or 3; variant 0 = the real configuration, else a broken one
+// (enum Variant; bf16/fp16, head dim 64, 2 stages only). Takes only what the GPU launcher would send it
+// (pf::flash_head_dim != 0), else returns 1.
+extern "C" int pf_shim_attention_flash(PF_SHIM_ARGS, int dtype, int stages, int variant) {
+  const pf::AttentionParams p = PF_SHIM_PARAMS;
+  const int status =
+      dtype == 0 ? dispatch_flash<bfloat16>(p, stages, variant) : dispatch_flash<float16>(p, stages, variant);
+  return finish(status);
+}
+
+// The fault the emulation recorded since the last call (cleared), as text; empty if none.
+extern "C" int pf_shim_take_fault(char* buffer, int size) {
+  const std::string message = pf_shim::take_fault();
+  std::snprintf(buffer, static_cast<std::size_t>(size), "%s", message.c_str());
+  return static_cast<int>(message.size());
+}
+
+// Matrices read by the emulated ldmatrix and their bank conflicts since the last call (cleared).
+extern "C" void pf_shim_take_ldmatrix_stats(long* matrices, long* conflicts) {
+  *matrices = pf_shim::ldmatrix_matrices.exchange(0);
+  *conflicts = pf_shim::ldmatrix_conflicts.exchange(0);
+}
+
+// What the GPU launcher picks for the fast kernel: whether it runs (its head-dim tile, 0: the 64-row kernel runs),
+// the pipeline depth and the dynamic shared memory of a block.
+extern "C" int pf_shim_flash_head_dim(int dqk, int dv, int vec_ok) { return pf::flash_head_dim(dqk, dv, vec_ok); }
+extern "C" int pf_shim_flash_stages(int head_dim) { return pf::flash_stages(head_dim); }
+extern "C" long pf_shim_flash_smem_bytes(int head_dim, int stages) {
+  return static_cast<long>(pf::flash_smem_bytes<bfloat16>(head_dim, stages));
+}
+
+// --- the emulated ldmatrix on its own: one warp, 32 shared rows of 8 16-bit values ---
+
+namespace {
+
+template <int N, bool TRANS>
+void ldmatrix_probe(const uint16_t* rows, const int* row_of_lane, uint32_t* out) {
+  uint16_t* smem = static_cast<uint16_t*>(pf::dynamic_smem());
+  const int lane = static_cast<int>(threadIdx.x);
+  for (int e = 0; e < 8; ++e) smem[lane * 8 + e] = rows[lane * 8 + e];
+  __syncwarp();
+  uint32_t r[N];
+  pf_shim::ldmatrix<N, TRANS>(r, smem + row_of_lane[lane] * 8);
+  for (int m = 0; m < N; ++m) out[lane * 4 + m] = r[m];
+}
+
+}  // namespace
+
+// rows: [32][8] values; row_of_lane[lane]: the row whose address the lane supplies; out: [32 lanes][4] registers.
+extern "C" int pf_shim_ldmatrix(int num, int trans, const uint16_t* rows, const int* row_of_lane, uint32_t* out) {
+  auto go = [&](auto kernel) {
+    pf_shim::launch(dim3(1), dim3(32), 32 * 8 * sizeof(uint16_t), kernel, rows, row_of_lane, out);
+  };
+  switch (num * 2 + (trans ? 1 : 0)) {
+    case 2: go(ldmatrix_probe<1, false>); break;
+    case 3: go(ldmatrix_probe<1, true>); break;
+    case 4: go(ldmatrix_probe<2, false>); break;
+    case 5: go(ldmatrix_probe<2, true>); break;
+    case 8: go(ldmatrix_probe<4, false>); break;
+    case 9: go(ldmatrix_probe<4, true>); break;
+    default: return 1;
+  }
+  return finish(0);
 }

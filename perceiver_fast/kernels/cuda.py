@@ -8,7 +8,11 @@ the split-KV decision, the stream and device guard, and the fallback. It is load
 so ``import perceiver_fast`` works with or without the binary; :func:`library_status` says why it is absent.
 
 The kernels are forward-only and use tensor cores: float16/bfloat16 CUDA tensors, head dims up to 128, no dropout,
-sm_80 or newer. Everything else (float32, gradients, ...) is passed over with a reason. ``auto`` runs this backend
+sm_80 or newer. Everything else (float32, gradients, ...) is passed over with a reason. Two forward kernels sit
+behind the one op, chosen per call in csrc/attention_launch.cuh: head dims in (32, 128] with 16-byte aligned rows
+(every stride a multiple of 8 elements, as in contiguous tensors with head dims that are multiples of 8) run the
+cp.async/ldmatrix pipeline of ``csrc/attention_flash.cuh`` in 128-row blocks; smaller head dims and unaligned rows
+run the 64-row kernel of ``csrc/attention_fwd.cuh``. Both keep the whole contract. ``auto`` runs this backend
 only where a measured dispatch table names it (see :mod:`perceiver_fast.kernels.dispatch`): on the H200, on
 2026-11-27, it was the slowest backend for every class, so it is opt-in (``backend="cuda"``) until it measures
 fastest somewhere.
@@ -28,7 +32,8 @@ from perceiver_fast.kernels.registry import register_backend
 
 LIBRARY_ENV_VAR = "PERCEIVER_FAST_CUDA_LIB"
 MAX_HEAD_DIM = 128  # csrc/attention_params.cuh: kMaxHeadDim
-BLOCK_M = 64  # packed query rows per block (csrc: kBlockM)
+BLOCK_M = 64  # packed query rows per block of the 64-row kernel (csrc: kBlockM)
+FLASH_BLOCK_M = 128  # packed query rows per block of the cp.async/ldmatrix kernel (csrc: kFlashBlockM)
 BLOCK_N = 64  # keys per tile (csrc: kBlockN)
 MAX_SPLITS = 32
 MAX_GRID_Y = 65535  # batch x kv heads is the grid's y extent
@@ -63,14 +68,29 @@ def library_status() -> str | None:
     return None
 
 
-def choose_num_splits(*, batch: int, num_kv_heads: int, packed_rows: int, num_keys: int, sm_count: int) -> int:
+def block_rows(qk_head_dim: int, v_head_dim: int, *, aligned: bool) -> int:
+    """Packed query rows per block of the kernel that runs these head dims (csrc: ``flash_head_dim``)."""
+    widest = max(qk_head_dim, v_head_dim)
+    return FLASH_BLOCK_M if aligned and 32 < widest <= MAX_HEAD_DIM else BLOCK_M
+
+
+def _rows_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every (batch, seq, head) row can be copied 16 bytes at a time, judged from the strides alone (the
+    base pointer of a fake tensor cannot be read under ``torch.compile``; allocations are 16-byte aligned, and a
+    misjudged view only changes the split count: the library checks the pointers itself)."""
+    return all(s % 8 == 0 for t in tensors for s in t.stride()[:3])
+
+
+def choose_num_splits(
+    *, batch: int, num_kv_heads: int, packed_rows: int, num_keys: int, sm_count: int, rows_per_block: int = BLOCK_M
+) -> int:
     """How many key ranges to split each block's work into so that the grid fills the GPU.
 
-    A block covers 64 packed rows (query x heads of a group) of one (batch, kv head). Decoding gives few blocks and
-    long key ranges: split the keys until there are about as many blocks as SMs, keeping at least two key tiles per
-    split so the reduction pass stays small next to the attention itself.
+    A block covers ``rows_per_block`` packed rows (query x heads of a group; see :func:`block_rows`) of one (batch,
+    kv head). Decoding gives few blocks and long key ranges: split the keys until there are about as many blocks as
+    SMs, keeping at least two key tiles per split so the reduction pass stays small next to the attention itself.
     """
-    blocks = math.ceil(packed_rows / BLOCK_M) * batch * num_kv_heads
+    blocks = math.ceil(packed_rows / rows_per_block) * batch * num_kv_heads
     key_tiles = math.ceil(num_keys / BLOCK_N)
     if blocks >= sm_count:
         return 1
@@ -147,6 +167,8 @@ def cuda_attention(
         kv_start = torch.zeros(batch, device=q.device, dtype=torch.int32)
     if kv_len is None:
         kv_len = torch.full((batch,), num_keys, device=q.device, dtype=torch.int32)
+    # The kernels index rows through strides but read each row's head dim contiguously.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if num_splits is None:
         num_splits = choose_num_splits(
             batch=batch,
@@ -154,9 +176,8 @@ def cuda_attention(
             packed_rows=q.shape[1] * (q.shape[2] // k.shape[2]),
             num_keys=num_keys,
             sm_count=_sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()),
+            rows_per_block=block_rows(q.shape[3], v.shape[3], aligned=_rows_aligned(q, k, v)),
         )
-    # The kernels index rows through strides but read each row's head dim contiguously.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     # int64 bounds saturate instead of wrapping (the kernels clamp into [0, Nk] anyway).
     kv_start, kv_len = (
         t if t.dtype == torch.int32 else t.clamp(0, num_keys).to(torch.int32) for t in (kv_start, kv_len)

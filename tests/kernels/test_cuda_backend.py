@@ -90,6 +90,36 @@ def test_num_splits_fills_the_gpu(shape, splits):
     assert got == splits
 
 
+def test_num_splits_counts_the_blocks_of_the_kernel_that_runs():
+    """Perceiver AR at batch 1 (DESIGN.md): 1024 latents x 16 heads are 256 blocks of 64 rows but only 128 blocks of
+    the fast kernel's 128 rows, fewer than an H100's 132 SMs: split the keys in two."""
+    shape = dict(batch=1, num_kv_heads=16, packed_rows=1024, num_keys=16384, sm_count=132)
+    assert cuda.choose_num_splits(**shape, rows_per_block=cuda.BLOCK_M) == 1
+    assert cuda.choose_num_splits(**shape, rows_per_block=cuda.FLASH_BLOCK_M) == 2
+
+
+@pytest.mark.parametrize(
+    ("dims", "aligned", "rows"),
+    [
+        ((64, 64), True, 128),
+        ((128, 128), True, 128),
+        ((40, 72), True, 128),  # Dqk != Dv share the 128 tile
+        ((33, 16), True, 128),
+        ((32, 32), True, 64),  # head dims up to 32 keep the 64-row kernel
+        ((64, 64), False, 64),  # rows not 16-byte aligned: no cp.async
+    ],
+)
+def test_block_rows_follow_the_kernel_choice(dims, aligned, rows):
+    assert cuda.block_rows(*dims, aligned=aligned) == rows
+
+
+def test_row_alignment_is_judged_from_strides():
+    assert cuda._rows_aligned(torch.empty(2, 3, 4, 8), torch.empty(1, 5, 2, 64))
+    assert not cuda._rows_aligned(torch.empty(2, 3, 4, 36))  # contiguous rows of 36 elements
+    assert cuda._rows_aligned(torch.empty(2, 3, 4, 40)[..., :36])  # a view of padded rows
+    assert not cuda._rows_aligned(torch.empty(2, 3, 4, 17)[..., :16])  # whole chunks, but rows 17 apart
+
+
 def test_fake_implementation_gives_shapes_and_dtypes():
     q = torch.empty(2, 5, 4, 24, dtype=torch.bfloat16, device="meta")
     k = torch.empty(2, 9, 2, 24, dtype=torch.bfloat16, device="meta")

@@ -92,6 +92,27 @@ def test_split_kv_decode_over_a_cache_with_garbage_past_its_length(num_splits):
     _check(out, lse, ref, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("head_dims", [(64, 64), (128, 96), (36, 100)], ids=lambda d: f"{d[0]}-{d[1]}")
+@pytest.mark.parametrize("aligned", [True, False], ids=["cp.async", "64-row"])
+def test_both_forward_kernels_on_one_shape(dtype, head_dims, aligned):
+    """The same problem through the cp.async/ldmatrix kernel (rows 16-byte aligned, also as views of padded rows)
+    and through the 64-row kernel (rows that are not): causal prefix, grouped heads, ragged padded bounds."""
+    dqk, dv = head_dims
+    batch, nq, nk, hq, hkv = 3, 200, 900, 8, 2
+
+    def make(n, h, d):
+        width = (d + 7) // 8 * 8 if aligned else d + 1  # a padded row; d + 1 breaks the 16-byte alignment
+        return torch.randn(batch, n, h, width, device="cuda", dtype=dtype)[..., :d]
+
+    q, k, v = make(nq, hq, dqk), make(nk, hkv, dqk), make(nk, hkv, dv)
+    assert cuda.block_rows(dqk, dv, aligned=cuda._rows_aligned(q, k, v)) == (128 if aligned else 64)
+    kv_start, kv_len = (t.cuda() for t in random_bounds(batch, nk, allow_empty=True))
+    out, lse = attention(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len, return_lse=True, backend="cuda")
+    ref, ref_lse = attention_oracle(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len)
+    _check(out, lse, ref, ref_lse, dtype)
+
+
 def test_strided_views_of_a_packed_projection():
     batch, n, h, d = 2, 200, 4, 64
     qkv = torch.randn(batch, n, 3, h, d, device="cuda", dtype=torch.float16)
