@@ -27,16 +27,34 @@ def test_small_query_counts_take_the_split_path_with_packed_heads(nq):
     cpu = torch.device("cpu")
     plan = forward.plan_forward(3, nq, 160, 8, 2, 64, cpu)
     assert plan.block_m is not None and plan.splits > 1 and plan.pack_gqa
-    assert plan.block_m == min(32, max(16, 4 * nq))  # four q heads per kv head share a tile
-    assert forward.plan_forward(3, nq, 160, 8, 2, 128, cpu).block_m == 16  # wide heads: smaller tiles
+    assert plan.block_m == max(16, 4 * nq)  # four q heads per kv head share one tile: the cache is read once
+    assert forward.plan_forward(3, nq, 160, 8, 2, 128, cpu).block_m == plan.block_m
+    assert forward.plan_forward(3, nq, 160, 8, 2, 256, cpu).block_m == 16  # widest heads: smaller tiles
     assert not forward.plan_forward(3, nq, 160, 8, 8, 64, cpu).pack_gqa
     assert forward.plan_forward(3, 64, 160, 8, 2, 64, cpu) == forward.Plan(None, 1, False)
+
+
+@pytest.mark.parametrize(
+    "batch, heads, num_keys, splits",
+    [
+        (1, 16, 65536, 16),  # B1 H16 M64k: 256 programs, every SM busy and none waiting for a second wave
+        (8, 16, 16384, 2),  # B8 H16: 128 programs take 2 splits each
+        (1, 4, 65536, 64),  # few heads: capped at MAX_SPLITS
+        (1, 16, 512, 2),  # a short cache: at least four 64-key blocks per split
+        (64, 16, 65536, 1),  # enough heads to fill the GPU unsplit
+    ],
+)
+def test_decode_splits_fill_one_wave_on_132_sms(batch, heads, num_keys, splits):
+    """An H100/H200 has 132 SMs and holds two decode programs per SM (see compile_check for their registers)."""
+    got = forward.decode_splits(batch * heads, num_keys, 132)
+    assert got == splits
+    assert batch * heads * got <= forward.DECODE_PROGRAMS_PER_SM * 132 or got == 1
 
 
 @pytest.mark.parametrize("heads", [(8, 2), (8, 1)], ids=["group4", "group8"])
 @pytest.mark.parametrize("nq", [1, 3, 16])
 def test_decode_matches_oracle(nq, heads):
-    """Packed grouped heads: 4 to 128 rows per kv head, so one to four 32-row tiles."""
+    """Packed grouped heads: 4 to 128 rows per kv head, so one tile of 16 to 64 rows, or two of 64."""
     q, k, v, kv_start, kv_len = _cache(nq=nq, hq=heads[0], hkv=heads[1])
     kv_len = kv_len.clamp(min=nq)
     out, lse = attention(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len, return_lse=True, backend="triton")

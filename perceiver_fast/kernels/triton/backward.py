@@ -61,12 +61,16 @@ def _probabilities(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, kt, vt, q_base, do_base, lse_base, delta_base, stride_qn, stride_gn, offs_n, offs_dqk, offs_dv,
+    dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_gn, offs_n, offs_dqk, offs_dv,
     start, length, num_queries, head_dim_qk, head_dim_v, scale_log2, lo, hi,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """Accumulate one key block's dk, dv over the query blocks ``[lo, hi)`` of one q head."""
+    """Accumulate one key block's dk, dv over the query blocks ``[lo, hi)`` of one q head.
+
+    Scores are formed transposed (``S^T = k q^T``, ``[BLOCK_N, BLOCK_M]``) so that every product has the key block
+    as its rows: on sm_90 a warpgroup MMA needs 64 rows per warpgroup, and the key block is the tile that is large;
+    ``P^T`` and ``dS^T`` then feed the dv and dk products straight from registers, with no transpose."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < num_queries
@@ -84,18 +88,21 @@ def _dkdv_blocks(
         # Rows that see no key have lse = -inf; every score of theirs is masked, any finite value will do.
         lse2 = tl.where(lse == float("-inf"), 0.0, lse * LOG2E_C)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        p = _probabilities(
-            q, kt, lse2, offs_m, offs_n, start, length, num_queries, scale_log2, MASKED, CAUSAL, DOT_PRECISION
-        )
-        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        p = p.to(q_base.dtype.element_ty)
-        ds = ds.to(q_base.dtype.element_ty)
+        pt = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2 - lse2[None, :])
+        if MASKED:
+            visible = (offs_n[:, None] >= start) & (offs_n[:, None] < length)
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= (length - num_queries + offs_m)[None, :])
+            pt = tl.where(visible, pt, 0.0)
+        dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        pt = pt.to(q_base.dtype.element_ty)
+        dst = dst.to(q_base.dtype.element_ty)
         if UPCAST:
-            p = p.to(tl.float32)
-            ds = ds.to(tl.float32)
-        dv += tl.dot(tl.trans(p), do, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+            pt = pt.to(tl.float32)
+            dst = dst.to(tl.float32)
+        dv = tl.dot(pt, do, dv, input_precision=DOT_PRECISION)
+        dk = tl.dot(dst, q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -162,20 +169,19 @@ def _attn_bwd_dkdv_kernel(
     start, length = _row_bounds(KV_START, KV_LEN, b, num_keys)
     # Keys outside [kv_start, kv_len) are never loaded (their gradients are zero whatever they hold).
     in_bounds = (offs_n >= start) & (offs_n < length)
-    # k and v are loaded transposed ([D, N]) so that S = q @ k needs no in-register transpose.
-    kt = tl.load(
-        K + b * stride_kb + h_kv * stride_kh + offs_n[None, :] * stride_kn + offs_dqk[:, None] * stride_kd,
-        mask=in_bounds[None, :] & (offs_dqk[:, None] < head_dim_qk),
+    k = tl.load(
+        K + b * stride_kb + h_kv * stride_kh + offs_n[:, None] * stride_kn + offs_dqk[None, :] * stride_kd,
+        mask=in_bounds[:, None] & (offs_dqk[None, :] < head_dim_qk),
         other=0.0,
     )
-    vt = tl.load(
-        V + b * stride_vb + h_kv * stride_vh + offs_n[None, :] * stride_vn + offs_dv[:, None] * stride_vd,
-        mask=in_bounds[None, :] & (offs_dv[:, None] < head_dim_v),
+    v = tl.load(
+        V + b * stride_vb + h_kv * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd,
+        mask=in_bounds[:, None] & (offs_dv[None, :] < head_dim_v),
         other=0.0,
     )
     if UPCAST:
-        kt = kt.to(tl.float32)
-        vt = vt.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
 
     block_lo = pid_n * BLOCK_N
     # Query rows that see any key of this block: none when the block lies outside [start, length).
@@ -203,12 +209,12 @@ def _attn_bwd_dkdv_kernel(
         do_base = DOUT + b * stride_gb + h * stride_gh + offs_dv[None, :] * stride_gd
         # Triton's compiler takes no starred arguments: each segment spells its call out.
         dk, dv = _dkdv_blocks(
-            dk, dv, kt, vt, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qn, stride_gn,
+            dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qn, stride_gn,
             offs_n, offs_dqk, offs_dv, start, length, num_queries, head_dim_qk, head_dim_v, scale_log2,
             m_lo, tl.minimum(m_full, m_hi), True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_M,
         )  # fmt: skip
         dk, dv = _dkdv_blocks(
-            dk, dv, kt, vt, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qn, stride_gn,
+            dk, dv, k, v, q_base, do_base, LSE + row_base, DELTA + row_base, stride_qn, stride_gn,
             offs_n, offs_dqk, offs_dv, start, length, num_queries, head_dim_qk, head_dim_v, scale_log2,
             m_full, m_hi, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_M,
         )  # fmt: skip
@@ -279,8 +285,8 @@ def _attn_bwd_dq_kernel(
     k_base = K + b * stride_kb + h_kv * stride_kh + offs_dqk[:, None] * stride_kd
     v_base = V + b * stride_vb + h_kv * stride_vh + offs_dv[:, None] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
-    if BLOCK_DQK > 64:
-        # Three copies of the loop spill registers at wide heads; one masked loop does not.
+    if BLOCK_DQK > 128:
+        # Three copies of the loop spill registers at head dim 256; one masked loop spills less.
         dq = _dq_blocks(
             dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv, start, length,
             num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,

@@ -36,35 +36,49 @@ def num_sms(device_index: int) -> int:
 
 
 # Tiles per head-dim class (the widest padded head dim: 64, 128 or 256; fp32 inputs have their own row), as
-# (BLOCK_M, BLOCK_N, warps, stages). Picked with `python -m perceiver_fast.kernels.triton.compile_check` on sm_90 (no
-# GPU needed) under both Triton 3.6 (the GPU machines') and 3.9: the fp16/bf16 tiles for 64 and 128 compile without
-# register spills in both; at 256 nothing did and the least-spilling tile is listed. fp32 (full-precision products,
-# a correctness path) needs small tiles and still spills in dk/dv. The first of each list is the one used when
-# autotuning is off (PERCEIVER_FAST_TRITON_AUTOTUNE=0, which the GPU tests set to compile less) and the one the
-# compile check reports on.
+# (BLOCK_M, BLOCK_N, warps, stages). The first of each list is the one used when autotuning is off
+# (PERCEIVER_FAST_TRITON_AUTOTUNE=0, which the GPU tests set to compile less) and the one the compile check reports
+# on; the autotuner picks among the rest on the GPU.
+#
+# Chosen without a GPU (speed on sm_90 is still to be measured) with `python -m
+# perceiver_fast.kernels.triton.compile_check` and sweeps of the same compile, under both Triton 3.6 (the GPU
+# machines') and 3.9, for bf16 and fp16 on sm_90: every fp16/bf16 tile at head dims 64 and 128 below compiles to
+# warpgroup MMA (HGMMA, no HMMA left), copies its loads with 16-byte cp.async (pipelined over `stages` buffers),
+# does not spill, and fits in shared memory. Among those, the defaults are the tutorial's and FlashAttention's
+# shapes for Hopper: 64 rows per warpgroup, so 128-row tiles take 8 warps; key blocks of 64-128 with 3 stages where
+# shared memory allows. Forward, D128: 128x128 with 3 stages needs 224 KiB of the 227, at 254-255 registers, so the
+# default is 128x64 with 3 stages (128 KiB, ~220 registers); 128x128 with 2 stages stays in the list. Backward: dk/dv
+# programs own a key block (BLOCK_N rows of every product, see backward.py) and step BLOCK_M queries; 128 keys per
+# program halve the q/dO traffic but reach 252-255 registers at D128, so D128 defaults to 64 keys. dq programs own
+# 128 query rows. At 256 nothing compiled without spills and the least-spilling tile is listed. fp32
+# (full-precision products, a correctness path, no tensor cores) needs small tiles: these do not spill at 64 or 128.
 FORWARD_TILES = {
-    64: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2)],
-    128: [(128, 32, 8, 2), (64, 32, 8, 2)],
+    64: [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 2)],
     256: [(64, 32, 8, 2)],
-    "fp32": [(32, 16, 4, 2)],
+    "fp32": [(32, 16, 8, 2)],
 }
-SPLIT_TILES = {  # BLOCK_M is fixed by the caller (16 for decoding); listed as None
-    64: [(None, 128, 8, 2), (None, 64, 4, 2)],
-    128: [(None, 64, 8, 2)],
+# Decoding (BLOCK_M is fixed by the caller, 16 to 64 rows; listed as None) is bandwidth-bound: HMMA is fine at 16
+# or 32 rows, and what matters is bytes in flight. 3 stages keep two K/V blocks in flight per program; 4 warps keep
+# even a 64-row tile (252-255 registers, <= 112 KiB of shared memory) at two resident programs per SM, which
+# forward.decode_splits counts on. Every tile holds 64 packed rows without spilling.
+SPLIT_TILES = {
+    64: [(None, 128, 4, 3), (None, 64, 4, 3)],
+    128: [(None, 64, 4, 3), (None, 64, 4, 2)],
     256: [(None, 64, 8, 2)],
-    "fp32": [(None, 32, 4, 2)],
+    "fp32": [(None, 16, 8, 2)],  # spills 16 bytes at D64 with 64 rows; the rest of fp32 decoding does not spill
 }
 DQ_TILES = {
-    64: [(64, 32, 4, 3), (128, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 2)],
-    128: [(64, 32, 8, 2), (64, 16, 4, 2)],
+    64: [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3)],
+    128: [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
     256: [(32, 16, 4, 1)],
-    "fp32": [(32, 16, 4, 2)],
+    "fp32": [(32, 16, 8, 2)],
 }
-DKDV_TILES = {
-    64: [(64, 64, 8, 2), (32, 64, 8, 2)],
-    128: [(32, 64, 8, 2)],
+DKDV_TILES = {  # (query rows per step, keys per program, warps, stages)
+    64: [(32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2)],
+    128: [(32, 64, 8, 2), (32, 128, 8, 2)],
     256: [(32, 16, 4, 1)],
-    "fp32": [(32, 16, 4, 2)],
+    "fp32": [(16, 16, 4, 2)],
 }
 _INTERPRETER_TILE = (32, 32, 1, 1)  # large tiles are far cheaper there; 32 still spreads test shapes over blocks
 

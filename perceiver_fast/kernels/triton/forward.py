@@ -115,6 +115,7 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PACK_GQA: tl.constexpr,
+    EDGE_LOOPS: tl.constexpr,  # unmasked interior blocks in a loop of their own (the big tiles; not decoding)
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_DQK: tl.constexpr,
@@ -166,31 +167,35 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    # Only blocks at the edges (kv_start, the causal diagonal, kv_len) need masks: walk them apart from the rest.
-    # Split-KV and packed programs are bandwidth-bound with small tiles: one masked loop keeps registers free.
-    if NUM_SPLITS > 1 or PACK_GQA:
+    if EDGE_LOOPS:
+        # Only blocks at the edges (kv_start, the causal diagonal, kv_len) need masks: walk them apart from the
+        # interior, within this program's share of the keys when they are split. Triton's compiler takes no
+        # starred arguments: each segment spells its call out.
+        full_lo, full_hi = _unmasked_keys(start, length, pid_m * BLOCK_M, num_queries, CAUSAL, BLOCK_N)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi)
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv,
+            start, length, num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,
+            lo, full_lo, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv,
+            start, length, num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,
+            full_lo, full_hi, False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv,
+            start, length, num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,
+            full_hi, hi, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
+        )  # fmt: skip
+    else:
+        # Decoding is bandwidth-bound: the masks' arithmetic hides under the loads, and one loop instead of three
+        # keeps the code and the registers of two more pipelined copies out.
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv,
             start, length, num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,
             lo, hi, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
-    else:
-        # Triton's compiler takes no starred arguments: each segment spells its call out.
-        full_lo, full_hi = _unmasked_keys(start, length, pid_m * BLOCK_M, num_queries, CAUSAL, BLOCK_N)
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv,
-            start, length, num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,
-            lo, tl.minimum(full_lo, hi), True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv,
-            start, length, num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,
-            full_lo, tl.minimum(full_hi, hi), False, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
-        )  # fmt: skip
-        acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_dqk, offs_dv,
-            start, length, num_queries, num_keys, head_dim_qk, head_dim_v, scale_log2,
-            tl.maximum(full_hi, lo), hi, True, CAUSAL, UPCAST, DOT_PRECISION, BLOCK_N,
         )  # fmt: skip
 
     sees_a_key = l_i > 0.0
@@ -269,6 +274,29 @@ class Plan:
     pack_gqa: bool
 
 
+def decode_block_m(num_queries: int, group: int, head_block: int) -> int:
+    """Rows of a decoding tile: the ``group * Nq`` rows of a packed kv head, at least 16 (what ``tl.dot`` needs).
+
+    Up to 64 rows (head dims to 128) fit one tile without spilling on sm_90, so a kv head's cache is read once for
+    groups up to 64 rows; 64-row tiles also run on warpgroup MMA. Head dim 256 keeps 16 rows."""
+    return min(64 if head_block <= 128 else 16, max(16, triton.next_power_of_2(num_queries * group)))
+
+
+# Decode tiles leave room for two resident programs per SM (config.SPLIT_TILES; test_triton_compile checks it).
+DECODE_PROGRAMS_PER_SM = 2
+
+
+def decode_splits(programs: int, num_keys: int, sms: int) -> int:
+    """Key-range pieces for ``programs`` decoding tiles: as many as fit in one wave of two programs per SM.
+
+    Rounding down matters: 16 heads at batch 1 on 132 SMs take 16 splits (256 programs, all resident at once);
+    rounding up took 17, and the 8 programs past 264 would wait for a second wave. Each piece keeps at least four
+    64-key blocks so it amortizes its share of the reduction pass.
+    """
+    fit = (DECODE_PROGRAMS_PER_SM * sms) // max(programs, 1)
+    return max(1, min(fit, triton.cdiv(num_keys, 64) // 4, MAX_SPLITS))
+
+
 def plan_forward(
     batch: int,
     num_queries: int,
@@ -281,11 +309,10 @@ def plan_forward(
     """Choose the forward's launch for a problem.
 
     Decoding (``Nq <= 16``) takes the decode tiles: with one query block per head, splitting the cache is the
-    parallelism left, and grouped q heads are packed into one tile (``GROUP * Nq`` rows) so each kv head's cache is
-    read once. Tiles hold at most 32 rows up to head dim 64 and 16 beyond (``head_block`` is the widest padded head
-    dim): larger ones spill registers on sm_90. Longer queries keep the autotuned tiles and split only when their
-    query blocks cannot fill the GPU (DESIGN.md: Perceiver AR at batch 1). The interpreter splits decoding into a
-    few pieces so that tests walk the reduction pass.
+    parallelism left (:func:`decode_splits`), and grouped q heads are packed into one tile (``GROUP * Nq`` rows) so
+    each kv head's cache is read once (:func:`decode_block_m`; ``head_block`` is the widest padded head dim). Longer
+    queries keep the autotuned tiles and split only when their query blocks cannot fill the GPU (DESIGN.md: Perceiver
+    AR at batch 1). The interpreter splits decoding into a few pieces so that tests walk the reduction pass.
     """
     group = num_q_heads // num_kv_heads
     key_blocks = triton.cdiv(num_keys, 64)
@@ -301,15 +328,13 @@ def plan_forward(
         return Plan(None, splits, False)
     pack = group > 1
     rows = num_queries * group if pack else num_queries
-    block_m = min(32 if head_block <= 64 else 16, max(16, triton.next_power_of_2(rows)))
+    block_m = decode_block_m(num_queries, group, head_block)
     heads = num_kv_heads if pack else num_q_heads
     if config.interpreting():
         return Plan(block_m, min(4, triton.cdiv(num_keys, 32)), pack)
     sms = config.num_sms(device.index if device.index is not None else torch.cuda.current_device())
     programs = batch * heads * triton.cdiv(rows, block_m)
-    # Enough programs for two waves, but at least four key blocks per split so each amortizes its reduction.
-    splits = min(triton.cdiv(2 * sms, programs), max(1, key_blocks // 4), MAX_SPLITS)
-    return Plan(block_m, max(splits, 1), pack)
+    return Plan(block_m, decode_splits(programs, num_keys, sms), pack)
 
 
 def attention_forward(
@@ -342,6 +367,7 @@ def attention_forward(
         CAUSAL=causal,
         NUM_SPLITS=plan.splits,
         PACK_GQA=plan.pack_gqa,
+        EDGE_LOOPS=plan.block_m is None,
         UPCAST=config.interpreting(),
         DOT_PRECISION=config.dot_precision(q.dtype),
         BLOCK_DQK=config.head_block(head_dim_qk),
