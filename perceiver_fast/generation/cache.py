@@ -63,6 +63,8 @@ class _DecodingBase:
         self.batch_size = batch_size
         self.cross = model.cross_attention
         self.self_layers = list(model.self_attention)
+        # Looked up once: a step asks for them per layer, and module attribute lookups are slow next to tiny ops.
+        self._rotary_layers = [model.self_attention.uses_rotary(i) for i in range(len(self.self_layers))]
         self.graphs = StepGraphs(cuda_graph)
         self._own_caches: list = []  # the layers' caches this decoder allocated (set by _claim_layer_caches)
         # The token a step consumes: copied in before the step, so that a captured step reads it from here.
@@ -89,7 +91,7 @@ class _DecodingBase:
         return self.model.head(h_last)[1][:, -1]
 
     def _layer_rot(self, index: int, rot: RotaryPositionEmbedding) -> RotaryPositionEmbedding | None:
-        return rot if self.model.self_attention.uses_rotary(index) else None
+        return rot if self._rotary_layers[index] else None
 
     def close(self) -> None:
         """Free the captured graphs, and the layers' caches if they are still this decoder's."""

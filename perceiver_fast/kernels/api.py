@@ -169,12 +169,15 @@ def _shown(t: torch.Tensor) -> str:
 
 
 def _check_bound_values(kv_start: torch.Tensor | None, kv_len: torch.Tensor | None, num_keys: int) -> None:
-    """Range checks on the values, in their own dtype (before any narrowing to int32 could wrap them)."""
-    if kv_len is not None and kv_len.numel() and (int(kv_len.min()) < 0 or int(kv_len.max()) > num_keys):
+    """Range checks on the values, as Python ints (before any narrowing to int32 could wrap them). One read of each
+    tensor: the op is called per layer and per decoding step, where several reductions would cost more than it."""
+    lens = None if kv_len is None else kv_len.tolist()
+    if lens and (min(lens) < 0 or max(lens) > num_keys):
         raise ValueError(f"kv_len values must lie in [0, {num_keys}], got {_shown(kv_len)}")
     if kv_start is not None and kv_start.numel():
-        upper = kv_len if kv_len is not None else torch.full_like(kv_start, num_keys)
-        if int(kv_start.min()) < 0 or bool((kv_start > upper).any()):
+        starts = kv_start.tolist()
+        uppers = lens if lens is not None else [num_keys] * len(starts)
+        if any(not 0 <= start <= upper for start, upper in zip(starts, uppers)):
             raise ValueError(f"kv_start values must lie in [0, kv_len] (kv_len = Nk = {num_keys} when not given), "
                              f"got {_shown(kv_start)}")
 

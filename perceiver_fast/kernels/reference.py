@@ -66,30 +66,46 @@ def _keys_within_bounds(
     gives unchecked values).
     """
     num_keys = k.shape[1]
+    bounds = kv_start if kv_start is not None else kv_len
+    if host_readable(bounds) and bounds.numel():
+        return _keys_within_host_bounds(k, v, kv_start, kv_len)
     # Out-of-range values are refused by the op where it can read them; where it cannot they mean the clamped ones.
     if kv_len is not None:
         kv_len = kv_len.clamp(0, num_keys)
     if kv_start is not None:
         kv_start = kv_start.clamp(0, num_keys)
         kv_start = torch.minimum(kv_start, kv_len) if kv_len is not None else kv_start
-    bounds = kv_start if kv_start is not None else kv_len
-    if host_readable(bounds) and bounds.numel():
-        lo = int(kv_start.min()) if kv_start is not None else 0
-        hi = int(kv_len.max()) if kv_len is not None else num_keys
-        if hi > lo and (lo > 0 or hi < num_keys):
-            k, v, num_keys = k[:, lo:hi], v[:, lo:hi], hi - lo
-            kv_start = kv_start - lo if kv_start is not None else None
-            kv_len = kv_len - lo if kv_len is not None else None
-        if kv_start is not None and int(kv_start.max()) == 0:
-            kv_start = None
-        if kv_len is not None and int(kv_len.min()) == num_keys:
-            kv_len = None
-        if kv_start is None and kv_len is None:
-            return k, v, None, None
-        below = int(kv_start.max()) if kv_start is not None else 0
-        above = int(kv_len.min()) if kv_len is not None else num_keys
-        if _all_finite(k[:, :below], v[:, :below], k[:, above:], v[:, above:]):
-            return k, v, kv_start, kv_len
+    return _zero_keys_outside(k, v, kv_start, kv_len)
+
+
+def _keys_within_host_bounds(
+    k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None, kv_len: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The CPU case of :func:`_keys_within_bounds`: the bounds are read once, and the rest is decided in Python
+    (decoding calls this for every layer of every step, where a handful of tiny tensor ops would cost more than the
+    attention itself)."""
+    batch, num_keys = k.shape[:2]
+    lens = [num_keys] * batch if kv_len is None else [min(max(n, 0), num_keys) for n in kv_len.tolist()]
+    starts = [0] * batch if kv_start is None else [min(max(s, 0), n) for s, n in zip(kv_start.tolist(), lens)]
+    lo, hi = min(starts), max(lens)
+    if hi > lo and (lo > 0 or hi < num_keys):
+        k, v, num_keys = k[:, lo:hi], v[:, lo:hi], hi - lo
+        starts, lens = [s - lo for s in starts], [n - lo for n in lens]
+    below, above = max(starts), min(lens)
+    if below == 0 and above == num_keys:  # every row sees every remaining key: no bounds, no mask
+        return k, v, None, None
+    device = k.device
+    kv_start = torch.tensor(starts, dtype=torch.int32, device=device) if below > 0 else None
+    kv_len = torch.tensor(lens, dtype=torch.int32, device=device) if above < num_keys else None
+    if _all_finite(k[:, :below], v[:, :below], k[:, above:], v[:, above:]):
+        return k, v, kv_start, kv_len
+    return _zero_keys_outside(k, v, kv_start, kv_len)
+
+
+def _zero_keys_outside(
+    k: torch.Tensor, v: torch.Tensor, kv_start: torch.Tensor | None, kv_len: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    num_keys = k.shape[1]
     keys = torch.arange(num_keys, device=k.device)
     outside = torch.zeros(k.shape[0], num_keys, dtype=torch.bool, device=k.device)
     if kv_start is not None:

@@ -477,19 +477,23 @@ def test_lightning_format_loads_and_picks_the_class(tmp_path):
         CausalLanguageModel.from_lightning_checkpoint(audio)
 
 
-def test_lightning_cli_style_perceiver_io_hparams_load(tmp_path):
-    """LightningCLI stores configs as dicts (tuples become lists) plus its own keys: the dict path."""
-    from dataclasses import asdict
-
+def _small_image_config() -> PerceiverIOConfig:
     from perceiver_fast.models.vision.image_classifier import ClassificationDecoderConfig, ImageEncoderConfig
 
-    config = PerceiverIOConfig(
+    return PerceiverIOConfig(
         ImageEncoderConfig(image_shape=(5, 4, 3), num_frequency_bands=3, num_cross_attention_heads=1,
                            num_self_attention_heads=2, num_self_attention_layers_per_block=1),
         ClassificationDecoderConfig(num_output_query_channels=8, num_classes=3, num_cross_attention_heads=1),
         num_latents=4,
         num_latent_channels=16,
     )
+
+
+def test_lightning_cli_style_perceiver_io_hparams_load(tmp_path):
+    """LightningCLI stores configs as dicts (tuples become lists) plus its own keys: the dict path."""
+    from dataclasses import asdict
+
+    config = _small_image_config()
     model = perturb_parameters(ImageClassifier(config)).eval()
     encoder = {**asdict(config.encoder), "image_shape": [5, 4, 3]}
     hparams = {"encoder": encoder, "decoder": asdict(config.decoder), "num_latents": 4, "num_latent_channels": 16,
@@ -605,15 +609,7 @@ def test_perceiver_io_config_types_are_checked_and_missing_fields_take_their_def
 
 
 def test_perceiver_io_nested_config_types_are_checked(tmp_path):
-    from perceiver_fast.models.vision.image_classifier import ClassificationDecoderConfig, ImageEncoderConfig
-
-    config = PerceiverIOConfig(
-        ImageEncoderConfig(image_shape=(5, 4, 3), num_frequency_bands=3, num_cross_attention_heads=1,
-                           num_self_attention_heads=2, num_self_attention_layers_per_block=1),
-        ClassificationDecoderConfig(num_output_query_channels=8, num_classes=3, num_cross_attention_heads=1),
-        num_latents=4,
-        num_latent_channels=16,
-    )
+    config = _small_image_config()
     model = ImageClassifier(config)
     hparams = {"encoder": {**dataclasses.asdict(config.encoder), "image_shape": [5, 4]},
                "decoder": {**dataclasses.asdict(config.decoder), "num_classes": 3.0}, "num_latents": 4,

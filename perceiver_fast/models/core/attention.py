@@ -272,13 +272,20 @@ class _AttentionLayer(nn.Sequential):
     @property
     def attention_module(self) -> nn.Module:
         """The ``CrossAttention`` / ``SelfAttention`` inside the (optional) residual wrapper."""
-        return self[0].module if isinstance(self[0], Residual) else self[0]
+        # Looked up once: decoding asks for it several times per layer and token, and nn.Sequential indexing is
+        # slow. Kept in __dict__, not as an attribute nn.Module would register (it is already a submodule).
+        found = self.__dict__.get("_attention_module")
+        if found is None:
+            found = self[0].module if isinstance(self[0], Residual) else self[0]
+            self.__dict__["_attention_module"] = found
+        return found
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         """The rest of the layer after its attention: output projection, residual, residual MLP."""
         out = self.attention_module.attention.project_output(attended)
-        if isinstance(self[0], Residual):
-            out = x + self[0].dropout(out)
+        attention_part = self[0]
+        if attention_part is not self.attention_module:  # residual (in eval mode its dropout is the identity)
+            out = x + attention_part.dropout(out)
         return self[1](out)
 
     def _attend_and_mix(self, *args, **kwargs) -> torch.Tensor:

@@ -3,6 +3,23 @@
 from __future__ import annotations
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+from perceiver_fast.kernels.problem import host_readable
+
+
+def require(condition: torch.Tensor, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition`` (a 0-d bool tensor) holds.
+
+    Free to read on CPU; on a GPU a read is a device sync in every forward, so the condition is asserted on the device
+    instead: a violation stops the CUDA context with the message (as an out-of-range embedding index does) rather
+    than letting a wrong mask through. Tracing (``torch.compile``, fake or meta tensors) checks nothing.
+    """
+    if host_readable(condition):
+        if not bool(condition):
+            raise ValueError(message)
+    elif condition.device.type == "cuda" and not (torch.compiler.is_compiling() or isinstance(condition, FakeTensor)):
+        torch._assert_async(condition, message)
 
 
 def padding_bounds(pad_mask: torch.Tensor, *, left_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,11 +41,9 @@ def padding_bounds(pad_mask: torch.Tensor, *, left_only: bool = False) -> tuple[
     else:
         kv_len = (length - trailing).clamp(min=0)
     kv_start = leading.minimum(kv_len)
-    if not torch.compiler.is_compiling():
-        real = length - is_pad.sum(dim=1)
-        if bool((kv_len - kv_start != real).any()):
-            where = "at the start" if left_only else "at the start and/or end"
-            raise ValueError(f"pad_mask must mark padding only {where} of each row")
+    real = length - is_pad.sum(dim=1)
+    where = "at the start" if left_only else "at the start and/or end"
+    require((kv_len - kv_start == real).all(), f"pad_mask must mark padding only {where} of each row")
     return kv_start.to(torch.int32), kv_len.to(torch.int32)
 
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 from perceiver_fast.models.core.adapter import RotarySupport, TiedTokenOutputAdapter, TokenInputAdapterWithRotarySupport
 from perceiver_fast.models.core.attention import CrossAttentionLayer, SelfAttentionBlock
 from perceiver_fast.models.core.config import CausalSequenceModelConfig
+from perceiver_fast.models.core.masking import require
 from perceiver_fast.models.core.position import RotaryPositionEmbedding, positions
 from perceiver_fast.models.core.pretrained import PretrainedMixin
 from perceiver_fast.models.core.utils import init_parameters
@@ -38,8 +39,10 @@ def check_token_input(x: torch.Tensor, pad_mask: torch.Tensor | None) -> None:
                          f"{tuple(pad_mask.shape)}")
     if pad_mask.device != x.device:
         raise ValueError(f"pad_mask is on {pad_mask.device} but x is on {x.device}")
-    if not torch.compiler.is_compiling() and bool((pad_mask[:, 1:] & ~pad_mask[:, :-1]).any()):
-        raise ValueError("pad_mask must describe left padding (pads before the first real token of each row)")
+    require(
+        ~(pad_mask[:, 1:] & ~pad_mask[:, :-1]).any(),
+        "pad_mask must describe left padding (pads before the first real token of each row)",
+    )
 
 
 class PerceiverAR(nn.Module):
