@@ -209,16 +209,26 @@ class PerceiverARCache(_DecodingBase):
     # --- prefill: the prompt's window, eagerly
 
     @torch.no_grad()
-    def prefill(self, tokens: torch.Tensor, prefix_len: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def prefill(
+        self,
+        tokens: torch.Tensor,
+        prefix_len: int,
+        pad_mask: torch.Tensor | None = None,
+        pad_counts: list[int] | None = None,
+    ) -> torch.Tensor:
         """Rebuild the cache from a window ``tokens [b, n]`` (left-padded per ``pad_mask``); ``[b, vocab]`` logits.
 
-        The pad counts are read back to the host once here (they decide which steps need the latents recomputed).
+        The host needs each row's pad count (it decides which steps recompute the latents): pass it as
+        ``pad_counts`` when known, else it is read back from ``pad_mask`` here (a device sync on a GPU).
         """
         b, n = tokens.shape
         if b != self.batch_size or not 0 <= prefix_len < n <= self.model.max_seq_len:
             raise ValueError(f"window {tuple(tokens.shape)} with prefix_len {prefix_len} does not fit this cache")
         pads = torch.zeros(b, dtype=torch.long, device=self.device) if pad_mask is None else pad_mask.sum(dim=1)
-        self.pads = [0] * b if pad_mask is None else pads.tolist()
+        if pad_mask is None:
+            self.pads = [0] * b
+        else:
+            self.pads = list(pad_counts) if pad_counts is not None else pads.tolist()
         self.offset, self.length, self.prefix_len = 0, n, prefix_len
         p, num_latents = prefix_len, n - prefix_len
         for counter, value in ((self.offset_t, 0), (self.prefix_t, p), (self.latents_t, num_latents)):

@@ -89,13 +89,18 @@ class CachedDecoder:
             cuda_graph=cuda_graph,
         )  # fmt: skip
         self.window = None
+        self.prompt_pads: list[int] | None = None
 
     def _prefill(self, sequence, pad_mask):
         view = slice(self.window.start, self.window.end)
-        return self.cache.prefill(sequence[:, view], self.window.prefix_len, _window_pads(pad_mask, view))
+        # Pads are the prompt's leading positions: a window starting later holds fewer of them (no device read).
+        counts = None if self.prompt_pads is None else [max(c - self.window.start, 0) for c in self.prompt_pads]
+        return self.cache.prefill(sequence[:, view], self.window.prefix_len, _window_pads(pad_mask, view), counts)
 
     def start(self, sequence, pad_mask, num_latents):
         self.window = self.schedule.initial(sequence.shape[1], num_latents)
+        # Read once, with the prompt: rebuilding the window later (absolute positions, past max_seq_len) needs it.
+        self.prompt_pads = None if pad_mask is None else pad_mask.sum(dim=1).tolist()
         return self._prefill(sequence, pad_mask)
 
     def step(self, sequence, pad_mask):
