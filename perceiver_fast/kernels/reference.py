@@ -5,7 +5,8 @@ It is the CPU path, the fallback of every other backend, and what the kernels ar
 through ``F.scaled_dot_product_attention``, which is exact for every case of the contract once rows that see no key
 are taken care of (they are given a visible key, computed and zeroed, so no NaN reaches forward or backward).
 Calls without key bounds skip the mask entirely (SDPA's own causal flag, or none for a single query). Calls that
-ask for the log-sum-exp take one dense float32 pass instead (SDPA does not return it).
+ask for the log-sum-exp take SDPA's CPU flash kernel (which returns it) on CPU, and one dense float32 pass elsewhere
+or where that kernel cannot run (dropout, unequal head dims or head counts).
 
 Keys a query does not see never reach its result, whatever they hold (NaN, inf, the garbage of ``torch.empty``):
 SDPA multiplies the whole probability matrix with the values, and ``0 * NaN`` is NaN. Keys outside a row's
@@ -153,6 +154,10 @@ def attention_eager(
         visible = visible_keys(
             batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
         )
+    if return_lse and not guard and _flash_returns_lse(qt, kt, vt, dropout_p):
+        # SDPA's CPU flash kernel returns the log-sum-exp too; a dense float32 pass costs several times as much
+        # (7x at 256 queries over 8k keys) and holds the whole score matrix.
+        return _cpu_flash_attention_with_lse(qt, kt, vt, None if unmasked else visible, causal, scale)
     if return_lse or guard:
         out, lse = _dense_attention(qt, kt, vt, visible, scale, dropout_p, guard_not_finite=guard)
         return out, (lse if return_lse else None)
@@ -169,6 +174,49 @@ def attention_eager(
         qt, kt, vt, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale, enable_gqa=num_q_heads != num_kv_heads
     ).transpose(1, 2)
     return torch.where(row_sees_a_key.view(batch, num_queries, 1, 1), out, out.new_zeros(())), None
+
+
+def _flash_returns_lse(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, dropout_p: float) -> bool:
+    """Whether ``aten._scaled_dot_product_flash_attention_for_cpu`` can run the call (it is CPU only, has no
+    dropout, and wants one head dim and one number of heads)."""
+    return (
+        qt.device.type == "cpu"
+        and dropout_p == 0.0
+        and qt.shape[-1] == kt.shape[-1] == vt.shape[-1]
+        and qt.shape[1] == kt.shape[1]
+        and qt.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and kt.shape[2] > 0
+    )
+
+
+def _cpu_flash_attention_with_lse(
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    vt: torch.Tensor,
+    visible: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention and its float32 log-sum-exp from the CPU flash kernel. ``[B, H, N, D]`` inputs.
+
+    ``visible`` ``[B, Nq, Nk]`` or ``None`` for a call without a mask, where ``causal`` (``Nq`` is 1 or ``Nk``) is
+    the kernel's own flag. The kernel gives a row that sees no key a zero output and a zero lse: its lse is set to
+    ``-inf`` here, as the contract says.
+    """
+    num_queries = qt.shape[2]
+    if visible is None:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qt, kt, vt, is_causal=causal and num_queries > 1, scale=scale
+        )
+        return out.transpose(1, 2), lse.float().detach()
+    bias = torch.zeros(visible.shape, dtype=qt.dtype, device=qt.device).masked_fill_(~visible, float("-inf"))
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        qt, kt, vt, attn_mask=bias.unsqueeze(1), scale=scale
+    )
+    sees_a_key = visible.any(dim=-1)  # [B, Nq]
+    out = torch.where(sees_a_key.view(*sees_a_key.shape, 1, 1), out.transpose(1, 2), out.new_zeros(()))
+    lse = torch.where(sees_a_key.unsqueeze(1), lse.float(), float("-inf"))
+    return out, lse.detach()
 
 
 def _dense_attention(
