@@ -64,6 +64,8 @@ class Dispatch:
 
 def _requested_backend(backend: str | None) -> str:
     requested = backend if backend is not None else os.environ.get(BACKEND_ENV_VAR, "auto")
+    if requested == "auto":  # the common case, asked on every call: no need to list the backends
+        return requested
     names = {"auto", *available_backends()}
     if requested not in names:
         source = "backend" if backend is not None else BACKEND_ENV_VAR
@@ -183,11 +185,14 @@ def _check_bound_values(kv_start: torch.Tensor | None, kv_len: torch.Tensor | No
 
 
 def _narrow(t: torch.Tensor | None, num_keys: int) -> torch.Tensor | None:
-    """int32 bounds for the kernels. Unchecked int64 values saturate rather than wrap: every backend clamps bounds
-    into ``[0, Nk]`` anyway, so an out-of-range value reads no memory outside the keys."""
-    if t is None or t.dtype == torch.int32:
-        return t
-    return t.clamp(0, num_keys).to(torch.int32)
+    """Contiguous int32 bounds for the kernels, which read row ``b``'s bound at offset ``b`` (a stride-0 ``expand``
+    or a strided view would hand them other values). Unchecked int64 values saturate rather than wrap: every backend
+    clamps bounds into ``[0, Nk]`` anyway, so an out-of-range value reads no memory outside the keys."""
+    if t is None:
+        return None
+    if t.dtype == torch.int32:
+        return t.contiguous()
+    return t.clamp(0, num_keys).to(torch.int32).contiguous()
 
 
 def checks_values(t: torch.Tensor) -> bool:
@@ -311,6 +316,20 @@ def attention(
     problem, kv_start, kv_len, scale = _check_problem(
         q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend
     )
+    return run_checked(problem, q, k, v, kv_start, kv_len, scale)
+
+
+def run_checked(
+    problem: AttentionProblem,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    scale: float | None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention` on arguments :func:`_check_problem` already checked (and narrowed) into ``problem``: for
+    ops built on this one (the decoding step), which check their arguments once per call, not twice."""
     _, chosen = _decide(problem)
     out, lse = chosen.run(
         q,
@@ -323,4 +342,4 @@ def attention(
         return_lse=problem.return_lse,
         dropout_p=problem.dropout_p,
     )
-    return (out, lse) if return_lse else out
+    return (out, lse) if problem.return_lse else out

@@ -203,6 +203,31 @@ def test_rows_that_see_nothing_are_zero_with_zero_gradients(device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("view", ["expanded-int32", "strided-int32", "expanded-int64"])
+def test_bounds_given_as_views_are_read_by_value(view, device, backend):
+    """Bounds that are views (one value ``expand``-ed to every row, every other element of a longer tensor) mean
+    their values, not the memory after their first element."""
+    _skip_unless_available(device)
+    q, k, v = (t.detach() for t in _inputs((3, 4, 30, 2, 2, 16, 16, True), torch.float32, device))
+    if view == "strided-int32":
+        kv_len = torch.tensor([22, -1, 17, -1, 29], dtype=torch.int32, device=device)[::2]
+    else:
+        dtype = torch.int32 if view == "expanded-int32" else torch.int64
+        kv_len = torch.tensor([19], dtype=dtype, device=device).expand(3)
+    kv_start = torch.tensor([3], dtype=torch.int32, device=device).expand(3)
+    kwargs = dict(causal=True, kv_start=kv_start, kv_len=kv_len)
+    with torch.no_grad():
+        try:
+            explain(q, k, v, backend=backend, **kwargs)
+        except RuntimeError as error:
+            pytest.skip(str(error))
+        out = attention(q, k, v, backend=backend, **kwargs)
+    ref, _ = attention_oracle(q, k, v, causal=True, kv_start=kv_start.contiguous(), kv_len=kv_len.contiguous())
+    assert max_rel_error(out, ref) < FP32_TOL["out"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("causal", [True, False])
 def test_unchecked_out_of_range_bounds_act_as_clamped(causal, device, backend):
     """Bounds are not read back from a GPU (a sync per call): a backend handed values out of range must read no
