@@ -13,6 +13,7 @@ SUITES = {
     "kernels": "benchmarks.kernels",
     "generate": "benchmarks.generate",
     "models_io": "benchmarks.models_io",
+    "decode_step": "benchmarks.decode_step",
 }
 
 

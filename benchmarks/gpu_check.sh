@@ -6,7 +6,8 @@
 # 1. build the CUDA extension (csrc/) into an editable install, for the detected GPU's arch (~22 s on an H200);
 # 2. the GPU tests: TRITON_INTERPRET=0 PERCEIVER_FAST_REQUIRE_CUDA_EXT=1 pytest -m gpu -n 8 (~96 s for 151 tests);
 # 3. the kernel benchmark's gpu preset with --write-dispatch-table: the candidate table goes into the tarball, not
-#    into the package (a person reviews it, then commits it under perceiver_fast/kernels/dispatch_tables/);
+#    into the package (a person reviews it, then commits it under perceiver_fast/kernels/dispatch_tables/); then the
+#    decoding-step benchmark (fused decode kernel), which adds the table's decode-step rows (~30 s);
 # 4. optional: a compact generation benchmark (GENERATE=0 skips it), only with the time left over;
 # 5. everything (logs, JSON, plots, the table) packed into ONE tarball, $OUT/gpu-check.tar.gz, since the device tool
 #    returns at most 8 files, plus $OUT/summary.txt; the summary is printed last.
@@ -85,6 +86,12 @@ TRITON_INTERPRET=0 timeout -k 10 "$bench_timeout" "$PY" -m benchmarks kernels --
 bench_rc=$?
 bench_s=$(($(date +%s) - step))
 
+# --- 3b. the decoding step: fused CUDA kernel vs composite vs SDPA + write + rotary; its decode-step table rows -------
+step=$(date +%s)
+TRITON_INTERPRET=0 timeout -k 5 "$(allow 45 $((PACK_SECONDS + 5)))" "$PY" -m benchmarks decode_step --out "$WORK" \
+  --write-dispatch-table --table-dir "$WORK/dispatch_tables" > "$WORK/bench-decode-step.log" 2>&1
+decode_rc="$? in $(($(date +%s) - step)) s"
+
 # --- 4. optional: generation under auto, 8k and 32k, batch 1 and 16 -------------------------------------------------
 # With .whl/ carried (benchmarks/gpu_wheels.sh), perceiver-io's own cached generate runs beside ours on the same
 # weights; its stack goes into a folder that only this step puts on the path.
@@ -112,6 +119,8 @@ fi
   echo "== GPU tests: exit $tests_rc in ${tests_s} s (124 = timed out; 5 = none collected)"
   tail -n 1 "$WORK/pytest-gpu.log"
   grep -E "^(FAILED|ERROR)" "$WORK/pytest-gpu.log" | head -n 10
+  echo "== decode step: exit $decode_rc"
+  grep -E "^(copy|B[0-9])" "$WORK/bench-decode-step.log" | cut -c1-110 | head -n 13
   echo "== generate (optional): exit $generate_rc"
   [ -f "$WORK/generate.log" ] && grep -E "^(ours|floor|  ours)" "$WORK/generate.log" | head -n 12
   echo "== kernel benchmark: exit $bench_rc in ${bench_s} s (124 = timed out)"

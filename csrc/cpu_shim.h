@@ -35,9 +35,13 @@ struct dim3 {
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
 
-// The 16-byte vector type device code uses for wide copies.
+// The vector types device code uses for wide copies.
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
+};
+
+struct alignas(8) uint2 {
+  unsigned x, y;
 };
 
 inline thread_local dim3 blockIdx;

@@ -2,11 +2,14 @@
 // through cpu_shim.h with the same launch geometry as the GPU launcher: the 64-row kernel with the SIMT tile on fp32
 // arrays or the tensor-core tile on bf16 arrays, and the cp.async/ldmatrix kernel (attention_flash.cuh) on bf16 or
 // fp16 arrays, with the sm_80 instructions emulated (cpu_mma.h). Also deliberately broken configurations of the
-// latter, each a mistake the tests must catch. Built with g++ -std=c++20 into a shared library, called through ctypes.
+// latter, each a mistake the tests must catch. For tests/kernels/test_cuda_decode_shim.py: the fused decode step
+// (attention_decode.cuh) on bf16, fp16 or fp32 arrays, and broken variants of it. Built with g++ -std=c++20 into a
+// shared library, called through ctypes.
 #include <cstdio>
 #include <string>
 
 #include "attention_combine.cuh"
+#include "attention_decode.cuh"
 #include "attention_flash.cuh"
 
 namespace {
@@ -218,6 +221,177 @@ extern "C" int pf_shim_flash_head_dim(int dqk, int dv, int vec_ok) { return pf::
 extern "C" int pf_shim_flash_stages(int head_dim) { return pf::flash_stages(head_dim); }
 extern "C" long pf_shim_flash_smem_bytes(int head_dim, int stages) {
   return static_cast<long>(pf::flash_smem_bytes<bfloat16>(head_dim, stages));
+}
+
+// --- the fused decode step (attention_decode.cuh) ---
+
+namespace {
+
+template <class T, int D_TILE, int GROUP, class Steps>
+void run_decode(const pf::DecodeParams& p) {
+  pf_shim::launch(pf::decode_grid(p), dim3(pf::kDecodeThreads), pf::decode_smem_bytes<T>(D_TILE, GROUP),
+                  pf::attention_decode_kernel<T, D_TILE, GROUP, Steps>, p);
+  if (p.attn.num_splits > 1)
+    pf_shim::launch(pf::combine_grid(p.attn), dim3(pf::kCombineThreads), 0, pf::attention_combine_kernel<T>, p.attn);
+}
+
+template <class T, int D_TILE, class Steps>
+int decode_group(const pf::DecodeParams& p) {
+  switch (pf::decode_group_tile(p.attn.group)) {
+    case 1:
+      run_decode<T, D_TILE, 1, Steps>(p);
+      return 0;
+    case 2:
+      run_decode<T, D_TILE, 2, Steps>(p);
+      return 0;
+    case 4:
+      run_decode<T, D_TILE, 4, Steps>(p);
+      return 0;
+    case 8:
+      run_decode<T, D_TILE, 8, Steps>(p);
+      return 0;
+    default:
+      return 1;
+  }
+}
+
+template <class T, class Steps>
+int decode_tile(const pf::DecodeParams& p) {
+  switch (pf::head_dim_tile(p.attn.dqk, p.attn.dv)) {
+    case 32:
+      return decode_group<T, 32, Steps>(p);
+    case 64:
+      return decode_group<T, 64, Steps>(p);
+    case 128:
+      return decode_group<T, 128, Steps>(p);
+    default:
+      return 1;
+  }
+}
+
+// --- broken decode steps, one mistake each ---
+
+// The pair rotated by -angle: the partner's sign on the wrong channel.
+struct RotarySignSwapped : pf::DecodeSteps {
+  static void rotate(float x0, float x1, const float* cos, const float* sin, float& y0, float& y1) {
+    y0 = x0 * cos[0] + x1 * sin[0];
+    y1 = x1 * cos[1] - x0 * sin[1];
+  }
+};
+
+// The key and value at position[b] read back from the cache, as if the store had already happened: it has not
+// when the storing block runs later (or elsewhere, on a GPU).
+struct ReadsCacheAtPosition : pf::DecodeSteps {
+  static constexpr bool kOwnNewKey = false;
+};
+
+// Half-warps' sums and accumulators added as they are, each still relative to its own running max.
+struct MergeWithoutRescale : pf::DecodeSteps {
+  static float merge_weight(float, float) { return 1.f; }
+};
+
+// A split's last key taken as an inclusive end, then used as an exclusive one: each split drops its last key.
+struct SplitEndsOneEarly : pf::DecodeSteps {
+  static pf::KeySpan split_keys(int start, int len, int num_splits, int split) {
+    pf::KeySpan s = pf::DecodeSteps::split_keys(start, len, num_splits, split);
+    s.hi = pf::imax(s.lo, s.hi - 1);
+    return s;
+  }
+};
+
+enum DecodeVariant { kDecodeCorrect = 0, kRotarySignSwapped, kReadsCacheAtPosition, kMergeWithoutRescale,
+                     kSplitEndsOneEarly };
+
+template <class T, class Steps>
+int run_broken(const pf::DecodeParams& p) {
+  run_decode<T, 64, 2, Steps>(p);
+  return 0;
+}
+
+template <class T>
+int dispatch_decode(const pf::DecodeParams& p, int variant) {
+  if (variant == kDecodeCorrect) return decode_tile<T, pf::DecodeSteps>(p);
+  // The broken steps are compiled for one configuration only (head-dim tile 64, 2 q heads per kv head): the tests
+  // of them use it, and every instantiation costs the shim's build seconds.
+  if (pf::head_dim_tile(p.attn.dqk, p.attn.dv) != 64 || pf::decode_group_tile(p.attn.group) != 2) return 1;
+  switch (variant) {
+    case kRotarySignSwapped:
+      return run_broken<T, RotarySignSwapped>(p);
+    case kReadsCacheAtPosition:
+      return run_broken<T, ReadsCacheAtPosition>(p);
+    case kMergeWithoutRescale:
+      return run_broken<T, MergeWithoutRescale>(p);
+    case kSplitEndsOneEarly:
+      return run_broken<T, SplitEndsOneEarly>(p);
+    default:
+      return 1;
+  }
+}
+
+}  // namespace
+
+// One decoding step: q [B, 1, Hq, Dqk], k_new [B, 1, Hkv, Dqk], v_new [B, 1, Hkv, Dv], caches [B, C, Hkv, D], out
+// [B, 1, Hq, Dv]; strides: (batch, seq, head) triples in elements for q, k_new, v_new, k_cache, v_cache, out, then
+// the batch strides of position, kv_start, kv_len;
+// dims: B, C, Hq, Hkv, Dqk, Dv, rotary_dim. dtype 0 = bf16, 1 = fp16, 2 = fp32; variant 0 = the real kernel, else
+// a broken one (enum DecodeVariant; bf16, head-dim tile 64, 2 q heads per kv head only). Takes what ops.cu takes
+// (head dims multiples of 8 up to 128, at most 8 q heads per kv head, an even rotary_dim up to Dqk), else returns 1.
+extern "C" int pf_shim_decode(const void* q, const void* k_new, const void* v_new, void* k_cache, void* v_cache,
+                              const int* position, const float* cos, const float* sin, const int* kv_start,
+                              const int* kv_len, void* out, float* lse, float* part_out, float* part_lse,
+                              const int64_t* strides, const int* dims, float scale, int num_splits, int vec_ok,
+                              int dtype, int variant) {
+  const int batch = dims[0], capacity = dims[1], hq = dims[2], hkv = dims[3], dqk = dims[4], dv = dims[5];
+  const int rotary_dim = dims[6];
+  if (hkv < 1 || hq % hkv != 0 || hq / hkv > pf::kMaxDecodeGroup || dqk % 8 != 0 || dv % 8 != 0 || dqk < 8 ||
+      dv < 8 || dqk > pf::kMaxHeadDim || dv > pf::kMaxHeadDim || rotary_dim % 2 != 0 || rotary_dim < 0 ||
+      rotary_dim > dqk || capacity < 1 || num_splits < 1 || (variant != kDecodeCorrect && dtype != 0))
+    return 1;
+  pf::DecodeParams p{};
+  pf::AttentionParams& a = p.attn;
+  a.q = q;
+  a.out = out;
+  a.lse = lse;
+  a.part_out = part_out;
+  a.part_lse = part_lse;
+  a.kv_start = kv_start;
+  a.kv_len = kv_len;
+  a.q_sb = strides[0], a.q_sn = strides[1], a.q_sh = strides[2];
+  p.kn_sb = strides[3], p.kn_sh = strides[5];
+  p.vn_sb = strides[6], p.vn_sh = strides[8];
+  a.k_sb = strides[9], a.k_sn = strides[10], a.k_sh = strides[11];
+  a.v_sb = strides[12], a.v_sn = strides[13], a.v_sh = strides[14];
+  a.o_sb = strides[15], a.o_sn = strides[16], a.o_sh = strides[17];
+  p.position_stride = strides[18], p.kv_start_stride = strides[19], p.kv_len_stride = strides[20];
+  a.batch = batch, a.nq = 1, a.nk = capacity, a.hq = hq, a.hkv = hkv, a.dqk = dqk, a.dv = dv;
+  a.group = hq / hkv;
+  a.scale_log2 = scale * 1.4426950408889634f;
+  a.num_splits = num_splits;
+  a.vec_ok = vec_ok;
+  p.k_cache = k_cache;
+  p.v_cache = v_cache;
+  p.k_new = k_new;
+  p.v_new = v_new;
+  p.position = position;
+  p.cos = cos;
+  p.sin = sin;
+  p.rotary_dim = rotary_dim;
+  switch (dtype) {
+    case 0:
+      return finish(dispatch_decode<bfloat16>(p, variant));
+    case 1:
+      return finish(dispatch_decode<float16>(p, variant));
+    case 2:
+      return finish(dispatch_decode<float>(p, variant));
+    default:
+      return 1;
+  }
+}
+
+// What the GPU launcher compiles for: the group tile (0: declined) and the dynamic shared memory of a block.
+extern "C" int pf_shim_decode_group_tile(int group) { return pf::decode_group_tile(group); }
+extern "C" long pf_shim_decode_smem_bytes(int d_tile, int group_tile) {
+  return static_cast<long>(pf::decode_smem_bytes<bfloat16>(d_tile, group_tile));
 }
 
 // --- the emulated ldmatrix on its own: one warp, 32 shared rows of 8 16-bit values ---

@@ -23,7 +23,9 @@ _EXPORTS = {
     "stream": "perceiver_fast.generation",
     "attention": "perceiver_fast.kernels",
     "available_backends": "perceiver_fast.kernels",
+    "decode_attention": "perceiver_fast.kernels",
     "explain": "perceiver_fast.kernels",
+    "explain_decode": "perceiver_fast.kernels",
     "from_lightning_checkpoint": "perceiver_fast.models.artifacts",
     "from_pretrained": "perceiver_fast.models.artifacts",
     "SymbolicAudioModel": "perceiver_fast.models.audio.symbolic",
@@ -63,7 +65,9 @@ __all__ = [
     "__version__",
     "attention",
     "available_backends",
+    "decode_attention",
     "explain",
+    "explain_decode",
     "from_lightning_checkpoint",
     "from_pretrained",
     "generate",
@@ -90,7 +94,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from perceiver_fast.data import BytesTokenizer, CLMCollator, MLMCollator, prepare_clm_data
     from perceiver_fast.generation import generate, stream
-    from perceiver_fast.kernels import attention, available_backends, explain
+    from perceiver_fast.kernels import attention, available_backends, decode_attention, explain, explain_decode
     from perceiver_fast.models.artifacts import from_lightning_checkpoint, from_pretrained
     from perceiver_fast.models.audio.symbolic import SymbolicAudioModel, SymbolicAudioModelConfig
     from perceiver_fast.models.text.classifier import TextClassifier, TextClassifierConfig

@@ -289,33 +289,40 @@ class PerceiverARCache(_DecodingBase):
         self.offset = 0
         self.offset_t.fill_(0)
 
-    def _new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
-        """Embed ``self.token`` at the window's end: ``(h, angle, rot, query)``; its keys/values go to the cache."""
+    def _embed_new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
+        """Embed ``self.token`` at the window's end: ``(h, angle, rot, buffer position)``."""
         end = self.prefix_t + self.latents_t
         abs_pos = (end - self.pos_shift_t).clamp(min=0).unsqueeze(1)
         h, angle = self.model.input_adapter(self.token, abs_pos=abs_pos)
-        rot = RotaryPositionEmbedding(angle)
-        self.cross.write_cache(h, self.offset_t + end, rot, prefix=False)
+        return h, angle, RotaryPositionEmbedding(angle), self.offset_t + end
+
+    def _new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
+        """Embed ``self.token`` at the window's end: ``(h, angle, rot, query)``; its keys/values go to the cache."""
+        h, angle, rot, position = self._embed_new_token()
+        self.cross.write_cache(h, position, rot, prefix=False)
         return h, angle, rot, self.cross.queries(h, rot)
 
     def _extend(self) -> torch.Tensor:
         """A new latent while nothing crosses: only its row is computed (the step captured while latents grow)."""
-        h, angle, rot, q = self._new_token()
+        h, angle, rot, position = self._embed_new_token()
         row = self.latents_t.clone()  # the slot of the new latent (latents_t itself moves on below)
         self.latent_h.index_copy_(1, row, h)
         self.latent_angles.index_copy_(1, row, angle)
-        self.latent_q.index_copy_(1, row, q)
         self.latents_t += 1
+        # The new latent's key/value is written and its query attends in one op (cross.attend_new).
         if self.incremental_prefix:
+            kv_start, kv_len = self._latent_bounds()
+            (latent_out, latent_lse), q = self.cross.attend_new(
+                h, position, rot, kv_start=kv_start, kv_len=kv_len, return_lse=True, return_query=True
+            )
             prefix_out, prefix_lse = self._prefix_part(q)
             self.prefix_out.index_copy_(1, row, prefix_out.float())
             self.prefix_lse.index_copy_(2, row, prefix_lse)
-            kv_start, kv_len = self._latent_bounds()
-            latent_out, latent_lse = self.cross.attend_cache(q, kv_start=kv_start, kv_len=kv_len, return_lse=True)
             out = merge_partial_attention(prefix_out, prefix_lse, latent_out, latent_lse)[0].to(self.dtype)
         else:
             kv_start, kv_len = self._window_bounds()
-            out = self.cross.attend_cache(q, kv_start=kv_start, kv_len=kv_len)
+            out, q = self.cross.attend_new(h, position, rot, kv_start=kv_start, kv_len=kv_len, return_query=True)
+        self.latent_q.index_copy_(1, row, q)
         x = self.cross.finish(h, out)
         self_len = self.latents_t.expand(self.batch_size).to(torch.int32)
         for index, layer in enumerate(self.self_layers):
@@ -502,11 +509,10 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         angle = model.input_adapter.frq_pos_encoding((total - 1 - pads).clamp(min=0).unsqueeze(1))
         rot = RotaryPositionEmbedding(angle)
 
-        self.cross.write_cache(h, cross_end, rot, prefix=False)
         live = cross_end + 1 - cross_start
         kv_start = cross_start + (pads - (total - live)).clamp(min=0).minimum(live)
         kv_start, kv_len = _bounds(kv_start, cross_end + 1, b)
-        h = self.cross.finish(h, self.cross.attend_cache(self.cross.queries(h, rot), kv_start=kv_start, kv_len=kv_len))
+        h = self.cross.finish(h, self.cross.attend_new(h, cross_end, rot, kv_start=kv_start, kv_len=kv_len))
 
         self_start, self_end = self.self_span_t[0:1], self.self_span_t[1:2]
         kv_start, kv_len = _bounds(self_start, self_end + 1, b)

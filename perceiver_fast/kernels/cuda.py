@@ -185,6 +185,107 @@ def cuda_attention(
     return _cuda_attention_fwd(q, k, v, kv_start, kv_len, bool(causal), float(scale), int(num_splits))
 
 
+MAX_DECODE_GROUP = 8  # q heads per kv head in the fused decode kernel (csrc: kMaxDecodeGroup)
+
+
+def decode_unsupported_reason(problem: AttentionProblem, rotate_dim: int) -> str | None:
+    """Why the fused decode kernel (csrc/attention_decode.cuh) cannot run a decoding step whose attention part is
+    ``problem``, or ``None`` when it can."""
+    reason = CudaBackend().unsupported_reason(problem)
+    if reason is not None:
+        return reason
+    if problem.num_q_heads // problem.num_kv_heads > MAX_DECODE_GROUP:
+        return f"more than {MAX_DECODE_GROUP} q heads per kv head"
+    if problem.qk_head_dim % 8 or problem.v_head_dim % 8:
+        return f"head dims {problem.qk_head_dim}/{problem.v_head_dim}: the fused decode kernel takes multiples of 8"
+    if rotate_dim % 2 or rotate_dim > problem.qk_head_dim:
+        return f"rotary dim {rotate_dim} must be even and at most the qk head dim"
+    if not hasattr(torch.ops.perceiver_fast_cuda, "decode_attention_fwd"):
+        return "the CUDA extension was built without the fused decode kernel: rebuild it"
+    return None
+
+
+@torch.library.custom_op("perceiver_fast::cuda_decode_attention", mutates_args=("k_cache", "v_cache"))
+def _cuda_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    kv_start: torch.Tensor,
+    kv_len: torch.Tensor,
+    scale: float,
+    num_splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, _, num_q_heads, _ = q.shape
+    v_dim = v_cache.shape[3]
+    out = q.new_empty(batch, 1, num_q_heads, v_dim)
+    lse = torch.empty(batch, num_q_heads, 1, device=q.device, dtype=torch.float32)
+    if num_splits > 1:
+        part_out = torch.empty(num_splits, batch, num_q_heads, 1, v_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(num_splits, batch, num_q_heads, 1, device=q.device, dtype=torch.float32)
+    else:
+        part_out = part_lse = torch.empty(0, device=q.device, dtype=torch.float32)
+    with torch.cuda.device(q.device):
+        stream = torch.cuda.current_stream(q.device).cuda_stream
+        torch.ops.perceiver_fast_cuda.decode_attention_fwd(
+            q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len, out, lse, part_out, part_lse, scale,
+            num_splits, stream,
+        )  # fmt: skip
+    return out, lse
+
+
+@_cuda_decode_attention.register_fake
+def _cuda_decode_attention_fake(q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len, scale, num_splits):
+    out = q.new_empty(q.shape[0], 1, q.shape[2], v_cache.shape[3])
+    return out, q.new_empty(q.shape[0], q.shape[2], 1, dtype=torch.float32)
+
+
+def cuda_decode_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    position: int | torch.Tensor,
+    *,
+    rotary: tuple[torch.Tensor, torch.Tensor] | None,
+    kv_start: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    scale: float,
+    num_splits: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused decoding step on validated arguments (see :func:`perceiver_fast.kernels.decode.decode_attention`):
+    ``(out, lse)``. ``rotary``: ``(cos, sin)`` broadcastable to ``[B, R]``, or ``None``."""
+    batch, capacity = q.shape[0], k_cache.shape[1]
+    device = q.device
+    if isinstance(position, int):
+        position = torch.full((batch,), position, device=device, dtype=torch.int32)
+    position = position.reshape(-1).expand(batch).to(torch.int32)
+    if kv_start is None:
+        kv_start = torch.zeros(batch, device=device, dtype=torch.int32)
+    if kv_len is None:
+        kv_len = torch.full((batch,), capacity, device=device, dtype=torch.int32)
+    if rotary is None:
+        cos = sin = torch.empty(batch, 0, device=device, dtype=torch.float32)
+    else:
+        cos, sin = (t.reshape(batch, -1).contiguous() for t in rotary)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    if num_splits is None:
+        # One block per (batch row, kv head, split), each streaming its share of the keys: the same rule as the
+        # attention kernels' decode path, with one packed row per block.
+        num_splits = choose_num_splits(
+            batch=batch, num_kv_heads=k_cache.shape[2], packed_rows=1, num_keys=capacity,
+            sm_count=_sm_count(device.index if device.index is not None else torch.cuda.current_device()),
+        )  # fmt: skip
+    return _cuda_decode_attention(
+        q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len, float(scale), int(num_splits)
+    )
+
+
 class CudaBackend:
     """The csrc/ kernels: forward-only, tensor cores, float16/bfloat16 CUDA tensors, head dims up to 128."""
 

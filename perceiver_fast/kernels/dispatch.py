@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -129,3 +129,26 @@ def policy_for(problem: AttentionProblem) -> Policy:
     # The conservative order follows the row's backends, for calls none of them can run.
     order = tuple(row["order"]) + tuple(name for name in DEFAULT_ORDER_CUDA if name not in row["order"])
     return Policy(order, source)
+
+
+DECODE_STEP_REGIME = "decode-step"
+
+
+def decode_step_policy(problem: AttentionProblem) -> Policy:
+    """How ``auto`` runs a fused decoding step (:mod:`perceiver_fast.kernels.decode`) whose attention part is
+    ``problem``: ``("cuda", ...)`` only where the table's ``decode-step`` row of its class measured the fused kernel
+    fastest, else the composite step."""
+    composite = ("composite",)
+    capability = device_capability(problem.device) if problem.device.type == "cuda" else None
+    table = load_table(capability) if capability is not None else None
+    if table is None:
+        return Policy(composite, "no measured decode-step row: the composite step (the fused kernel is opt-in)")
+    wanted = replace(ProblemClass.of(problem), regime=DECODE_STEP_REGIME)
+    found = _nearest_row(table["rows_by_class"], wanted)
+    if found is None:
+        return Policy(composite, f"{table_name(capability)} has no row for {wanted}: the composite step")
+    row_class, row = found
+    return Policy(
+        tuple(row["order"]),
+        f"{table_name(capability)} row {row_class} (measured on {table['device']}, {table['date']})",
+    )

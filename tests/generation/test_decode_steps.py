@@ -204,3 +204,40 @@ def test_graphs_are_kept_with_the_model_between_calls_and_released_on_request():
     assert torch.equal(first, model.generate(prompt, 40, num_latents=4, cuda_graph=False))
     release_decoding(model)
     assert _HELD_DECODER not in model.__dict__
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+@pytest.mark.parametrize("cuda_graph", [True, False], ids=["graph", "eager"])
+def test_fused_decode_kernel_steps_equal_composite_steps(mode, cuda_graph, monkeypatch):
+    """bf16 decoding with the fused CUDA decode kernel forced (PERCEIVER_FAST_DECODE_BACKEND=cuda) against the
+    composite steps, on the same tokens; head dim 64 and rotary, as the models use them."""
+    import copy
+
+    from perceiver_fast.kernels import cuda
+    from perceiver_fast.kernels.decode import DECODE_BACKEND_ENV_VAR
+
+    missing = cuda.library_status()
+    if missing is None and not hasattr(torch.ops.perceiver_fast_cuda, "decode_attention_fwd"):
+        missing = "the CUDA extension has no decode_attention_fwd"
+    if missing is not None:
+        pytest.skip(missing)
+    model = _cuda_model(num_channels=128, num_heads=2, abs_pos_emb=False).to(torch.bfloat16)
+    schedule = WindowSchedule(64, 16, stride=8 if mode == "strided" else 1)
+    make = PerceiverIODecoder if mode == "perceiver-io" else CachedDecoder
+    backends = ("composite", "cuda")
+    decoders = {name: make(copy.deepcopy(model), schedule, 2, cuda_graph=cuda_graph) for name in backends}
+    prompt, pad_mask = _prompt(length=40, pads=(0, 3))
+    sequence, pads = prompt.cuda(), pad_mask.cuda()
+    logits = {}
+    for name in backends:
+        monkeypatch.setenv(DECODE_BACKEND_ENV_VAR, name)
+        logits[name] = decoders[name].start(sequence, pads, 4)
+    for step in range(40):
+        token = logits["composite"].argmax(-1, keepdim=True)
+        sequence = torch.cat([sequence, token], dim=1)
+        pads = torch.cat([pads, torch.zeros_like(pads[:, :1])], dim=1)
+        for name in backends:
+            monkeypatch.setenv(DECODE_BACKEND_ENV_VAR, name)
+            logits[name] = decoders[name].step(sequence, pads)
+        assert max_rel_error(logits["cuda"], logits["composite"]) <= 3e-2, step

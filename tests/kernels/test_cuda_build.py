@@ -24,19 +24,24 @@ REPO = Path(__file__).resolve().parents[2]
 ARCHS = ("80", "90")
 DTYPES = ("__half", "__nv_bfloat16")
 FLASH_STAGES = ((64, 3), (128, 2))  # (head-dim tile, pipeline stages) the launcher uses (csrc: flash_stages)
-# The cp.async/ldmatrix kernel, the 64-row kernel, the reduction.
+DECODE = tuple((d, g) for d in (32, 64, 128) for g in (1, 2, 4, 8))  # (head-dim tile, q heads per kv head tile)
+# The cp.async/ldmatrix kernel, the 64-row kernel, the reduction, the fused decode step.
 KERNELS = (
     [f"attention_fwd_flash_kernel<{t}, {d}, {s}>" for t in DTYPES for d, s in FLASH_STAGES]
     + [f"attention_fwd_kernel<{t}, {d}>" for t in DTYPES for d in (32, 64, 128)]
     + [f"attention_combine_kernel<{t}>" for t in DTYPES]
+    + [f"attention_decode_kernel<{t}, {d}, {g}>" for t in DTYPES for d, g in DECODE]
 )
 # Dynamic shared memory per block (not in ptxas' report): csrc/attention_params.cuh, flash_smem_bytes and
 # forward_smem_bytes (16-bit elements).
 FLASH_SMEM = {d: 2 * (128 + 2 * 64 * s) * d for d, s in FLASH_STAGES}  # Q tile + `s` K and V tiles
+# decode_smem_bytes: rotated queries, new key and value rows, then per half-warp (8) accumulators, max and sum.
+DECODE_SMEM = {(d, g): 2 * (g + 2) * d + 4 * 8 * g * (d + 2) for d, g in DECODE}
 SMEM_BYTES = {
     **{f"attention_fwd_flash_kernel<{t}, {d}, {s}>": FLASH_SMEM[d] for t in DTYPES for d, s in FLASH_STAGES},
     **{f"attention_fwd_kernel<{t}, {d}>": 2 * (64 + 2 * 64) * (d + 8) for t in DTYPES for d in (32, 64, 128)},
     **{f"attention_combine_kernel<{t}>": 0 for t in DTYPES},
+    **{f"attention_decode_kernel<{t}, {d}, {g}>": DECODE_SMEM[d, g] for t in DTYPES for d, g in DECODE},
 }
 
 
@@ -83,10 +88,12 @@ def _resource_usage(log: str) -> dict[tuple[str, str], dict[str, int]]:
         entry = re.search(r"Compiling entry function '(\w+)' for 'sm_(\d+)'", line)
         if entry:
             name = entry.group(1)
-            kind = next(k for k in ("combine", "flash", "fwd") if k in name)
-            kind = {"combine": "attention_combine_kernel", "flash": "attention_fwd_flash_kernel"}.get(
-                kind, "attention_fwd_kernel"
-            )
+            kind = next(k for k in ("combine", "flash", "decode", "fwd") if k in name)
+            kind = {
+                "combine": "attention_combine_kernel",
+                "flash": "attention_fwd_flash_kernel",
+                "decode": "attention_decode_kernel",
+            }.get(kind, "attention_fwd_kernel")
             dtype = "__nv_bfloat16" if "bfloat16" in name else "__half"
             numbers = re.findall(r"Li(\d+)E", name)
             if kind == "attention_fwd_kernel":
@@ -133,6 +140,14 @@ def test_library_loads_under_cpu_torch_and_registers_its_schema(built):
     bounds = torch.zeros(1, dtype=torch.int32)
     with pytest.raises(NotImplementedError, match="CPU"):
         op(x, x, x, bounds, bounds, x, torch.zeros(1, 2, 2), torch.empty(0), torch.empty(0), True, 1.0, 1, 0)
+    # The fused decode step: perceiver_fast/kernels/cuda.py calls it positionally, in this order.
+    decode = torch.ops.perceiver_fast_cuda.decode_attention_fwd.default._schema
+    assert [a.name for a in decode.arguments] == [
+        "q", "k_new", "v_new", "k_cache", "v_cache", "position", "cos", "sin", "kv_start", "kv_len", "out", "lse",
+        "part_out", "part_lse", "scale", "num_splits", "stream",
+    ]  # fmt: skip
+    written = {a.name for a in decode.arguments if a.alias_info is not None and a.alias_info.is_write}
+    assert written == {"k_cache", "v_cache", "out", "lse", "part_out", "part_lse"}
     # Without a GPU (or driver) the library says it cannot serve device 0, rather than failing.
     if not torch.cuda.is_available():
         assert torch.ops.perceiver_fast_cuda.has_kernel_image(0) is False

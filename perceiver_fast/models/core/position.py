@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from perceiver_fast.kernels.rotary import rotate_interleaved
+
 
 def positions(b: int, n: int, shift: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
     """``[b, n]`` absolute positions ``0..n-1``, moved left by ``shift`` ``[b, 1]`` (the pad count) and clamped at 0.
@@ -49,19 +51,14 @@ class RotaryPositionEmbedding:
         self.rotate_dim = frq_pos_enc.shape[-1]
         self.right_align = right_align
 
-    def rotate(self, t: torch.Tensor) -> torch.Tensor:
-        seq_len = t.shape[1]
+    def angles(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[b, seq_len, 1, dim]`` of a sequence of ``seq_len`` positions (aligned as configured)."""
         window = slice(-seq_len, None) if self.right_align else slice(0, seq_len)
-        cos, sin = self.cos[:, window], self.sin[:, window]
-        t_rot, t_pass = t[..., : self.rotate_dim], t[..., self.rotate_dim :]
-        # The angles are float32; under bf16 autocast the rotated part must keep the input dtype (q/k/v share one).
-        t_rot = (t_rot * cos + _rotate_pairs(t_rot) * sin).to(t.dtype)
-        return torch.cat((t_rot, t_pass), dim=-1)
+        return self.cos[:, window], self.sin[:, window]
 
-
-def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    def rotate(self, t: torch.Tensor) -> torch.Tensor:
+        # The angles are float32; under bf16 autocast the rotated part keeps the input dtype (q/k/v share one).
+        return rotate_interleaved(t, *self.angles(t.shape[1]))
 
 
 class FourierPositionEncoding(nn.Module):

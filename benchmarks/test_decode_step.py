@@ -1,0 +1,44 @@
+"""The decode-step benchmark without a GPU: a smoke run of its CPU preset, and the dispatch-table rows it writes
+from GPU timings (ranked by graph time, merged into a table without touching its other rows)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from benchmarks import decode_step
+from perceiver_fast.kernels import dispatch
+
+
+def test_cpu_preset_runs_the_composite_step_and_says_why_the_others_do_not(tmp_path, capsys):
+    args = argparse.Namespace(preset="cpu", dtype=None, device="cpu", repeats=2, out=str(tmp_path),
+                              write_dispatch_table=False, table_dir=str(tmp_path))  # fmt: skip
+    assert decode_step.run(args) == 0
+    rows = json.loads(next(tmp_path.glob("*-decode-step.json")).read_text())["rows"]
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["composite"]["eager_ms"] > 0 and by_method["composite"]["cache_gbs"] > 0
+    assert "CPU tensors" in by_method["cuda"]["skipped"]
+    assert "skipped" in by_method["sdpa+write+rotary"]
+
+
+def test_table_rows_rank_by_graph_time_and_replace_only_decode_step_rows(tmp_path, monkeypatch):
+    shapes = decode_step.PRESETS["gpu"][:2]
+    timings = [
+        dict(shape=shapes[0].label, method="cuda", graph_ms=0.02),
+        dict(shape=shapes[0].label, method="composite", graph_ms=0.05),
+        dict(shape=shapes[1].label, method="cuda", graph_ms=0.09),
+        dict(shape=shapes[1].label, method="composite", graph_ms=0.07),
+    ]
+    rows = decode_step.decode_rows(timings, shapes, torch.bfloat16, torch.device("cpu"))
+    assert [r["order"] for r in rows] == [["cuda", "composite"], ["composite", "cuda"]]
+    assert {r["regime"] for r in rows} == {dispatch.DECODE_STEP_REGIME} and all(r["bounds"] for r in rows)
+    other = dict(dtype="bfloat16", regime="decode", head_dim=128, keys=16384, bounds=True, grad=False,
+                 order=["triton"])  # fmt: skip
+    stale = {**rows[0], "order": ["composite"]}
+    (tmp_path / "sm90.json").write_text(json.dumps({"device": "x", "date": "d", "rows": [other, stale]}))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    path = decode_step.merge_into_table(rows, tmp_path, torch.device("cuda"))
+    written = json.loads(path.read_text())["rows"]
+    assert written[0] == other and written[1:] == rows
