@@ -309,8 +309,10 @@ class _AttentionLayer(nn.Sequential):
         """The rest of the layer after its attention: output projection, residual, residual MLP."""
         out = self.attention_module.attention.project_output(attended)
         attention_part = self[0]
-        if attention_part is not self.attention_module:  # residual (in eval mode its dropout is the identity)
-            out = x + attention_part.dropout(out)
+        if attention_part is not self.attention_module:  # residual (its dropout is the identity in eval mode)
+            if attention_part.training and attention_part.dropout.p > 0.0:
+                out = attention_part.dropout(out)
+            out = x + out
         return self[1](out)
 
     def _attend_and_mix(self, *args, **kwargs) -> torch.Tensor:

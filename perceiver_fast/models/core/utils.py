@@ -18,7 +18,10 @@ class Residual(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.dropout(self.module(*args, **kwargs)) + args[0]
+        out = self.module(*args, **kwargs)
+        if self.training and self.dropout.p > 0.0:  # else the identity: not dispatched (a decoding step has 14)
+            out = self.dropout(out)
+        return out + args[0]
 
 
 def init_parameters(module: nn.Module, init_scale: float) -> None:
