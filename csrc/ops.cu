@@ -31,25 +31,11 @@ bool row_aligned(const Tensor& t) {
   return base % 16 == 0 && t.stride(0) % 8 == 0 && t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
 }
 
-void attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_len, Tensor out, Tensor lse,
-                   Tensor part_out, Tensor part_lse, bool causal, double scale, int64_t num_splits, int64_t stream) {
-  const ScalarType dtype = q.scalar_type();
-  STD_TORCH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
-                  "the CUDA kernels take float16 or bfloat16 (tensor cores)");
-  check_qkv(q, "q", dtype);
-  check_qkv(k, "k", dtype);
-  check_qkv(v, "v", dtype);
-  check_qkv(out, "out", dtype);
-  STD_TORCH_CHECK(kv_start.scalar_type() == ScalarType::Int && kv_len.scalar_type() == ScalarType::Int,
-                  "kv_start and kv_len must be int32");
-  STD_TORCH_CHECK(lse.scalar_type() == ScalarType::Float && lse.is_contiguous(), "lse must be contiguous float32");
-  STD_TORCH_CHECK(num_splits >= 1, "num_splits must be >= 1");
-  if (num_splits > 1)
-    STD_TORCH_CHECK(part_out.is_contiguous() && part_lse.is_contiguous() &&
-                        part_out.numel() == num_splits * out.numel() && part_lse.numel() == num_splits * lse.numel(),
-                    "the split-KV workspace must be contiguous [splits, B, Hq, Nq, Dv] and [splits, B, Hq, Nq]");
-
-  pf::AttentionParams p{};
+// The fields both ops fill alike: pointers, strides in elements, sizes (from q, the keys k and the values v), the
+// scale in base 2 and the split count. The caller checks the sizes and sets causal and vec_ok.
+void fill_attention_params(pf::AttentionParams& p, const Tensor& q, const Tensor& k, const Tensor& v,
+                           const Tensor& out, const Tensor& lse, const Tensor& part_out, const Tensor& part_lse,
+                           const Tensor& kv_start, const Tensor& kv_len, double scale, int64_t num_splits) {
   p.q = q.data_ptr();
   p.k = k.data_ptr();
   p.v = v.data_ptr();
@@ -70,15 +56,37 @@ void attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_len,
   p.nk = static_cast<int>(k.size(1));
   p.hkv = static_cast<int>(k.size(2));
   p.dv = static_cast<int>(v.size(3));
+  p.group = p.hkv > 0 ? p.hq / p.hkv : 0;
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.num_splits = static_cast<int>(num_splits);
+}
+
+void attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_len, Tensor out, Tensor lse,
+                   Tensor part_out, Tensor part_lse, bool causal, double scale, int64_t num_splits, int64_t stream) {
+  const ScalarType dtype = q.scalar_type();
+  STD_TORCH_CHECK(dtype == ScalarType::Half || dtype == ScalarType::BFloat16,
+                  "the CUDA kernels take float16 or bfloat16 (tensor cores)");
+  check_qkv(q, "q", dtype);
+  check_qkv(k, "k", dtype);
+  check_qkv(v, "v", dtype);
+  check_qkv(out, "out", dtype);
+  STD_TORCH_CHECK(kv_start.scalar_type() == ScalarType::Int && kv_len.scalar_type() == ScalarType::Int,
+                  "kv_start and kv_len must be int32");
+  STD_TORCH_CHECK(lse.scalar_type() == ScalarType::Float && lse.is_contiguous(), "lse must be contiguous float32");
+  STD_TORCH_CHECK(num_splits >= 1, "num_splits must be >= 1");
+  if (num_splits > 1)
+    STD_TORCH_CHECK(part_out.is_contiguous() && part_lse.is_contiguous() &&
+                        part_out.numel() == num_splits * out.numel() && part_lse.numel() == num_splits * lse.numel(),
+                    "the split-KV workspace must be contiguous [splits, B, Hq, Nq, Dv] and [splits, B, Hq, Nq]");
+
+  pf::AttentionParams p{};
+  fill_attention_params(p, q, k, v, out, lse, part_out, part_lse, kv_start, kv_len, scale, num_splits);
   STD_TORCH_CHECK(p.hkv > 0 && p.hq % p.hkv == 0, "q heads must be a multiple of k/v heads");
   STD_TORCH_CHECK(pf::head_dim_tile(p.dqk, p.dv) != 0, "head dims above ", pf::kMaxHeadDim, " are not supported");
   STD_TORCH_CHECK(kv_start.numel() == p.batch && kv_len.numel() == p.batch, "kv_start/kv_len must be [batch]");
   STD_TORCH_CHECK(static_cast<int64_t>(p.batch) * p.hkv <= pf::kMaxGridY && num_splits <= pf::kMaxGridY,
                   "batch x kv heads and num_splits must be at most ", pf::kMaxGridY, " (CUDA grid limit)");
-  p.group = p.hq / p.hkv;
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.causal = causal ? 1 : 0;
-  p.num_splits = static_cast<int>(num_splits);
   p.vec_ok = row_aligned(q) && row_aligned(k) && row_aligned(v);
 
   const auto cuda_stream = reinterpret_cast<cudaStream_t>(stream);
@@ -154,28 +162,9 @@ void decode_attention_fwd(Tensor q, Tensor k_new, Tensor v_new, Tensor k_cache, 
 
   pf::DecodeParams p{};
   pf::AttentionParams& a = p.attn;
-  a.q = q.data_ptr();
-  a.out = out.data_ptr();
-  a.lse = static_cast<float*>(lse.data_ptr());
-  a.part_out = num_splits > 1 ? static_cast<float*>(part_out.data_ptr()) : nullptr;
-  a.part_lse = num_splits > 1 ? static_cast<float*>(part_lse.data_ptr()) : nullptr;
-  a.kv_start = static_cast<const int*>(kv_start.data_ptr());
-  a.kv_len = static_cast<const int*>(kv_len.data_ptr());
-  a.q_sb = q.stride(0), a.q_sn = q.stride(1), a.q_sh = q.stride(2);
-  a.k_sb = k_cache.stride(0), a.k_sn = k_cache.stride(1), a.k_sh = k_cache.stride(2);
-  a.v_sb = v_cache.stride(0), a.v_sn = v_cache.stride(1), a.v_sh = v_cache.stride(2);
-  a.o_sb = out.stride(0), a.o_sn = out.stride(1), a.o_sh = out.stride(2);
-  a.batch = static_cast<int>(batch);
-  a.nq = 1;
-  a.nk = static_cast<int>(capacity);
-  a.hq = static_cast<int>(hq);
-  a.hkv = static_cast<int>(hkv);
-  a.dqk = static_cast<int>(dqk);
-  a.dv = static_cast<int>(dv);
-  a.group = a.hq / a.hkv;
-  a.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  // The caches are the keys; a.k and a.v are not read (the kernel writes through k_cache/v_cache).
+  fill_attention_params(a, q, k_cache, v_cache, out, lse, part_out, part_lse, kv_start, kv_len, scale, num_splits);
   a.causal = 0;  // the single query is the last position: it sees every key of its range
-  a.num_splits = static_cast<int>(num_splits);
   a.vec_ok = row_aligned(k_cache) && row_aligned(v_cache);  // q, k_new, v_new are read once, element by element
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();

@@ -178,9 +178,10 @@ def cuda_attention(
             sm_count=_sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()),
             rows_per_block=block_rows(q.shape[3], v.shape[3], aligned=_rows_aligned(q, k, v)),
         )
-    # int64 bounds saturate instead of wrapping (the kernels clamp into [0, Nk] anyway).
+    # int64 bounds saturate instead of wrapping (the kernels clamp into [0, Nk] anyway); the kernels read row b's
+    # bound at offset b, so views (an expanded value) are made contiguous.
     kv_start, kv_len = (
-        t if t.dtype == torch.int32 else t.clamp(0, num_keys).to(torch.int32) for t in (kv_start, kv_len)
+        (t if t.dtype == torch.int32 else t.clamp(0, num_keys).to(torch.int32)).contiguous() for t in (kv_start, kv_len)
     )
     return _cuda_attention_fwd(q, k, v, kv_start, kv_len, bool(causal), float(scale), int(num_splits))
 
