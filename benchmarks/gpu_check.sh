@@ -79,7 +79,7 @@ tests_s=$(($(date +%s) - step))
 # --- 3. kernel benchmark and the candidate dispatch table ------------------------------------------------------------
 # The suite stops starting cases 50 s before its hard timeout, so its tables, JSON and plots are always written.
 step=$(date +%s)
-bench_timeout=$(allow 200 $((PACK_SECONDS + 5)))
+bench_timeout=$(allow 200 $((PACK_SECONDS + 45)))  # keeps 40 s for the decoding-step benchmark after it
 TRITON_INTERPRET=0 timeout -k 10 "$bench_timeout" "$PY" -m benchmarks kernels --preset gpu \
   --time-limit $((bench_timeout > 80 ? bench_timeout - 50 : 30)) --flex-budget 45 --out "$WORK" \
   --write-dispatch-table --table-dir "$WORK/dispatch_tables" ${BENCH_ARGS:-} > "$WORK/bench-kernels.log" 2>&1
@@ -88,7 +88,7 @@ bench_s=$(($(date +%s) - step))
 
 # --- 3b. the decoding step: fused CUDA kernel vs composite vs SDPA + write + rotary; its decode-step table rows -------
 step=$(date +%s)
-TRITON_INTERPRET=0 timeout -k 5 "$(allow 45 $((PACK_SECONDS + 5)))" "$PY" -m benchmarks decode_step --out "$WORK" \
+TRITON_INTERPRET=0 timeout -k 5 "$(allow 40 $((PACK_SECONDS + 5)))" "$PY" -m benchmarks decode_step --out "$WORK" \
   --write-dispatch-table --table-dir "$WORK/dispatch_tables" > "$WORK/bench-decode-step.log" 2>&1
 decode_rc="$? in $(($(date +%s) - step)) s"
 
