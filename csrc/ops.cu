@@ -83,7 +83,10 @@ void attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_len,
   fill_attention_params(p, q, k, v, out, lse, part_out, part_lse, kv_start, kv_len, scale, num_splits);
   STD_TORCH_CHECK(p.hkv > 0 && p.hq % p.hkv == 0, "q heads must be a multiple of k/v heads");
   STD_TORCH_CHECK(pf::head_dim_tile(p.dqk, p.dv) != 0, "head dims above ", pf::kMaxHeadDim, " are not supported");
-  STD_TORCH_CHECK(kv_start.numel() == p.batch && kv_len.numel() == p.batch, "kv_start/kv_len must be [batch]");
+  // The kernels read row b's bound at offset b: a view (an expanded value) would hand them other memory.
+  STD_TORCH_CHECK(kv_start.numel() == p.batch && kv_len.numel() == p.batch && kv_start.is_contiguous() &&
+                      kv_len.is_contiguous(),
+                  "kv_start/kv_len must be contiguous [batch]");
   STD_TORCH_CHECK(static_cast<int64_t>(p.batch) * p.hkv <= pf::kMaxGridY && num_splits <= pf::kMaxGridY,
                   "batch x kv heads and num_splits must be at most ", pf::kMaxGridY, " (CUDA grid limit)");
   p.causal = causal ? 1 : 0;
