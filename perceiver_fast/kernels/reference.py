@@ -204,6 +204,9 @@ def _cpu_flash_attention_with_lse(
     ``-inf`` here, as the contract says.
     """
     num_queries = qt.shape[2]
+    # The kernel reads each row's head dim as contiguous without checking (a view with a strided last dim gives
+    # garbage): such inputs are copied.
+    qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (qt, kt, vt))
     if visible is None:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             qt, kt, vt, is_causal=causal and num_queries > 1, scale=scale

@@ -203,6 +203,38 @@ def test_rows_that_see_nothing_are_zero_with_zero_gradients(device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_inputs_with_a_strided_head_dim_are_read_by_value(causal, device, backend):
+    """q, k, v that are views whose last dim is not contiguous (a transposed ``[..., D, H]`` buffer) give what
+    their values give, in the output, the lse and the gradients."""
+    _skip_unless_available(device)
+    generator = torch.Generator().manual_seed(3)
+
+    def strided(*shape):  # [B, N, H, D] viewed from a [B, N, D, H] buffer: the head dim has stride H
+        b, n, h, d = shape
+        return torch.randn(b, n, d, h, generator=generator).to(device).transpose(2, 3).requires_grad_()
+
+    q, k, v = strided(2, 6, 2, 16), strided(2, 30, 2, 16), strided(2, 30, 2, 16)
+    assert q.stride(-1) != 1
+    kv_len = torch.tensor([30, 21], dtype=torch.int32, device=device)
+    kwargs = dict(causal=causal, kv_len=kv_len)
+    with_grad, with_lse = strongest_call(backend, q, k, v, **kwargs)
+    with torch.set_grad_enabled(with_grad):
+        result = attention(q, k, v, return_lse=with_lse, backend=backend, **kwargs)
+    out, lse = result if with_lse else (result, None)
+    ref, ref_lse = attention_oracle(q, k, v, **kwargs)
+    assert max_rel_error(out, ref) < FP32_TOL["out"]
+    if lse is not None:
+        assert max_rel_error(lse, ref_lse) < FP32_TOL["lse"]
+    if with_grad:
+        grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+        for got, want in zip(grads, ref_grads):
+            assert max_rel_error(got, want) < FP32_TOL["grad"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("view", ["expanded-int32", "strided-int32", "expanded-int64"])
 def test_bounds_given_as_views_are_read_by_value(view, device, backend):
     """Bounds that are views (one value ``expand``-ed to every row, every other element of a longer tensor) mean
