@@ -38,6 +38,7 @@ MODELS = {
     "seed": dict(num_channels=512, num_heads=8, num_self_attention_layers=8, max_latents=512),
 }
 REFERENCE_MODEL = MODELS["reference"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _device_name(device: torch.device) -> str:
@@ -59,7 +60,7 @@ def _timer(device: torch.device):
     return timed
 
 
-def _perceiver_io_models(config: dict, state_dict: dict, device: torch.device):
+def _perceiver_io_models(config: dict, state_dict: dict, device: torch.device, dtype: torch.dtype = torch.float32):
     """perceiver-io's HF wrapper around a backend with our weights, or None when the package is absent."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -74,7 +75,7 @@ def _perceiver_io_models(config: dict, state_dict: dict, device: torch.device):
     hf = PerceiverCausalLanguageModel(PerceiverCausalLanguageModelConfig(TheirConfig(**config)))
     hf.config.is_decoder = True
     hf.backend_model.load_state_dict(state_dict)
-    return hf.to(device).eval()
+    return hf.to(device=device, dtype=dtype).eval()
 
 
 def _full_forward_loop(backend, prompt: torch.Tensor, num_latents: int, new_tokens: int, schedule: WindowSchedule):
@@ -106,12 +107,12 @@ def _time_once(timed, run, new_tokens: int) -> float:
 
 def bench_context(
     context: int, batch: int, new_tokens: int, device: torch.device, repeats: int, skip: set[str],
-    model_name: str = "reference",
+    model_name: str = "reference", dtype: torch.dtype = torch.float32,
 ):  # fmt: skip
     config = dict(MODELS[model_name], max_seq_len=context)
     torch.manual_seed(0)
-    model = CausalLanguageModel(CausalLanguageModelConfig(**config)).to(device).eval()
-    theirs = None if "pio" in skip else _perceiver_io_models(config, model.state_dict(), device)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**config)).to(device=device, dtype=dtype).eval()
+    theirs = None if "pio" in skip else _perceiver_io_models(config, model.state_dict(), device, dtype)
     prompt_len = context - max(new_tokens, 192) if context > 1024 else context // 2
     num_latents = min(model.max_latents, prompt_len)
     prompt = torch.randint(6, 262, (batch, prompt_len), device=device)
@@ -231,10 +232,13 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
     rows = []
     for context in args.contexts:
         for batch in args.batch_sizes:
-            block = bench_context(context, batch, args.new_tokens, device, args.repeats, set(args.skip), args.model)
+            block = bench_context(
+                context, batch, args.new_tokens, device, args.repeats, set(args.skip), args.model, dtype
+            )
             print_table(block)
             for name, value in ratios(block).items():
                 print(f"  {name}: {value:.2f}x" if "floor" not in name else f"  {name}: {value:.2f}")
@@ -242,11 +246,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows += block
     out_dir = Path(args.out or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(t for t in (args.model if args.model != "reference" else "", args.tag) if t)
+    tag = "-".join(t for t in (args.model if args.model != "reference" else "",
+                               args.dtype if args.dtype != "fp32" else "", args.tag) if t)  # fmt: skip
     stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate{'-' + tag if tag else ''}"
     payload = dict(
         device=_device_name(device),
         torch=torch.__version__,
+        dtype=args.dtype,
         rows=rows,
         ratios={
             f"{r['context']}/{r['batch']}": ratios(
@@ -264,6 +270,8 @@ def run(args: argparse.Namespace) -> list[dict]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--model", choices=sorted(MODELS), default="reference", help="model configuration")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="of both models' weights (bf16: what a GPU runs, and what the fused decode kernel takes)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=3)

@@ -92,7 +92,7 @@ TRITON_INTERPRET=0 timeout -k 5 "$(allow 40 $((PACK_SECONDS + 5)))" "$PY" -m ben
   --write-dispatch-table --table-dir "$WORK/dispatch_tables" > "$WORK/bench-decode-step.log" 2>&1
 decode_rc="$? in $(($(date +%s) - step)) s"
 
-# --- 4. optional: generation under auto, 8k and 32k, batch 1 and 16 -------------------------------------------------
+# --- 4. optional: generation under auto in bf16, 8k and 32k, batch 1 and 16 -----------------------------------------
 # With .whl/ carried (benchmarks/gpu_wheels.sh), perceiver-io's own cached generate runs beside ours on the same
 # weights; its stack goes into a folder that only this step puts on the path.
 generate_rc=skipped
@@ -105,7 +105,7 @@ if [ "${GENERATE:-1}" != 0 ] && (($(allow 120 "$PACK_SECONDS") >= 45)); then
       || site=""
   fi
   PYTHONPATH="${site:+$site:}$PYTHONPATH" TRITON_INTERPRET=0 timeout -k 5 "$(allow 120 "$PACK_SECONDS")" \
-    "$PY" -m benchmarks generate --device cuda --contexts 8192 32768 --batch-sizes 1 16 --new-tokens 24 \
+    "$PY" -m benchmarks generate --device cuda --dtype bf16 --contexts 8192 32768 --batch-sizes 1 16 --new-tokens 24 \
     --repeats 1 --skip uncached "pio exact" --out "$WORK" > "$WORK/generate.log" 2>&1
   generate_rc="$? in $(($(date +%s) - step)) s${site:+ (with perceiver-io)}"
 fi

@@ -273,7 +273,7 @@ def cuda_decode_attention(
     if rotary is None:
         cos = sin = torch.empty(batch, 0, device=device, dtype=torch.float32)
     else:
-        cos, sin = (t.reshape(batch, -1).contiguous() for t in rotary)
+        cos, sin = (t.reshape(batch, -1).float().contiguous() for t in rotary)  # the kernel reads float32
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if num_splits is None:
         # One block per (batch row, kv head, split), each streaming its share of the keys: the same rule as the

@@ -35,16 +35,22 @@ def _requested(backend: str | None) -> str:
 
 
 def _check_rotary(cos, sin, batch: int, qk_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``cos``/``sin`` as ``[B, 1, 1, R]`` float32 (broadcasting over the heads), or ``None`` without rotary."""
+    """``cos``/``sin`` as ``[B, 1, 1, R]`` (broadcasting over the heads), or ``None`` without rotary.
+
+    Float32 normally; a model whose buffers were converted (``model.to(torch.bfloat16)``) has angles in its dtype,
+    and the composite step rotates with them as the model does."""
     if cos is None and sin is None:
         return None
     if cos is None or sin is None:
         raise ValueError("cos and sin come together (both None: no rotary)")
     for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
-            raise TypeError(f"{name} must be a float32 tensor, got {getattr(t, 'dtype', type(t).__name__)}")
+        if not isinstance(t, torch.Tensor) or t.dtype not in api.SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got "
+                            f"{getattr(t, 'dtype', type(t).__name__)}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    if cos.dtype != sin.dtype:
+        raise TypeError(f"cos and sin must share a dtype, got {cos.dtype} and {sin.dtype}")
     if cos.shape != sin.shape or cos.numel() != batch * cos.shape[-1] or cos.dim() not in (2, 3, 4):
         raise ValueError(f"cos and sin must be [B, R], [B, 1, R] or [B, 1, 1, R] alike, got {tuple(cos.shape)}, "
                          f"{tuple(sin.shape)} for B = {batch}")
@@ -170,8 +176,10 @@ def decode_attention(
             elements (read on the device, never by the host, so the step can be replayed in a CUDA graph).
         kv_start, kv_len: ``[B]`` int32 bounds of the keys the query sees, after the write (the attention op's
             meaning); usually ``kv_len = position + 1``.
-        cos, sin: float32 ``[B, R]`` (or ``[B, 1, R]``, ``[B, 1, 1, R]``): rotary on the first ``R`` channels of q
-            and k, in interleaved pairs (:func:`~perceiver_fast.kernels.rotary.rotate_interleaved`); ``None``: none.
+        cos, sin: ``[B, R]`` (or ``[B, 1, R]``, ``[B, 1, 1, R]``), float32 normally: rotary on the first ``R``
+            channels of q and k, in interleaved pairs (:func:`~perceiver_fast.kernels.rotary.rotate_interleaved`);
+            ``None``: none. The fused kernel rotates in float32 (angles in a 16-bit dtype are widened first, which
+            rounds once where the composite step rounds after each product).
         scale: multiplies ``q·k``; default ``Dqk ** -0.5``.
         return_lse: also return the float32 log-sum-exp ``[B, Hq, 1]``.
         backend: ``"auto"`` (default, or the ``PERCEIVER_FAST_DECODE_BACKEND`` environment variable),

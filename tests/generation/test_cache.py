@@ -106,6 +106,23 @@ def test_strided_mode_equals_a_full_forward_of_its_schedule(stride):
         assert max_rel_error(got, expected) <= 1e-5, step
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("abs_pos_emb", [True, False])
+def test_a_bf16_model_decodes_like_its_full_forward(abs_pos_emb, stride):
+    """``model.to(torch.bfloat16)`` (buffers included: bf16 rotary angles) decodes in every cached mode, within
+    bf16 rounding of a full forward per step."""
+    model = _model(abs_pos_emb=abs_pos_emb).to(torch.bfloat16)
+    schedule = WindowSchedule(12, 4, stride=stride)
+    prompt, pad_mask = _prompt(pads=(0, 2))
+    full, cached = _drive(
+        [FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2)], prompt, pad_mask, 3, 14
+    )
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert got.dtype == torch.bfloat16 and max_rel_error(got, expected) <= 3e-2, step
+    tokens = model.generate(prompt, 6, num_latents=3, pad_mask=pad_mask, cache_mode="perceiver-io")
+    assert tokens.shape == (2, prompt.shape[1] + 6)
+
+
 @pytest.mark.parametrize("stride", [1, 3])
 def test_rotary_only_window_slides_in_place_with_constant_memory(stride, monkeypatch):
     """Past max_seq_len a rotary-only model drops old positions without a rebuild, compacting its buffers."""

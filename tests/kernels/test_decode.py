@@ -10,7 +10,7 @@ import zlib
 import pytest
 import torch
 
-from perceiver_fast.kernels import cuda, dispatch
+from perceiver_fast.kernels import attention, cuda, dispatch
 from perceiver_fast.kernels.decode import DECODE_BACKEND_ENV_VAR, decode_attention, explain_decode
 from perceiver_fast.kernels.problem import AttentionProblem
 from tests.oracle import attention_oracle, max_rel_error, random_bounds
@@ -142,7 +142,8 @@ def _valid_args():
         (lambda a: a.update(position=True), TypeError, "position must be"),
         (lambda a: a.update(sin=None), ValueError, "together"),
         (lambda a: a.update(cos=a["cos"][:, :7], sin=a["sin"][:, :7]), ValueError, "even"),
-        (lambda a: a.update(cos=a["cos"].double()), TypeError, "float32"),
+        (lambda a: a.update(cos=a["cos"].double(), sin=a["sin"].double()), TypeError, "floating-point"),
+        (lambda a: a.update(cos=a["cos"].bfloat16()), TypeError, "share a dtype"),
         (lambda a: a.update(backend="fused"), ValueError, "not one of"),
         (lambda a: a.update(backend="cuda"), RuntimeError, "CPU tensors"),
     ],
@@ -263,3 +264,21 @@ def test_fused_step_matches_the_oracle_and_the_composite_step(case, dtype):
     # Both wrote the same rows (the rotation rounds alike), the fused kernel nowhere else.
     torch.testing.assert_close(k_cache, caches[0], rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(v_cache, caches[1], rtol=0, atol=0)
+
+
+def test_a_converted_models_16_bit_angles_rotate_as_the_model_does():
+    """``model.to(torch.bfloat16)`` converts the rotary buffers too: the step takes its bf16 angles and rotates
+    with them exactly as the model's own rotation does."""
+    from perceiver_fast.models.core.position import RotaryPositionEmbedding
+
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, k_cache, v_cache, _, _ = _step_inputs(2, 2, 2, 16, 16, 16, torch.bfloat16, "cpu", generator)
+    angles = (torch.rand(2, 1, 8, generator=generator) * 50).repeat_interleave(2, dim=-1).bfloat16()
+    rot = RotaryPositionEmbedding(angles)
+    cos, sin = rot.angles(1)
+    with torch.no_grad():
+        out = decode_attention(q, k, v, k_cache, v_cache, 4, kv_len=torch.tensor([5, 5]), cos=cos, sin=sin)
+    assert torch.equal(k_cache[:, 4:5], rot.rotate(k))
+    keys = k_cache[:, :5].clone()
+    expected = attention(rot.rotate(q), keys, v_cache[:, :5])
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
