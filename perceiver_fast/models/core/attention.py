@@ -399,7 +399,7 @@ class CrossAttentionLayer(_AttentionLayer):
         kv_len: torch.Tensor | None = None,
         return_lse: bool = False,
         return_query: bool = False,
-    ):
+    ) -> torch.Tensor | tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         """A new latent ``x [b, 1, c]``: its keys/values (``q_norm``) go into the cache at ``position`` and its query
         attends to the cached keys ``[kv_start, kv_len)`` in one op (see :meth:`MultiHeadAttention.attend_new`).
         Returns the attention result (with the lse when asked), and with ``return_query`` as a pair with the
