@@ -95,9 +95,10 @@ def _check_step(q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len,
         if tuple(t.shape) != expected[name]:
             raise ValueError(f"{name} must be {list(expected[name])} (the new row, shaped like the cache), got "
                              f"{list(t.shape)}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} must have q's dtype and device ({q.dtype}, {q.device}), got {t.dtype}, "
-                             f"{t.device}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("decode_attention writes into the cache and has no backward: call it under torch.no_grad()")
     rotary = _check_rotary(cos, sin, batch, problem.qk_head_dim, q.device)

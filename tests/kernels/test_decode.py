@@ -135,6 +135,7 @@ def _valid_args():
         (lambda a: a.update(q=a["q"].expand(2, 2, 2, 16)), ValueError, "one query per row"),
         (lambda a: a.update(k=a["k"][:, :, :1]), ValueError, "k must be"),
         (lambda a: a.update(v=a["v"].to(torch.float64)), TypeError, "dtype"),
+        (lambda a: a.update(k=a["k"].to(torch.bfloat16)), TypeError, "q's dtype"),
         (lambda a: a.update(position=CAPACITY), ValueError, "position values"),
         (lambda a: a.update(position=torch.tensor([0, -1])), ValueError, "position values"),
         (lambda a: a.update(position=torch.tensor([1, 2, 3])), ValueError, "1 or B"),
