@@ -59,7 +59,7 @@ PRESETS = {
 
 def _inputs(shape: StepShape, dtype: torch.dtype, device: torch.device):
     b, m, h, d = shape.batch, shape.keys, shape.heads, shape.head_dim
-    capacity = m + 64  # room past the keys, as a static cache has
+    capacity = m  # a full cache (generation's capacity is max_seq_len): its length class is the shape's
 
     def make(*dims):
         return torch.randn(*dims, device=device, dtype=dtype)
@@ -106,7 +106,7 @@ def _graphed(fn, device: torch.device):
 
 def _problem(shape: StepShape, dtype: torch.dtype, device: torch.device) -> AttentionProblem:
     return AttentionProblem(
-        device=device, dtype=dtype, batch=shape.batch, num_queries=1, num_keys=shape.keys + 64,
+        device=device, dtype=dtype, batch=shape.batch, num_queries=1, num_keys=shape.keys,
         num_q_heads=shape.heads, num_kv_heads=shape.heads, qk_head_dim=shape.head_dim, v_head_dim=shape.head_dim,
         causal=False, has_kv_start=True, has_kv_len=True, dropout_p=0.0, requires_grad=False, return_lse=False,
     )  # fmt: skip
