@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,19 +144,32 @@ def bench(shape: StepShape, dtype: torch.dtype, device: torch.device, copy_gbs: 
 
 
 def decode_rows(rows: list[dict], shapes: list[StepShape], dtype: torch.dtype, device: torch.device) -> list[dict]:
-    """Dispatch-table rows: per class of the step's attention, ``cuda`` and ``composite`` fastest first (by graph
-    time, the one generation sees)."""
-    table_rows = []
+    """Dispatch-table rows: per class of the step's attention (shapes that differ only in batch share one), ``cuda``
+    and ``composite`` fastest first by graph time (the one generation sees). The kernel table's rule: a method's
+    score is the geometric mean over the class's shapes of its time over the best time of that shape; a method
+    missing from any of the class's shapes is left out."""
+    by_class: dict[dispatch.ProblemClass, list[tuple[StepShape, dict]]] = {}
     for shape in shapes:
-        timed = {r["method"]: r.get("graph_ms") for r in rows if r["shape"] == shape.label}
-        ranked = sorted((name for name in ("cuda", "composite") if timed.get(name)), key=lambda name: timed[name])
-        if not ranked:
+        timed = {r["method"]: r["graph_ms"] for r in rows if r["shape"] == shape.label and r.get("graph_ms")}
+        timed = {name: ms for name, ms in timed.items() if name in ("cuda", "composite")}
+        if timed:
+            key = dispatch.ProblemClass.of(_problem(shape, dtype, device))
+            by_class.setdefault(key, []).append((shape, timed))
+    table_rows = []
+    for key, measured in by_class.items():
+        names = [n for n in ("cuda", "composite") if all(n in timed for _, timed in measured)]
+        if not names:
             continue
-        key = dispatch.ProblemClass.of(_problem(shape, dtype, device))
+        score = {
+            n: math.exp(statistics.fmean(math.log(timed[n] / min(timed[m] for m in names)) for _, timed in measured))
+            for n in names
+        }
+        order = sorted(names, key=lambda n: score[n])
         table_rows.append(dict(
             dtype=key.dtype, regime=dispatch.DECODE_STEP_REGIME, head_dim=key.head_dim, keys=key.keys, bounds=True,
-            grad=False, order=ranked, score={name: round(timed[name] / timed[ranked[0]], 4) for name in ranked},
-            ms={name: round(timed[name], 4) for name in ranked}, shapes=[shape.label],
+            grad=False, order=order, score={n: round(score[n], 4) for n in order},
+            ms={n: [round(timed[n], 4) for _, timed in measured] for n in order},
+            shapes=[shape.label for shape, _ in measured],
         ))  # fmt: skip
     return table_rows
 

@@ -24,15 +24,17 @@ def test_cpu_preset_runs_the_composite_step_and_says_why_the_others_do_not(tmp_p
 
 
 def test_table_rows_rank_by_graph_time_and_replace_only_decode_step_rows(tmp_path, monkeypatch):
-    shapes = decode_step.PRESETS["gpu"][:2]
-    timings = [
-        dict(shape=shapes[0].label, method="cuda", graph_ms=0.02),
-        dict(shape=shapes[0].label, method="composite", graph_ms=0.05),
-        dict(shape=shapes[1].label, method="cuda", graph_ms=0.09),
-        dict(shape=shapes[1].label, method="composite", graph_ms=0.07),
-    ]
+    shapes = decode_step.PRESETS["gpu"]  # B1 and B8 at 16k and at 64k keys: two classes of two shapes each
+    assert [(s.batch, s.keys) for s in shapes] == [(1, 16384), (1, 65536), (8, 16384), (8, 65536)]
+    graph_ms = {(0, "cuda"): 0.02, (0, "composite"): 0.05, (2, "cuda"): 0.09, (2, "composite"): 0.08,  # 16k
+                (1, "cuda"): 0.09, (1, "composite"): 0.07, (3, "cuda"): 0.30, (3, "composite"): 0.20}  # fmt: skip
+    timings = [dict(shape=shapes[i].label, method=m, graph_ms=ms) for (i, m), ms in graph_ms.items()]
+    timings.append(dict(shape=shapes[0].label, method="sdpa+write+rotary", graph_ms=0.01))  # not a dispatch choice
     rows = decode_step.decode_rows(timings, shapes, torch.bfloat16, torch.device("cpu"))
-    assert [r["order"] for r in rows] == [["cuda", "composite"], ["composite", "cuda"]]
+    assert [(r["keys"], r["order"]) for r in rows] == [(16384, ["cuda", "composite"]), (65536, ["composite", "cuda"])]
+    # 16k: cuda is 1.0 and 1.125 of the best, composite 2.5 and 1.0: geometric means 1.06 and 1.58.
+    assert rows[0]["score"] == {"cuda": round((1.0 * 0.09 / 0.08) ** 0.5, 4), "composite": round(2.5**0.5, 4)}
+    assert rows[0]["shapes"] == [shapes[0].label, shapes[2].label]
     assert {r["regime"] for r in rows} == {dispatch.DECODE_STEP_REGIME} and all(r["bounds"] for r in rows)
     other = dict(dtype="bfloat16", regime="decode", head_dim=128, keys=16384, bounds=True, grad=False,
                  order=["triton"])  # fmt: skip
