@@ -127,9 +127,12 @@ def write_json(path: Path, meta: dict, rows: Sequence[dict]) -> Path:
 
 
 def plot_bars(path: Path, rows: Sequence[dict], *, metric: str, group: str, series: str, title: str) -> Path | None:
-    """Grouped bar chart of ``metric`` per ``group`` (x axis) and ``series`` (bars); None when nothing to plot."""
-    import matplotlib
-
+    """Grouped bar chart of ``metric`` per ``group`` (x axis) and ``series`` (bars); None when nothing to plot or
+    matplotlib is not installed (a bare GPU machine: the tables and JSON are the results, the plots a convenience)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
