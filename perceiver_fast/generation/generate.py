@@ -16,7 +16,9 @@ GPU). On CUDA the cached decoders replay their steps as CUDA graphs (``cuda_grap
 
 from __future__ import annotations
 
+import atexit
 import inspect
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
@@ -219,6 +221,15 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
 
 _HELD_DECODER = "_perceiver_fast_held_decoder"
 _IN_USE: list = []  # decoders of the generations running now (a list: decoders need not be hashable)
+_OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()  # streams handed out and not yet collected
+
+
+@atexit.register
+def _close_open_streams() -> None:
+    """Close the streams still open at exit while torch is intact: left to the interpreter's teardown, their
+    cleanup (the model's training mode, the decoder's buffers) would run after torch's modules are gone and fail."""
+    for open_stream in list(_OPEN_STREAMS):
+        open_stream.close()
 
 
 def release_decoding(model: torch.nn.Module) -> None:
@@ -284,9 +295,12 @@ def stream(
     """Yield the next token of every row, ``[b]`` per step, as it is chosen; arguments as :func:`generate`.
 
     Every argument is checked here, when ``stream`` is called, not at the first ``next()``. While the stream runs the
-    model is in eval mode; its training mode is restored when the stream ends or is closed.
+    model is in eval mode; its training mode is restored when the stream ends or is closed. Gradients are off
+    inside each step only: the caller's code between tokens runs in the caller's grad mode.
     """
-    return _decode(_prepare(**locals()))
+    tokens = _decode(_prepare(**locals()))
+    _OPEN_STREAMS.add(tokens)
+    return tokens
 
 
 def _prepare(
@@ -331,14 +345,25 @@ def _decode(run: _Generation) -> Iterator[torch.Tensor]:
     was_training = run.model.training
     run.model.eval()
     _IN_USE.append(run.decoder)
+    steps = _decode_steps(run)
     try:
-        with torch.no_grad():
-            yield from _decode_steps(run)
+        while True:
+            # Grad mode is set around each step, not held open across the yield: a stream its caller abandons is
+            # finalized later (perhaps at interpreter exit, after torch's modules are gone) with nothing to undo.
+            with torch.no_grad():
+                token = next(steps, None)
+            if token is None:
+                return
+            yield token
     finally:
+        steps.close()
         _IN_USE.remove(run.decoder)
         if not _is_held(run.model, run.decoder):
             run.decoder.close()
-        run.model.train(was_training)
+        # Only when it changed: a stream abandoned until interpreter exit is finalized after torch's own modules
+        # are torn down, where Module.train() fails and Python prints the error.
+        if run.model.training != was_training:
+            run.model.train(was_training)
 
 
 def _decode_steps(run: _Generation) -> Iterator[torch.Tensor]:

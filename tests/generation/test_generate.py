@@ -172,3 +172,37 @@ def test_generate_restores_the_training_mode():
     model.eval()
     model.generate(torch.randint(6, 262, (1, 4)), 3)
     assert not model.training
+
+
+def test_the_callers_grad_mode_holds_between_streamed_tokens():
+    """Gradients are off inside a decoding step, not in the caller's loop between tokens (a training loop that
+    streams samples must still record its own graph)."""
+    model = CausalLanguageModel(CausalLanguageModelConfig(num_channels=16, num_heads=2, num_self_attention_layers=1,
+                                                          max_latents=4, max_seq_len=12))  # fmt: skip
+    prompt = torch.randint(6, 262, (1, 6))
+    seen = [torch.is_grad_enabled() for _ in model.stream(prompt, 3, num_latents=2)]
+    assert seen == [True] * 3 and torch.is_grad_enabled()
+    with torch.no_grad():
+        assert not any(torch.is_grad_enabled() for _ in model.stream(prompt, 3, num_latents=2))
+
+
+def test_a_stream_abandoned_until_exit_finalizes_quietly():
+    """A stream its caller stops reading is finalized when collected, at the latest at interpreter exit, after
+    torch's modules are torn down: nothing may be left to undo then (Python would print the error)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig\n"
+        "config = CausalLanguageModelConfig(num_channels=16, num_heads=2, num_self_attention_layers=1,"
+        " max_latents=4, max_seq_len=12)\n"
+        "model = CausalLanguageModel(config)\n"
+        "model.train()\n"
+        "tokens = model.stream(torch.randint(6, 262, (1, 6)), 5, num_latents=2)\n"
+        "first = next(tokens)\n"
+        "assert not model.training\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
