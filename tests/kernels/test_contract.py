@@ -68,6 +68,15 @@ def strongest_call(backend, q, k, v, **kwargs) -> tuple[bool, bool]:
     pytest.skip(reasons[-1])
 
 
+def strongest_result(backend, q, k, v, **kwargs):
+    """``(out, lse or None, with_grad)`` of the most the backend accepts for these arguments (see strongest_call)."""
+    with_grad, with_lse = strongest_call(backend, q, k, v, **kwargs)
+    with torch.set_grad_enabled(with_grad):
+        result = attention(q, k, v, return_lse=with_lse, backend=backend, **kwargs)
+    out, lse = result if with_lse else (result, None)
+    return out, lse, with_grad
+
+
 def _low_precision_bound(ours, ref64, lowprec, dtype):
     """flash-attn's rule: 2x the larger of the dtype's own rounding and an eager run in that dtype, + atol."""
     ours, ref64, lowprec = ours.detach(), ref64.detach(), lowprec.detach()
@@ -162,10 +171,7 @@ def test_keys_outside_the_bounds_are_never_read(case, fill, device, backend):
     poisoned_v = v.masked_fill(outside[:, :, None, None], fill).requires_grad_()
     q.requires_grad_()
     kwargs = dict(causal=causal, kv_start=kv_start, kv_len=kv_len)
-    with_grad, with_lse = strongest_call(backend, q, poisoned_k, poisoned_v, **kwargs)
-    with torch.set_grad_enabled(with_grad):
-        result = attention(q, poisoned_k, poisoned_v, return_lse=with_lse, backend=backend, **kwargs)
-    out, lse = result if with_lse else (result, None)
+    out, lse, with_grad = strongest_result(backend, q, poisoned_k, poisoned_v, **kwargs)
     ref, ref_lse = attention_oracle(q, k, v, **kwargs)
     assert max_rel_error(out, ref) < FP32_TOL["out"]
     if lse is not None:
@@ -218,10 +224,7 @@ def test_inputs_with_a_strided_head_dim_are_read_by_value(causal, device, backen
     assert q.stride(-1) != 1
     kv_len = torch.tensor([30, 21], dtype=torch.int32, device=device)
     kwargs = dict(causal=causal, kv_len=kv_len)
-    with_grad, with_lse = strongest_call(backend, q, k, v, **kwargs)
-    with torch.set_grad_enabled(with_grad):
-        result = attention(q, k, v, return_lse=with_lse, backend=backend, **kwargs)
-    out, lse = result if with_lse else (result, None)
+    out, lse, with_grad = strongest_result(backend, q, k, v, **kwargs)
     ref, ref_lse = attention_oracle(q, k, v, **kwargs)
     assert max_rel_error(out, ref) < FP32_TOL["out"]
     if lse is not None:
