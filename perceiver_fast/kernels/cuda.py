@@ -192,7 +192,7 @@ MAX_DECODE_GROUP = 8  # q heads per kv head in the fused decode kernel (csrc: kM
 def decode_unsupported_reason(problem: AttentionProblem, rotate_dim: int) -> str | None:
     """Why the fused decode kernel (csrc/attention_decode.cuh) cannot run a decoding step whose attention part is
     ``problem``, or ``None`` when it can."""
-    reason = CudaBackend().unsupported_reason(problem)
+    reason = _BACKEND.unsupported_reason(problem)  # what the attention kernels need, the decode kernel needs too
     if reason is not None:
         return reason
     if problem.num_q_heads // problem.num_kv_heads > MAX_DECODE_GROUP:
@@ -325,4 +325,5 @@ class CudaBackend:
         return out, (lse if return_lse else None)
 
 
-register_backend(CudaBackend())
+_BACKEND = CudaBackend()
+register_backend(_BACKEND)

@@ -24,6 +24,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from perceiver_fast.kernels.problem import AttentionProblem, device_capability
 
 TABLE_DIR = Path(__file__).resolve().parent / "dispatch_tables"
@@ -104,28 +106,30 @@ def _nearest_row(rows: dict[ProblemClass, dict], wanted: ProblemClass) -> tuple[
     return nearest, rows[nearest]
 
 
+def _measured_row(device: torch.device, wanted: ProblemClass) -> tuple[dict | None, str]:
+    """The table row of ``wanted`` (or of its nearest measured length) for a CUDA ``device``, and where it comes
+    from; ``(None, why there is none)`` without a device, a table or a row of that kind."""
+    capability = device_capability(device)
+    if capability is None:
+        return None, "no CUDA device to look a dispatch table up for"
+    table = load_table(capability)
+    if table is None:
+        return None, f"no dispatch table for sm_{capability[0]}{capability[1]}"
+    found = _nearest_row(table["rows_by_class"], wanted)
+    if found is None:
+        return None, f"{table_name(capability)} has no row for {wanted}"
+    row_class, row = found
+    nearest = "" if row_class == wanted else f", the nearest measured length for {wanted}"
+    return row, f"{table_name(capability)} row {row_class}{nearest} (measured on {table['device']}, {table['date']})"
+
+
 def policy_for(problem: AttentionProblem) -> Policy:
     """The order ``auto`` tries backends in for ``problem``."""
     if problem.device.type != "cuda":
         return Policy(DEFAULT_ORDER_OTHER, f"{problem.device.type} tensors: the eager reference")
-    capability = device_capability(problem.device)
-    if capability is None:
-        return Policy(DEFAULT_ORDER_CUDA, "no CUDA device to look a dispatch table up for: the conservative order")
-    table = load_table(capability)
-    if table is None:
-        return Policy(
-            DEFAULT_ORDER_CUDA, f"no dispatch table for sm_{capability[0]}{capability[1]}: the conservative order"
-        )
-    problem_class = ProblemClass.of(problem)
-    found = _nearest_row(table["rows_by_class"], problem_class)
-    if found is None:
-        return Policy(
-            DEFAULT_ORDER_CUDA,
-            f"{table_name(capability)} has no row for {problem_class}: the conservative order",
-        )
-    row_class, row = found
-    nearest = "" if row_class == problem_class else f", the nearest measured length for {problem_class}"
-    source = f"{table_name(capability)} row {row_class}{nearest} (measured on {table['device']}, {table['date']})"
+    row, source = _measured_row(problem.device, ProblemClass.of(problem))
+    if row is None:
+        return Policy(DEFAULT_ORDER_CUDA, f"{source}: the conservative order")
     # The conservative order follows the row's backends, for calls none of them can run.
     order = tuple(row["order"]) + tuple(name for name in DEFAULT_ORDER_CUDA if name not in row["order"])
     return Policy(order, source)
@@ -137,18 +141,10 @@ DECODE_STEP_REGIME = "decode-step"
 def decode_step_policy(problem: AttentionProblem) -> Policy:
     """How ``auto`` runs a fused decoding step (:mod:`perceiver_fast.kernels.decode`) whose attention part is
     ``problem``: ``("cuda", ...)`` only where the table's ``decode-step`` row of its class measured the fused kernel
-    fastest, else the composite step."""
-    composite = ("composite",)
-    capability = device_capability(problem.device) if problem.device.type == "cuda" else None
-    table = load_table(capability) if capability is not None else None
-    if table is None:
-        return Policy(composite, "no measured decode-step row: the composite step (the fused kernel is opt-in)")
-    wanted = replace(ProblemClass.of(problem), regime=DECODE_STEP_REGIME)
-    found = _nearest_row(table["rows_by_class"], wanted)
-    if found is None:
-        return Policy(composite, f"{table_name(capability)} has no row for {wanted}: the composite step")
-    row_class, row = found
-    return Policy(
-        tuple(row["order"]),
-        f"{table_name(capability)} row {row_class} (measured on {table['device']}, {table['date']})",
-    )
+    fastest, else the composite step (the fused kernel is opt-in until measured)."""
+    if problem.device.type != "cuda":
+        return Policy(("composite",), f"{problem.device.type} tensors: the composite step")
+    row, source = _measured_row(problem.device, replace(ProblemClass.of(problem), regime=DECODE_STEP_REGIME))
+    if row is None:
+        return Policy(("composite",), f"{source}: the composite step (the fused kernel is opt-in)")
+    return Policy(tuple(row["order"]), source)

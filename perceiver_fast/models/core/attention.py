@@ -412,6 +412,8 @@ class CrossAttentionLayer(_AttentionLayer):
         )
         if not return_query:
             return attended
+        # Rotated again here: the fused kernel rotates in registers and returns only the attention (one small
+        # rotation per token, the cross-attention layer only, where the composite step repeats it).
         return attended, (q if rot_pos_emb is None else rot_pos_emb.rotate(q))
 
 
