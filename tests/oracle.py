@@ -62,3 +62,17 @@ def max_rel_error(actual, expected):
     """
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).abs().max() / expected.abs().max().clamp(min=0.1))
+
+
+def rotary_oracle(t, cos, sin):
+    """``t [B, N, H, D]`` in float64 with rotary on its first ``R`` channels, pair by pair (``cos``/``sin``
+    ``[B, R]``, one angle per channel, as interleaved pairs); ``cos is None``: no rotary."""
+    t = t.double()
+    if cos is None:
+        return t
+    out = t.clone()
+    c, s = cos.double().reshape(t.shape[0], 1, 1, -1), sin.double().reshape(t.shape[0], 1, 1, -1)
+    for i in range(0, c.shape[-1], 2):
+        out[..., i] = t[..., i] * c[..., i] - t[..., i + 1] * s[..., i]
+        out[..., i + 1] = t[..., i + 1] * c[..., i + 1] + t[..., i] * s[..., i + 1]
+    return out

@@ -19,8 +19,9 @@ import zlib
 import pytest
 import torch
 
+from perceiver_fast.kernels.rotary import rotate_interleaved
 from tests.kernels.test_cuda_shim import _check, _check_bf16, shim, take_fault  # noqa: F401 (shim: fixture)
-from tests.oracle import attention_oracle
+from tests.oracle import attention_oracle, rotary_oracle
 
 DTYPE_CODES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 # csrc/shim_attention.cpp: enum DecodeVariant.
@@ -99,25 +100,14 @@ class Step:
         return _aligned(self.k_cache) and _aligned(self.v_cache)
 
 
-def _rotate_pairs(x):
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-
-
 def rotate_like_the_model(x, cos, sin):
-    """``x [B, 1, H, D]`` (storage dtype) rotated in float32 and rounded back, as the model's rotary does."""
-    r = cos.shape[1]
-    c, s = cos[:, None, None, :], sin[:, None, None, :]
-    head = x[..., :r]
-    return torch.cat(((head * c + _rotate_pairs(head) * s).to(x.dtype), x[..., r:]), dim=-1)
+    """``x [B, 1, H, D]`` (storage dtype) rotated by the model's own function (``cos``/``sin`` ``[B, R]``)."""
+    return rotate_interleaved(x, cos[:, None, None, :], sin[:, None, None, :])
 
 
 def rotate_float64(x, cos, sin):
     """The rotation in float64 from the stored inputs, rounded to the storage dtype (the oracle's q and k)."""
-    r = cos.shape[1]
-    c, s = cos.double()[:, None, None, :], sin.double()[:, None, None, :]
-    head = x[..., :r].double()
-    return torch.cat(((head * c + _rotate_pairs(head) * s).to(x.dtype), x[..., r:]), dim=-1)
+    return rotary_oracle(x, cos, sin).to(x.dtype)
 
 
 def call_decode(lib, step: Step, *, scale, num_splits, vec_ok=None, variant="correct"):

@@ -13,22 +13,9 @@ import torch
 from perceiver_fast.kernels import attention, cuda, dispatch
 from perceiver_fast.kernels.decode import DECODE_BACKEND_ENV_VAR, decode_attention, explain_decode
 from perceiver_fast.kernels.problem import AttentionProblem
-from tests.oracle import attention_oracle, max_rel_error, random_bounds
+from tests.oracle import attention_oracle, max_rel_error, random_bounds, rotary_oracle
 
 CAPACITY = 40
-
-
-def _rotate64(t: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-    """Interleaved-pair rotary in float64, written out channel by channel (independent of the code under test)."""
-    t = t.double().clone()
-    if cos is None:
-        return t
-    out = t.clone()
-    c, s = cos.double().reshape(t.shape[0], 1, 1, -1), sin.double().reshape(t.shape[0], 1, 1, -1)
-    for i in range(0, c.shape[-1], 2):
-        out[..., i] = t[..., i] * c[..., i] - t[..., i + 1] * s[..., i]
-        out[..., i + 1] = t[..., i + 1] * c[..., i + 1] + t[..., i] * s[..., i + 1]
-    return out
 
 
 def _step_inputs(batch, q_heads, kv_heads, qk_dim, v_dim, rotate_dim, dtype, device, generator):
@@ -49,8 +36,8 @@ def _step_inputs(batch, q_heads, kv_heads, qk_dim, v_dim, rotate_dim, dtype, dev
 
 def _oracle(q, k, v, k_cache, v_cache, positions, cos, sin, kv_start, kv_len, dtype):
     """Rotate (rounded to the storage dtype, as the op stores it), write, attend: all in float64."""
-    q_rot = _rotate64(q, cos, sin).to(dtype).double()
-    k_rot = _rotate64(k, cos, sin).to(dtype).double()
+    q_rot = rotary_oracle(q, cos, sin).to(dtype).double()
+    k_rot = rotary_oracle(k, cos, sin).to(dtype).double()
     keys, values = k_cache.double().clone(), v_cache.double().clone()
     for b, p in enumerate(positions):
         keys[b, p], values[b, p] = k_rot[b, 0], v[b, 0].double()
