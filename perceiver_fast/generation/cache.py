@@ -60,6 +60,9 @@ class _DecodingBase:
         self.model = model
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
+        # Under autocast (mixed precision) the projections, and so the cached keys/values and queries, come out in
+        # autocast's dtype while the residual stream keeps the parameters' one: buffers of projections use this.
+        self.compute_dtype = autocast_dtype(self.device) or self.dtype
         self.batch_size = batch_size
         self.cross = model.cross_attention
         self.self_layers = list(model.self_attention)
@@ -101,6 +104,13 @@ class _DecodingBase:
         self._own_caches = []
 
 
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast gives matrix products on ``device``'s type now, or ``None`` where autocast is off."""
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
 def _bounds(start: torch.Tensor, end: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row int32 key bounds ``[batch]`` from device counters (``[1]`` or ``[batch]``)."""
     end = end.expand(batch)
@@ -119,6 +129,9 @@ class PerceiverARCache(_DecodingBase):
     differences only) whose latents hold no padding. Their buffers then have room for two windows and are compacted
     once per window length (constant memory, amortised O(1) per token). With absolute position embeddings every
     position's embedding changes when the window slides, and the decoder rebuilds the cache instead.
+
+    Built under ``torch.autocast``, the buffers of projections take autocast's dtype: run every step under the same
+    autocast (``generate`` does).
     """
 
     def __init__(
@@ -137,7 +150,7 @@ class PerceiverARCache(_DecodingBase):
         self.seq_capacity = capacity_factor * model.max_seq_len
         self.max_latents = model.max_latents
         slots = self.max_latents + 1  # the new token sits beside full latents until the oldest crosses
-        model.setup_caches(batch_size, seq_capacity=self.seq_capacity, latent_capacity=slots)
+        model.setup_caches(batch_size, seq_capacity=self.seq_capacity, latent_capacity=slots, dtype=self.compute_dtype)
         attn = self.cross.attention_module.attention
         heads = attn.num_heads
         b, channels = batch_size, model.input_adapter.num_input_channels
@@ -147,7 +160,7 @@ class PerceiverARCache(_DecodingBase):
         self.latent_h = torch.empty(b, slots, channels, dtype=self.dtype, device=self.device)
         self.latent_angles = torch.empty(b, slots, rot_dim, dtype=angles_dtype, device=self.device)
         qk_dim = attn.num_qk_channels // heads
-        self.latent_q = torch.empty(b, slots, heads, qk_dim, dtype=self.dtype, device=self.device)
+        self.latent_q = torch.empty(b, slots, heads, qk_dim, dtype=self.compute_dtype, device=self.device)
         v_dim = attn.num_v_channels // heads
         self.prefix_out = torch.empty(b, slots, heads, v_dim, dtype=torch.float32, device=self.device)
         self.prefix_lse = torch.empty(b, heads, slots, dtype=torch.float32, device=self.device)
@@ -318,7 +331,7 @@ class PerceiverARCache(_DecodingBase):
             prefix_out, prefix_lse = self._prefix_part(q)
             self.prefix_out.index_copy_(1, row, prefix_out.float())
             self.prefix_lse.index_copy_(2, row, prefix_lse)
-            out = merge_partial_attention(prefix_out, prefix_lse, latent_out, latent_lse)[0].to(self.dtype)
+            out = merge_partial_attention(prefix_out, prefix_lse, latent_out, latent_lse)[0].to(self.compute_dtype)
         else:
             kv_start, kv_len = self._window_bounds()
             out, q = self.cross.attend_new(h, position, rot, kv_start=kv_start, kv_len=kv_len, return_query=True)
@@ -383,7 +396,7 @@ class PerceiverARCache(_DecodingBase):
                 q, causal=True, kv_start=kv_start, kv_len=kv_len, return_lse=True
             )
             out = merge_partial_attention(self.prefix_out[:, rows], self.prefix_lse[:, :, rows], latent_out, latent_lse)
-            out = out[0].to(self.dtype)
+            out = out[0].to(self.compute_dtype)
         else:
             kv_start, kv_len = self._window_bounds()
             out = self.cross.attend_cache(q, causal=True, kv_start=kv_start, kv_len=kv_len)
@@ -428,7 +441,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         # The exact cache sized the self-attention caches for max_latents + 1 rows; perceiver-io's need two windows.
         for layer in self.self_layers:
             layer.attention_module.attention.setup_cache(
-                batch_size, self.self_capacity, dtype=self.dtype, device=self.device
+                batch_size, self.self_capacity, dtype=self.compute_dtype, device=self.device
             )
         self.prefix_len = 0
         self.total_len = 0

@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache
+from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, autocast_dtype
 from perceiver_fast.generation.sampling import SamplingConfig, sample_next_token
 from perceiver_fast.generation.schedule import WindowSchedule
 
@@ -204,7 +204,8 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
     if cuda_graph:
         # Captured graphs point at the decoder's buffers: keep both with the model for the next call of the same
         # shape, so that a new generation replays them instead of capturing again (release_decoding frees them).
-        key = (batch_size, cache_mode, stride, next(model.parameters()).dtype)
+        param = next(model.parameters())
+        key = (batch_size, cache_mode, stride, param.dtype, autocast_dtype(param.device))
         held = model.__dict__.get(_HELD_DECODER)
         if held is not None and held[1] in _IN_USE:  # another generation of this model is running: leave it alone
             make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
@@ -267,6 +268,7 @@ class _Generation:
     stop_ids: torch.Tensor
     pad_token_id: int
     progress: bool
+    autocast: torch.dtype | None = None  # autocast's dtype when generation began (None: off), kept for every step
     stop_check_every: int = 1
     done_at: int | None = None  # the step after which every row had stopped (set when generation ends early)
 
@@ -338,6 +340,7 @@ def _prepare(
         stop_ids=torch.tensor(stop, dtype=input_ids.dtype, device=device),
         pad_token_id=pad_token_id,
         progress=progress,
+        autocast=autocast_dtype(device),
     )
 
 
@@ -346,11 +349,18 @@ def _decode(run: _Generation) -> Iterator[torch.Tensor]:
     run.model.eval()
     _IN_USE.append(run.decoder)
     steps = _decode_steps(run)
+    device_type = run.input_ids.device.type
     try:
         while True:
             # Grad mode is set around each step, not held open across the yield: a stream its caller abandons is
             # finalized later (perhaps at interpreter exit, after torch's modules are gone) with nothing to undo.
-            with torch.no_grad():
+            # So is autocast, as it was when generation began: the decoder's buffers have its dtype, whatever the
+            # caller's precision between two streamed tokens. Without autocast's cache of cast weights, which a
+            # CUDA graph must not capture (a step uses each weight once: the cache saves nothing here).
+            precision = torch.autocast(
+                device_type, dtype=run.autocast, enabled=run.autocast is not None, cache_enabled=False
+            )
+            with torch.no_grad(), precision:
                 token = next(steps, None)
             if token is None:
                 return

@@ -242,3 +242,36 @@ def test_cached_generation_equals_full_forwards_on_cuda(cache_mode):
     )
     for step, (expected, got) in enumerate(zip(full, cached)):
         assert max_rel_error(got, expected) <= 1e-4, step
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("abs_pos_emb", [True, False])
+def test_decoding_under_autocast_equals_a_full_forward_under_autocast(abs_pos_emb, stride):
+    """An fp32 model run under bf16 autocast (mixed-precision training's setting) decodes in every cached mode: its
+    caches hold what autocast's projections give, and each step is within bf16 rounding of a full forward."""
+    model = _model(abs_pos_emb=abs_pos_emb)
+    schedule = WindowSchedule(12, 4, stride=stride)
+    prompt, pad_mask = _prompt(pads=(0, 2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        full, cached = _drive(
+            [FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 2)], prompt, pad_mask, 3, 14
+        )
+        pio = PerceiverIODecoder(model, schedule, 2)
+        pio_logits = [pio.start(prompt, pad_mask, 3), pio.step(torch.cat([prompt, prompt[:, -1:]], 1), None)]
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert max_rel_error(got.float(), expected.float()) <= 3e-2, step
+    assert all(torch.isfinite(logits).all() for logits in pio_logits)
+
+
+@pytest.mark.parametrize("cache_mode", ["exact", "strided", "perceiver-io"])
+def test_generate_under_autocast_keeps_its_precision_between_streamed_tokens(cache_mode):
+    """``generate`` and ``stream`` started under autocast decode every step under it, even when the caller iterates
+    the stream outside the autocast block; the tokens equal those of a generation wholly inside it."""
+    model = _model(max_seq_len=32, max_latents=8)
+    prompt, _ = _prompt(length=10)
+    kwargs = dict(num_latents=4, cache_mode=cache_mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model.generate(prompt, 12, **kwargs)
+        stream = model.stream(prompt, 12, **kwargs)
+    streamed = torch.stack(list(stream), dim=1)
+    assert torch.equal(streamed, expected[:, prompt.shape[1] :])

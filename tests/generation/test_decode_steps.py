@@ -142,6 +142,21 @@ def test_graph_and_eager_decoding_give_the_same_tokens(mode, abs_pos_emb, sampli
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+def test_graphs_captured_under_autocast_decode_like_eager_steps(mode):
+    """An fp32 model generating under bf16 autocast: graphs hold bf16 caches and replay what eager steps do; a
+    later generation without autocast captures its own graphs rather than replaying the bf16 ones."""
+    model = _cuda_model()
+    prompt = torch.randint(6, 262, (2, 40), device="cuda")
+    kwargs = dict(num_latents=4, cache_mode=mode, stride=8 if mode == "strided" else None)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        runs = [model.generate(prompt, 40, cuda_graph=cuda_graph, **kwargs) for cuda_graph in (True, False)]
+    assert torch.equal(runs[0], runs[1])
+    fp32 = [model.generate(prompt, 40, cuda_graph=cuda_graph, **kwargs) for cuda_graph in (True, False)]
+    assert torch.equal(fp32[0], fp32[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
 def test_captured_steps_run_without_a_device_sync(mode):
     """``torch.cuda.set_sync_debug_mode("error")`` around the decoding steps: any host read raises."""
     model = _cuda_model(abs_pos_emb=False)
