@@ -47,9 +47,12 @@ def merge_partial_attention(
     ``out [b, n, h, d]``, ``lse [b, h, n]`` (``-inf`` where a set is empty). Returns float32 ``(out, lse)``.
     """
     lse = torch.logaddexp(lse_a, lse_b)
-    seen = torch.isfinite(lse)
-    weight_a = torch.where(seen, torch.exp(lse_a - lse), 0.0).transpose(1, 2).unsqueeze(-1)
-    weight_b = torch.where(seen, torch.exp(lse_b - lse), 0.0).transpose(1, 2).unsqueeze(-1)
+    # Weights are taken against the lowest finite lse where a row sees no key at all (its lse is -inf): both are then
+    # exp(-inf) = 0 and the row is 0, the op's rule, without the NaN of -inf - -inf or a mask (a step runs this
+    # for every token; each op is a kernel launch on a GPU).
+    reference = lse.clamp(min=torch.finfo(lse.dtype).min)
+    weight_a = torch.exp(lse_a - reference).transpose(1, 2).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - reference).transpose(1, 2).unsqueeze(-1)
     return out_a.float() * weight_a + out_b.float() * weight_b, lse
 
 

@@ -133,7 +133,10 @@ def _decide(problem: AttentionProblem, rotate_dim: int, requested: str) -> Dispa
 
 def _composite(problem, q, k, v, k_cache, v_cache, position, rotary, kv_start, kv_len, scale):
     if rotary is not None:
-        q, k = (rotate_interleaved(t, *rotary) for t in (q, k))
+        # Query and key heads rotate as one tensor (the same angles per row): half the launches of two rotations.
+        num_q_heads = q.shape[2]
+        rotated = rotate_interleaved(torch.cat((q, k), dim=2), *rotary)
+        q, k = rotated[:, :, :num_q_heads], rotated[:, :, num_q_heads:]
     if isinstance(position, int):
         k_cache[:, position : position + 1] = k
         v_cache[:, position : position + 1] = v
