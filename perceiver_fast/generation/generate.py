@@ -204,8 +204,7 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
     if cuda_graph:
         # Captured graphs point at the decoder's buffers: keep both with the model for the next call of the same
         # shape, so that a new generation replays them instead of capturing again (release_decoding frees them).
-        param = next(model.parameters())
-        key = (batch_size, cache_mode, stride, param.dtype, autocast_dtype(param.device))
+        key = _held_decoder_key(model, batch_size, cache_mode, stride)
         held = model.__dict__.get(_HELD_DECODER)
         if held is not None and held[1] in _IN_USE:  # another generation of this model is running: leave it alone
             make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
@@ -218,6 +217,17 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
     if cuda_graph:
         model.__dict__[_HELD_DECODER] = (key, decoder)
     return decoder, schedule
+
+
+def _held_decoder_key(model: torch.nn.Module, batch_size: int, cache_mode: str, stride: int) -> tuple:
+    """What a held decoder's graphs depend on. Besides the call's shape, dtype and autocast, the addresses of the
+    model's parameters and buffers: a graph reads them where they were at capture, so weights that moved
+    (``model.cpu().cuda()``, ``load_state_dict(..., assign=True)``) need new graphs, while weights updated in place
+    (an optimizer step, a plain ``load_state_dict``) are read afresh by the same ones."""
+    tensors = [*model.parameters(), *model.buffers()]
+    device = tensors[0].device
+    storage = tuple(t.data_ptr() for t in tensors)
+    return batch_size, cache_mode, stride, tensors[0].dtype, device, autocast_dtype(device), storage
 
 
 _HELD_DECODER = "_perceiver_fast_held_decoder"

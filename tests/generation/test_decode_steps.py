@@ -113,6 +113,27 @@ def test_generate_accepts_cuda_graph_only_on_cuda(mode):
     assert torch.equal(model.generate(prompt, 3, cuda_graph=False, **kwargs), model.generate(prompt, 3, **kwargs))
 
 
+def test_held_graphs_are_keyed_by_where_the_weights_live():
+    """A held decoder's graphs read the weights at their addresses at capture: weights updated in place keep the
+    key (the graphs read the new values), weights that moved or were replaced change it, and so does autocast."""
+    from perceiver_fast.generation.generate import _held_decoder_key
+
+    model = _model()
+    key = _held_decoder_key(model, 2, "exact", 1)
+    with torch.no_grad():
+        model.load_state_dict({name: t + 1 for name, t in model.state_dict().items()})  # copied in place
+        next(model.parameters()).mul_(2)
+    assert _held_decoder_key(model, 2, "exact", 1) == key
+    model.load_state_dict({name: t.clone() for name, t in model.state_dict().items()}, assign=True)
+    moved = _held_decoder_key(model, 2, "exact", 1)
+    assert moved != key
+    model.to(torch.float64).to(torch.float32)  # new storage, same dtype and device
+    plain = _held_decoder_key(model, 2, "exact", 1)
+    assert plain != moved
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _held_decoder_key(model, 2, "exact", 1) != plain
+
+
 # --- on a GPU: captured graphs against eager steps
 
 
@@ -219,6 +240,24 @@ def test_graphs_are_kept_with_the_model_between_calls_and_released_on_request():
     assert torch.equal(first, model.generate(prompt, 40, num_latents=4, cuda_graph=False))
     release_decoding(model)
     assert _HELD_DECODER not in model.__dict__
+
+
+@pytest.mark.gpu
+def test_held_graphs_are_not_replayed_over_weights_that_moved():
+    """Weights replaced (``load_state_dict(..., assign=True)``) or moved off the GPU and back after graphs were
+    captured: the next generation captures new graphs instead of replaying kernels that read the old addresses."""
+    model = _cuda_model(abs_pos_emb=False)
+    prompt = torch.randint(6, 262, (2, 40), device="cuda")
+    model.generate(prompt, 40, num_latents=4)  # captured, and held with the model
+    fresh = {name: (torch.randn_like(t) * 0.2 if t.dim() > 1 else t.clone()) for name, t in model.state_dict().items()}
+    model.load_state_dict(fresh, assign=True)
+    assert torch.equal(model.generate(prompt, 40, num_latents=4), model.generate(prompt, 40, num_latents=4,
+                                                                                cuda_graph=False))  # fmt: skip
+    model.cpu()
+    torch.randn(1 << 22, device="cuda")  # something else may now sit where the weights were
+    model.cuda()
+    assert torch.equal(model.generate(prompt, 40, num_latents=4), model.generate(prompt, 40, num_latents=4,
+                                                                                cuda_graph=False))  # fmt: skip
 
 
 @pytest.mark.gpu
