@@ -191,6 +191,40 @@ def ratios(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+# The GPU targets of the generation issue: (model, batch, method, contexts, most ms/token). "seed" is README's
+# 30.7M-parameter training configuration; batch 16's target is 20,000 tok/s, i.e. at most 0.8 ms per step.
+GPU_TARGETS = (
+    ("reference", 1, "ours exact", (8192, 32768), 0.5),
+    ("reference", 1, "ours strided", (8192, 32768), 0.3),
+    ("reference", 1, "ours perceiver-io", (8192, 32768), 0.3),
+    ("reference", 16, "ours exact", (8192,), 16 / 20_000 * 1e3),
+    ("seed", 1, "ours exact", (8192,), 1.0),
+)
+
+
+def gpu_targets(rows: list[dict], model_name: str) -> list[tuple[str, str]]:
+    """Each GPU target of the generation issue that these rows (one model's run) bear on, as ``(target, verdict)``:
+    the limits above, and every cached mode faster than our uncached path at each context from 2k up."""
+    by = {(r["method"], r["context"], r["batch"]): r["ms_per_token"] for r in rows}
+    checks = []
+    for model, batch, method, contexts, limit in GPU_TARGETS:
+        if model != model_name:
+            continue
+        for context in contexts:
+            target = f"{model} b{batch} {context // 1024}k {method} <= {limit:.2f} ms/token"
+            ms = by.get((method, context, batch))
+            verdict = "not measured" if ms is None else f"{ms:.3f} ms: {'met' if ms <= limit else 'NOT met'}"
+            checks.append((target, verdict))
+    for (method, context, batch), ms in sorted(by.items()):
+        uncached = by.get(("ours uncached", context, batch))
+        default_path = method.startswith("ours ") and method != "ours uncached" and "(eager)" not in method
+        if context >= 2048 and uncached is not None and default_path:
+            verdict = "met" if ms < uncached else "NOT met"
+            target = f"{model_name} b{batch} {context // 1024}k {method} faster than ours uncached"
+            checks.append((target, f"{ms:.3f} vs {uncached:.3f} ms: {verdict}"))
+    return checks
+
+
 def print_table(rows: list[dict]) -> None:
     header = f"{'method':22s} {'ctx':>6s} {'batch':>5s} {'prefill ms':>10s} {'ms/token':>9s} {'tok/s':>9s}"
     print(header)
@@ -230,25 +264,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     return path
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
-    rows = []
-    for context in args.contexts:
-        for batch in args.batch_sizes:
-            block = bench_context(
-                context, batch, args.new_tokens, device, args.repeats, set(args.skip), args.model, dtype
-            )
-            print_table(block)
-            for name, value in ratios(block).items():
-                print(f"  {name}: {value:.2f}x" if "floor" not in name else f"  {name}: {value:.2f}")
-            print()
-            rows += block
-    out_dir = Path(args.out or RESULTS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(t for t in (args.model if args.model != "reference" else "",
-                               args.dtype if args.dtype != "fp32" else "", args.tag) if t)  # fmt: skip
-    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate{'-' + tag if tag else ''}"
+def _payload(rows: list[dict], device: torch.device, args: argparse.Namespace) -> dict:
     payload = dict(
         device=_device_name(device),
         torch=torch.__version__,
@@ -261,7 +277,37 @@ def run(args: argparse.Namespace) -> list[dict]:
             for r in rows
         },
     )
-    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if device.type == "cuda":
+        payload["gpu_targets"] = dict(gpu_targets(rows, args.model))
+    return payload
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype]
+    out_dir = Path(args.out or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tag = "-".join(t for t in (args.model if args.model != "reference" else "",
+                               args.dtype if args.dtype != "fp32" else "", args.tag) if t)  # fmt: skip
+    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate{'-' + tag if tag else ''}"
+    rows = []
+    for context in args.contexts:
+        for batch in args.batch_sizes:
+            block = bench_context(
+                context, batch, args.new_tokens, device, args.repeats, set(args.skip), args.model, dtype
+            )
+            print_table(block)
+            for name, value in ratios(block).items():
+                print(f"  {name}: {value:.2f}x" if "floor" not in name else f"  {name}: {value:.2f}")
+            print()
+            rows += block
+            # Written after every block: a run cut short by a deadline (the GPU checks) keeps what it measured.
+            payload = _payload(rows, device, args)
+            (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    if "gpu_targets" in payload:
+        print("GPU targets of the generation issue:")
+        for target, verdict in payload["gpu_targets"].items():
+            print(f"  {target}: {verdict}")
     picture = plot(rows, out_dir / f"{stem}.png")
     print(f"wrote {out_dir / (stem + '.json')}" + (f" and {picture}" if picture else ""))
     return rows

@@ -17,53 +17,12 @@
 # of the nvcc on PATH), BENCH_ARGS (added to the kernel benchmark's command), GENERATE=0.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-started=$(date +%s)
 CHECK_SECONDS=${CHECK_SECONDS:-420}
-PY=${PYTHON:-python3}
-OUT=${OUT:-$PWD/benchmarks/results/gpu-check}
-mkdir -p "$OUT"
-WORK=$(mktemp -d)  # gathered here and packed, so that only two files come back
-export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # the tests and benchmarks run even if the install fails
-
-elapsed() { echo $(($(date +%s) - started)); }
-# Seconds a step may take: at most $1, and never past the deadline less $2 seconds kept for the steps after it.
-allow() {
-  local most=$1 keep=$2 left
-  left=$((CHECK_SECONDS - $(elapsed) - keep))
-  ((left < most)) && most=$left
-  ((most < 1)) && most=1
-  echo "$most"
-}
-PACK_SECONDS=15  # the summary and the tarball
-
-# --- 0. the machine ------------------------------------------------------------------------------------------------
-{
-  timeout 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
-  timeout 60 "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__,
-'cuda', torch.version.cuda, 'triton', triton.__version__, 'capability', '%d.%d' % torch.cuda.get_device_capability())"
-} > "$WORK/device.txt" 2>&1
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$(sed -n 's/.*capability \([0-9]*\.[0-9]*\).*/\1/p' "$WORK/device.txt" | head -n 1)
-  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-fi
-if [ -z "${CUDA_HOME:-}" ]; then
-  # The nvcc on PATH may be a wrapper script: ask where it really lives rather than trusting its location.
-  nvcc_bin=$(command -v nvcc || true)
-  if [ -n "$nvcc_bin" ]; then
-    CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$nvcc_bin")")")
-    [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || CUDA_HOME=$(ls -d /usr/local/cuda* 2>/dev/null | head -n 1)
-  fi
-fi
-export CUDA_HOME=${CUDA_HOME:-} TORCH_CUDA_ARCH_LIST MAX_JOBS=${MAX_JOBS:-16}
-echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" >> "$WORK/device.txt"
+. benchmarks/gpu_common.sh
+gpu_setup
 
 # --- 1. build ------------------------------------------------------------------------------------------------------
-step=$(date +%s)
-PERCEIVER_FAST_BUILD_CUDA=1 timeout -k 5 "$(allow 90 300)" "$PY" -m pip install --no-deps --no-build-isolation -e . \
-  > "$WORK/build.log" 2>&1
-build_rc=$?
-build_s=$(($(date +%s) - step))
+gpu_build 90 300
 
 # --- 2. GPU tests --------------------------------------------------------------------------------------------------
 # One tile per Triton kernel (no autotuning): the tests are about correctness, and each variant compiles once.
@@ -98,12 +57,7 @@ decode_rc="$? in $(($(date +%s) - step)) s"
 generate_rc=skipped
 if [ "${GENERATE:-1}" != 0 ] && (($(allow 120 "$PACK_SECONDS") >= 45)); then
   step=$(date +%s)
-  site=""
-  if compgen -G ".whl/*.whl" > /dev/null; then
-    site="$WORK/parity-site"
-    timeout 60 "$PY" -m pip install --quiet --no-index --no-deps --target "$site" .whl/*.whl > "$WORK/wheels.log" 2>&1 \
-      || site=""
-  fi
+  site=$(parity_site)
   PYTHONPATH="${site:+$site:}$PYTHONPATH" TRITON_INTERPRET=0 timeout -k 5 "$(allow 120 "$PACK_SECONDS")" \
     "$PY" -m benchmarks generate --device cuda --dtype bf16 --contexts 8192 32768 --batch-sizes 1 16 --new-tokens 24 \
     --repeats 1 --skip uncached "pio exact" --out "$WORK" > "$WORK/generate.log" 2>&1
@@ -130,8 +84,4 @@ fi
     tail -n 30 "$WORK/bench-kernels.log"
   fi
 } > "$WORK/summary.txt" 2>&1
-cp "$WORK/summary.txt" "$OUT/summary.txt"
-timeout 10 tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . \
-  && echo "== $OUT/gpu-check.tar.gz: $(du -h "$OUT/gpu-check.tar.gz" | cut -f1); $(elapsed) s in all" >> "$OUT/summary.txt"
-rm -rf "$WORK"
-cat "$OUT/summary.txt"
+gpu_pack

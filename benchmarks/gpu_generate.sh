@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The GPU check of the generation issue, for a bare GPU machine (no internet): at most 7 minutes in all.
+#
+#   bash benchmarks/gpu_wheels.sh                      # here, first: perceiver-io's wheels into .whl/
+#   OUT=$OUT bash benchmarks/gpu_generate.sh           # the device tool: run(command=..., carry=[".whl"], timeout_s=480)
+#
+# 1. build the CUDA extension (the fused decode kernel) into an editable install (~22 s on an H200);
+# 2. the generation GPU tests: CUDA graphs against eager steps (tokens), graphs under autocast, held graphs, the fused
+#    decode kernel's steps against the composite ones;
+# 3. `python -m benchmarks generate` in bf16 on the REFERENCE.md model: 8k, 32k and 64k contexts, batch 1 and 16, every
+#    mode with graphs and eagerly, our uncached path, and perceiver-io's cached generate on the same weights (with
+#    .whl/); its output ends with the issue's GPU targets, each met or not;
+# 4. the 30.7M-parameter seed configuration (README's training command) at 8k, batch 1;
+# 5. the cached modes again with the fused decode kernel forced (PERCEIVER_FAST_DECODE_BACKEND=cuda), 8k and 32k;
+# 6. logs, JSON and plots in ONE tarball, $OUT/gpu-check.tar.gz, plus $OUT/summary.txt, printed last.
+#
+# Every step runs under `timeout`, capped by a deadline that the whole script keeps: CHECK_SECONDS (default 420).
+# Environment: PYTHON, TORCH_CUDA_ARCH_LIST, CUDA_HOME as for gpu_check.sh; DEVICE (default cuda), CONTEXTS (default
+# "8192 32768 65536"), BATCHES ("1 16"), NEW_TOKENS (64), REPEATS (3) to try the script on a CPU with small sizes.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+CHECK_SECONDS=${CHECK_SECONDS:-420}
+. benchmarks/gpu_common.sh
+gpu_setup
+DEVICE=${DEVICE:-cuda}
+read -r -a contexts <<< "${CONTEXTS:-8192 32768 65536}"
+read -r -a batches <<< "${BATCHES:-1 16}"
+short=("${contexts[@]:0:2}")  # the fused-kernel rerun: the two shortest contexts
+generate=("$PY" -m benchmarks generate --device "$DEVICE" --dtype bf16 --new-tokens "${NEW_TOKENS:-64}"
+  --repeats "${REPEATS:-3}" --out "$WORK")
+site=$(parity_site)
+with_pio() { PYTHONPATH="${site:+$site:}$PYTHONPATH" TRITON_INTERPRET=0 "$@"; }
+
+# --- 1. build ------------------------------------------------------------------------------------------------------
+gpu_build 90 330
+
+# --- 2. the generation GPU tests -----------------------------------------------------------------------------------
+workers=(-n 8)
+"$PY" -c "import xdist" 2> /dev/null || workers=()
+step=$(date +%s)
+TRITON_INTERPRET=0 PERCEIVER_FAST_TRITON_AUTOTUNE=0 timeout -k 10 "$(allow 90 260)" \
+  "$PY" -m pytest -m gpu "${workers[@]}" -q -rfE -p no:cacheprovider tests/generation \
+  > "$WORK/pytest-gpu-generation.log" 2>&1
+tests_rc="$? in $(($(date +%s) - step)) s"
+
+# --- 3. the reference model: every mode, graphs and eager, uncached, perceiver-io ----------------------------------
+# perceiver-io's uncached generate does not keep the documented schedule and its exact way is a full forward per
+# token: neither bears on a GPU target, both would take minutes at 64k.
+step=$(date +%s)
+with_pio timeout -k 5 "$(allow 170 $((PACK_SECONDS + 75)))" "${generate[@]}" --contexts "${contexts[@]}" \
+  --batch-sizes "${batches[@]}" --skip "pio uncached" "pio exact" > "$WORK/generate.log" 2>&1
+reference_rc="$? in $(($(date +%s) - step)) s${site:+ (with perceiver-io)}"
+
+# --- 4. the seed configuration ---------------------------------------------------------------------------------------
+step=$(date +%s)
+with_pio timeout -k 5 "$(allow 40 $((PACK_SECONDS + 40)))" "${generate[@]}" --model seed --contexts "${contexts[0]}" \
+  --batch-sizes 1 --skip "pio uncached" "pio exact" > "$WORK/generate-seed.log" 2>&1
+seed_rc="$? in $(($(date +%s) - step)) s"
+
+# --- 5. the fused decode kernel, forced --------------------------------------------------------------------------------
+step=$(date +%s)
+PERCEIVER_FAST_DECODE_BACKEND=cuda TRITON_INTERPRET=0 timeout -k 5 "$(allow 40 "$PACK_SECONDS")" "${generate[@]}" \
+  --contexts "${short[@]}" --batch-sizes "${batches[@]}" --skip uncached pio --tag fused-decode \
+  > "$WORK/generate-fused.log" 2>&1
+fused_rc="$? in $(($(date +%s) - step)) s"
+
+# --- 6. the summary, then one tarball ------------------------------------------------------------------------------
+# The verdicts from each run's JSON, which a run cut short by its timeout has written up to its last finished block.
+targets() {
+  "$PY" -c 'import json, sys
+for path in sys.argv[1:]:
+    verdicts = json.load(open(path)).get("gpu_targets", {})
+    print(path.rsplit("/", 1)[-1] + ":", "no GPU targets (not a CUDA run)" if not verdicts else "")
+    for target, verdict in verdicts.items():
+        print(f"  {target}: {verdict}")' "$WORK"/*generate*.json
+}
+{
+  echo "== device"
+  cat "$WORK/device.txt"
+  echo "== build: exit $build_rc in ${build_s} s (124 = timed out)"
+  grep -E "perceiver_fast: built|CUDA build failed|rror" "$WORK/build.log" | head -n 5
+  echo "== generation GPU tests: exit $tests_rc (124 = timed out; 5 = none collected)"
+  tail -n 1 "$WORK/pytest-gpu-generation.log"
+  grep -E "^(FAILED|ERROR)" "$WORK/pytest-gpu-generation.log" | head -n 10
+  echo "== reference model: exit $reference_rc"
+  grep -E "^(ours|pio|floor|  ours)" "$WORK/generate.log" | head -n 80
+  echo "== seed configuration: exit $seed_rc"
+  grep -E "^(ours|pio|floor)" "$WORK/generate-seed.log" | head -n 12
+  echo "== fused decode kernel forced: exit $fused_rc"
+  grep -E "^ours" "$WORK/generate-fused.log" | head -n 30
+  tail -n 3 "$WORK/generate-fused.log" | grep -iE "error|exception" || true
+  echo "== the generation issue's GPU targets"
+  targets
+} > "$WORK/summary.txt" 2>&1
+gpu_pack
