@@ -182,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "perceiver-io: their approximate cache")
     gen.add_argument("--stride", type=int, default=None, help="stride of --cache-mode strided (default max_latents/2)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
+    gen.add_argument("--precision", choices=_FIELD_CHOICES["precision"], default="auto",
+                     help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (no-op on CPU)")
     return parser
 
 
@@ -299,9 +301,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 def run_generate(args: argparse.Namespace) -> str:
     """``generate``: load a checkpoint and stream a continuation of the prompt."""
     from perceiver_fast.models.text.clm import CausalLanguageModel
-    from perceiver_fast.train import resolve_device
+    from perceiver_fast.train import autocast_dtype, resolve_device
 
     device = resolve_device(args.device)
+    precision = autocast_dtype(args.precision, device)  # as training runs: generation keeps it for every step
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise ValueError(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
     model = CausalLanguageModel.from_pretrained(args.checkpoint).to(device)
@@ -312,21 +315,22 @@ def run_generate(args: argparse.Namespace) -> str:
         )
     generator = torch.Generator(device=device).manual_seed(args.seed)
     try:
-        text, tok_s = print_generation(
-            model,
-            args.prompt,
-            args.max_new_tokens,
-            num_latents=args.num_latents,
-            do_sample=args.do_sample,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            threshold=args.threshold,
-            generator=generator,
-            use_cache=not args.no_cache,
-            cache_mode=args.cache_mode,
-            stride=args.stride,
-        )
+        with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+            text, tok_s = print_generation(
+                model,
+                args.prompt,
+                args.max_new_tokens,
+                num_latents=args.num_latents,
+                do_sample=args.do_sample,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                threshold=args.threshold,
+                generator=generator,
+                use_cache=not args.no_cache,
+                cache_mode=args.cache_mode,
+                stride=args.stride,
+            )
     except TypeError as e:  # an argument of the wrong kind for the generation library: bad input too
         raise ValueError(str(e)) from e
     print(f"[{args.max_new_tokens} tokens, {tok_s:.1f} tok/s]", file=sys.stderr)

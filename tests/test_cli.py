@@ -101,6 +101,40 @@ def test_generate_prints_what_model_generate_returns(tmp_path, capsys, cache_arg
     assert printed == tokenizer.decode(expected[0].tolist()) + "\n"
 
 
+def _cli_continuation(checkpoint: str, device: str, precision: list[str], capsys) -> str:
+    main(["generate", "--checkpoint", checkpoint, "--prompt", "def f(x):", "--max-new-tokens", "12",
+          "--num-latents", "2", "--device", device, *precision])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", [[], ["--precision", "auto"], ["--precision", "fp32"], ["--precision", "bf16"]])
+def test_generate_precision_is_fp32_on_cpu(capsys, monkeypatch, tiny_checkpoint, precision):
+    """As in training, bf16 autocast is a CUDA thing: every precision generates in fp32 on a CPU."""
+    import perceiver_fast.cli as cli
+
+    seen = []
+    generate = cli.print_generation
+    monkeypatch.setattr(cli, "print_generation", lambda *a, **k: seen.append(torch.is_autocast_enabled("cpu"))
+                        or generate(*a, **k))  # fmt: skip
+    assert _cli_continuation(tiny_checkpoint, "cpu", precision, capsys) == _cli_continuation(
+        tiny_checkpoint, "cpu", ["--precision", "fp32"], capsys
+    )
+    assert seen == [False, False]
+
+
+@pytest.mark.gpu
+def test_generate_runs_under_bf16_autocast_on_cuda_by_default(capsys, tiny_checkpoint):
+    model = clm.CausalLanguageModel.from_pretrained(tiny_checkpoint).cuda().eval()
+    ids = torch.tensor([BytesTokenizer().encode("def f(x):")], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        mixed = model.generate(ids, 12, num_latents=2)
+    plain = model.generate(ids, 12, num_latents=2)
+    decode = BytesTokenizer().decode
+    assert _cli_continuation(tiny_checkpoint, "cuda", [], capsys) == decode(mixed[0].tolist()) + "\n"
+    fp32 = _cli_continuation(tiny_checkpoint, "cuda", ["--precision", "fp32"], capsys)
+    assert fp32 == decode(plain[0].tolist()) + "\n"
+
+
 def test_python_dash_m_help():
     result = subprocess.run(
         [sys.executable, "-m", "perceiver_fast.cli", "--help"], capture_output=True, text=True, timeout=60
