@@ -66,13 +66,7 @@ fi
 
 # --- 5. the summary, then one tarball ------------------------------------------------------------------------------
 {
-  echo "== device"
-  cat "$WORK/device.txt"
-  echo "== build: exit $build_rc in ${build_s} s (124 = timed out)"
-  grep -E "perceiver_fast: built|CUDA build failed|rror" "$WORK/build.log" | head -n 5
-  echo "== GPU tests: exit $tests_rc in ${tests_s} s (124 = timed out; 5 = none collected)"
-  tail -n 1 "$WORK/pytest-gpu.log"
-  grep -E "^(FAILED|ERROR)" "$WORK/pytest-gpu.log" | head -n 10
+  summary_head "GPU tests" "$tests_rc in ${tests_s} s" "$WORK/pytest-gpu.log"
   echo "== decode step: exit $decode_rc"
   grep -E "^(copy|B[0-9])" "$WORK/bench-decode-step.log" | cut -c1-110 | head -n 13
   echo "== generate (optional): exit $generate_rc"

@@ -68,6 +68,17 @@ parity_site() {
     && echo "$site"
 }
 
+# The summary's first lines: the device, the build, and a test run (`summary_head LABEL "EXIT" LOG`).
+summary_head() {
+  echo "== device"
+  cat "$WORK/device.txt"
+  echo "== build: exit $build_rc in ${build_s} s (124 = timed out)"
+  grep -E "perceiver_fast: built|CUDA build failed|rror" "$WORK/build.log" | head -n 5
+  echo "== $1: exit $2 (124 = timed out; 5 = none collected)"
+  tail -n 1 "$3"
+  grep -E "^(FAILED|ERROR)" "$3" | head -n 10
+}
+
 # $WORK/summary.txt into $OUT, everything gathered into ONE tarball (a device call returns at most 8 files), the
 # summary printed last.
 gpu_pack() {

@@ -75,13 +75,7 @@ for path in sys.argv[1:]:
         print(f"  {target}: {verdict}")' "$WORK"/*generate*.json
 }
 {
-  echo "== device"
-  cat "$WORK/device.txt"
-  echo "== build: exit $build_rc in ${build_s} s (124 = timed out)"
-  grep -E "perceiver_fast: built|CUDA build failed|rror" "$WORK/build.log" | head -n 5
-  echo "== generation GPU tests: exit $tests_rc (124 = timed out; 5 = none collected)"
-  tail -n 1 "$WORK/pytest-gpu-generation.log"
-  grep -E "^(FAILED|ERROR)" "$WORK/pytest-gpu-generation.log" | head -n 10
+  summary_head "generation GPU tests" "$tests_rc" "$WORK/pytest-gpu-generation.log"
   echo "== reference model: exit $reference_rc"
   grep -E "^(ours|pio|floor|  ours)" "$WORK/generate.log" | head -n 80
   echo "== seed configuration: exit $seed_rc"
