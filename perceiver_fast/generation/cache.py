@@ -65,7 +65,7 @@ class _DecodingBase:
         self.dtype, self.device = param.dtype, param.device
         # Under autocast (mixed precision) the projections, and so the cached keys/values and queries, come out in
         # autocast's dtype while the residual stream keeps the parameters' one: buffers of projections use this.
-        self.compute_dtype = autocast_dtype(self.device) or self.dtype
+        self.compute_dtype = active_autocast_dtype(self.device) or self.dtype
         self.batch_size = batch_size
         self.cross = model.cross_attention
         self.self_layers = list(model.self_attention)
@@ -107,7 +107,7 @@ class _DecodingBase:
         self._own_caches = []
 
 
-def autocast_dtype(device: torch.device) -> torch.dtype | None:
+def active_autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The dtype autocast gives matrix products on ``device``'s type now, or ``None`` where autocast is off."""
     if not torch.is_autocast_enabled(device.type):
         return None

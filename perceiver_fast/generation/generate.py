@@ -26,7 +26,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, autocast_dtype
+from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, active_autocast_dtype
 from perceiver_fast.generation.sampling import SamplingConfig, sample_next_token
 from perceiver_fast.generation.schedule import WindowSchedule
 
@@ -227,7 +227,7 @@ def _held_decoder_key(model: torch.nn.Module, batch_size: int, cache_mode: str, 
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device
     storage = tuple(t.data_ptr() for t in tensors)
-    return batch_size, cache_mode, stride, tensors[0].dtype, device, autocast_dtype(device), storage
+    return batch_size, cache_mode, stride, tensors[0].dtype, device, active_autocast_dtype(device), storage
 
 
 _HELD_DECODER = "_perceiver_fast_held_decoder"
@@ -350,7 +350,7 @@ def _prepare(
         stop_ids=torch.tensor(stop, dtype=input_ids.dtype, device=device),
         pad_token_id=pad_token_id,
         progress=progress,
-        autocast=autocast_dtype(device),
+        autocast=active_autocast_dtype(device),
     )
 
 
