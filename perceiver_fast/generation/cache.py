@@ -69,6 +69,7 @@ class _DecodingBase:
         self.batch_size = batch_size
         self.cross = model.cross_attention
         self.self_layers = list(model.self_attention)
+        self._attentions = [layer.attention_module.attention for layer in (self.cross, *self.self_layers)]
         # Looked up once: a step asks for them per layer, and module attribute lookups are slow next to tiny ops.
         self._rotary_layers = [model.self_attention.uses_rotary(i) for i in range(len(self.self_layers))]
         self.graphs = StepGraphs(cuda_graph)
@@ -77,8 +78,7 @@ class _DecodingBase:
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
 
     def _layer_caches(self) -> list:
-        layers = [self.cross, *self.self_layers]
-        return [layer.attention_module.attention.kv_cache for layer in layers]
+        return [attention.kv_cache for attention in self._attentions]
 
     def owns_layer_caches(self) -> bool:
         """Whether the layers still hold the caches this decoder set up (someone may have replaced them since)."""
@@ -86,6 +86,15 @@ class _DecodingBase:
 
     def _claim_layer_caches(self) -> None:
         self._own_caches = self._layer_caches()
+
+    def _take_back_layer_caches(self) -> None:
+        """Hand the layers this decoder's caches again, before each prefill and step: another decoder of the same
+        model (a second stream, consumed in turn with this one) may have set up its own since. The layers hold one
+        cache each, so decoders of one model take turns; a captured step reads its own buffers whatever the layers
+        hold, the eager code around it reads the layers'."""
+        for attention, cache in zip(self._attentions, self._own_caches):
+            if attention.kv_cache is not cache:
+                attention.kv_cache = cache
 
     def _counter(self, size: int = 1) -> torch.Tensor:
         return torch.zeros(size, dtype=torch.long, device=self.device)
@@ -240,6 +249,7 @@ class PerceiverARCache(_DecodingBase):
         b, n = tokens.shape
         if b != self.batch_size or not 0 <= prefix_len < n <= self.model.max_seq_len:
             raise ValueError(f"window {tuple(tokens.shape)} with prefix_len {prefix_len} does not fit this cache")
+        self._take_back_layer_caches()
         pads = torch.zeros(b, dtype=torch.long, device=self.device) if pad_mask is None else pad_mask.sum(dim=1)
         if pad_mask is None:
             self.pads = [0] * b
@@ -280,6 +290,7 @@ class PerceiverARCache(_DecodingBase):
             raise ValueError("the window is full: drop positions or rebuild it with prefill()")
         if self.num_latents + 1 - cross > self.max_latents:
             raise ValueError(f"{self.num_latents + 1 - cross} latents would exceed max_latents ({self.max_latents})")
+        self._take_back_layer_caches()
         self._make_room()
         self.token.copy_(token.reshape(self.batch_size, 1))
         num_latents, pad_latents = self.num_latents, self.any_pad_latent
@@ -453,6 +464,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self.cross_span_t, self.self_span_t = self._counter(2), self._counter(2)
         self.total_t = self._counter()
         self._claim_layer_caches()
+        self.cache._claim_layer_caches()  # its prefill writes the latents' keys into these self-attention caches
 
     @torch.no_grad()
     def prefill(self, tokens: torch.Tensor, prefix_len: int, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -488,6 +500,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         input_len = self.cross_span[1] - self.cross_span[0] + 1
         trim_self = input_len - self.prefix_len > model.max_latents
         trim_cross = input_len > model.max_seq_len
+        self._take_back_layer_caches()
         if trim_self:
             self.self_span[0] = max(self.self_span[0], self.self_span[1] - (model.max_latents - 1))
         if trim_cross:

@@ -243,6 +243,21 @@ def test_graphs_are_kept_with_the_model_between_calls_and_released_on_request():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+def test_interleaved_streams_with_graphs_each_generate_their_own_tokens(mode):
+    """The first stream replays graphs (held with the model), the second, opened while it runs, steps eagerly: both
+    give the tokens of a generation on its own."""
+    model = _cuda_model()
+    prompts = [torch.randint(6, 262, (2, 40), device="cuda") for _ in range(2)]
+    kwargs = dict(num_latents=4, cache_mode=mode, stride=8 if mode == "strided" else None)
+    expected = [model.generate(p, 30, cuda_graph=False, **kwargs)[:, 40:] for p in prompts]
+    streams = [model.stream(p, 30, **kwargs) for p in prompts]
+    tokens = [torch.stack(list(pair), dim=0) for pair in zip(*streams)]  # [steps, 2 streams, batch]
+    for index, want in enumerate(expected):
+        assert torch.equal(torch.stack([t[index] for t in tokens], dim=1), want)
+
+
+@pytest.mark.gpu
 def test_held_graphs_are_not_replayed_over_weights_that_moved():
     """Weights replaced (``load_state_dict(..., assign=True)``) or moved off the GPU and back after graphs were
     captured: the next generation captures new graphs instead of replaying kernels that read the old addresses."""

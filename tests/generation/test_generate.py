@@ -206,3 +206,27 @@ def test_a_stream_abandoned_until_exit_finalizes_quietly():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("cache_mode", ["exact", "strided", "perceiver-io"])
+def test_interleaved_streams_of_one_model_each_generate_their_own_tokens(cache_mode):
+    """Two streams of the same model consumed in turn (two requests served side by side): the layers hold one
+    key/value cache each, so each stream's steps must run on its own caches, not on those the other set up last."""
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(
+        num_channels=64, num_heads=4, num_self_attention_layers=2, max_latents=8, max_seq_len=32
+    )).eval()  # fmt: skip
+    with torch.no_grad():  # larger weights than the init scale, so that another prompt's keys change the tokens
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else None
+    prompts = [torch.randint(6, 262, (2, 12)), torch.randint(6, 262, (2, 14))]
+    kwargs = dict(num_latents=4, cache_mode=cache_mode)
+    expected = [model.generate(p, 24, **kwargs)[:, p.shape[1] :] for p in prompts]
+    streams = [model.stream(p, 24, **kwargs) for p in prompts]
+    tokens = [[], []]
+    for first, second in zip(*streams):
+        tokens[0].append(first)
+        tokens[1].append(second)
+    for got, want in zip(tokens, expected):
+        assert torch.equal(torch.stack(got, dim=1), want)
+    assert torch.equal(model.generate(prompts[0], 24, **kwargs)[:, 12:], expected[0])  # and afterwards as before
