@@ -220,14 +220,16 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
 
 
 def _held_decoder_key(model: torch.nn.Module, batch_size: int, cache_mode: str, stride: int) -> tuple:
-    """What a held decoder's graphs depend on. Besides the call's shape, dtype and autocast, the addresses of the
+    """What a held decoder's graphs depend on. Besides the call's shape, dtype, autocast and inference mode (whose
+    buffers cannot be updated outside it), the addresses of the
     model's parameters and buffers: a graph reads them where they were at capture, so weights that moved
     (``model.cpu().cuda()``, ``load_state_dict(..., assign=True)``) need new graphs, while weights updated in place
     (an optimizer step, a plain ``load_state_dict``) are read afresh by the same ones."""
     tensors = [*model.parameters(), *model.buffers()]
     device = tensors[0].device
     storage = tuple(t.data_ptr() for t in tensors)
-    return batch_size, cache_mode, stride, tensors[0].dtype, device, active_autocast_dtype(device), storage
+    modes = active_autocast_dtype(device), torch.is_inference_mode_enabled()
+    return batch_size, cache_mode, stride, tensors[0].dtype, device, *modes, storage
 
 
 _HELD_DECODER = "_perceiver_fast_held_decoder"
@@ -279,6 +281,7 @@ class _Generation:
     pad_token_id: int
     progress: bool
     autocast: torch.dtype | None = None  # autocast's dtype when generation began (None: off), kept for every step
+    inference_mode: bool = False  # likewise: the decoder's buffers were made in or out of torch.inference_mode
     stop_check_every: int = 1
     done_at: int | None = None  # the step after which every row had stopped (set when generation ends early)
 
@@ -351,6 +354,7 @@ def _prepare(
         pad_token_id=pad_token_id,
         progress=progress,
         autocast=active_autocast_dtype(device),
+        inference_mode=torch.is_inference_mode_enabled(),
     )
 
 
@@ -366,11 +370,12 @@ def _decode(run: _Generation) -> Iterator[torch.Tensor]:
             # finalized later (perhaps at interpreter exit, after torch's modules are gone) with nothing to undo.
             # So is autocast, as it was when generation began: the decoder's buffers have its dtype, whatever the
             # caller's precision between two streamed tokens. Without autocast's cache of cast weights, which a
-            # CUDA graph must not capture (a step uses each weight once: the cache saves nothing here).
+            # CUDA graph must not capture (a step uses each weight once: the cache saves nothing here). And so is
+            # inference mode, outside which the buffers it made cannot be updated in place.
             precision = torch.autocast(
                 device_type, dtype=run.autocast, enabled=run.autocast is not None, cache_enabled=False
             )
-            with torch.no_grad(), precision:
+            with torch.no_grad(), torch.inference_mode(run.inference_mode), precision:
                 token = next(steps, None)
             if token is None:
                 return

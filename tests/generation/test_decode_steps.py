@@ -132,6 +132,8 @@ def test_held_graphs_are_keyed_by_where_the_weights_live():
     assert plain != moved
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _held_decoder_key(model, 2, "exact", 1) != plain
+    with torch.inference_mode():
+        assert _held_decoder_key(model, 2, "exact", 1) != plain
 
 
 # --- on a GPU: captured graphs against eager steps
@@ -255,6 +257,17 @@ def test_interleaved_streams_with_graphs_each_generate_their_own_tokens(mode):
     tokens = [torch.stack(list(pair), dim=0) for pair in zip(*streams)]  # [steps, 2 streams, batch]
     for index, want in enumerate(expected):
         assert torch.equal(torch.stack([t[index] for t in tokens], dim=1), want)
+
+
+@pytest.mark.gpu
+def test_graphs_held_from_inference_mode_are_not_used_outside_it():
+    """A generation under ``torch.inference_mode()`` holds buffers that cannot be updated in place outside it: the
+    next generation outside sets up its own instead of failing on them."""
+    model = _cuda_model()
+    prompt = torch.randint(6, 262, (2, 40), device="cuda")
+    with torch.inference_mode():
+        inside = model.generate(prompt, 30, num_latents=4)
+    assert torch.equal(model.generate(prompt, 30, num_latents=4), inside)
 
 
 @pytest.mark.gpu

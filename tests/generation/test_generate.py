@@ -230,3 +230,25 @@ def test_interleaved_streams_of_one_model_each_generate_their_own_tokens(cache_m
     for got, want in zip(tokens, expected):
         assert torch.equal(torch.stack(got, dim=1), want)
     assert torch.equal(model.generate(prompts[0], 24, **kwargs)[:, 12:], expected[0])  # and afterwards as before
+
+
+def test_a_stream_keeps_the_inference_mode_it_was_opened_in():
+    """Buffers made under ``torch.inference_mode()`` cannot be updated in place outside it: a stream opened there
+    and consumed outside runs its steps in inference mode, one opened outside runs them outside, wherever consumed."""
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(
+        num_channels=32, num_heads=2, num_self_attention_layers=2, max_latents=4, max_seq_len=16
+    )).eval()  # fmt: skip
+    prompt = torch.randint(6, 262, (2, 6))
+    expected = model.generate(prompt, 12, num_latents=2)[:, 6:]
+    for cache_mode in ("exact", "perceiver-io"):
+        with torch.inference_mode():
+            opened_inside = model.stream(prompt, 12, num_latents=2, cache_mode=cache_mode)
+        opened_outside = model.stream(prompt, 12, num_latents=2, cache_mode=cache_mode)
+        with torch.inference_mode():
+            tokens_inside = list(opened_outside)
+        tokens_outside = list(opened_inside)
+        assert not any(t.is_inference() for t in tokens_inside) and all(t.is_inference() for t in tokens_outside)
+        if cache_mode == "exact":
+            assert torch.equal(torch.stack(tokens_inside, dim=1), expected)
+            assert torch.equal(torch.stack(tokens_outside, dim=1), expected)
