@@ -17,6 +17,7 @@ GPU). On CUDA the cached decoders replay their steps as CUDA graphs (``cuda_grap
 from __future__ import annotations
 
 import atexit
+import contextlib
 import inspect
 import weakref
 from collections.abc import Iterator
@@ -358,24 +359,39 @@ def _prepare(
     )
 
 
+@contextlib.contextmanager
+def _step_modes(run: _Generation) -> Iterator[None]:
+    """The modes of one decoding step, set around each step rather than held across the yields of a stream, so that
+    the caller's code between two tokens runs in its own modes and an abandoned stream has nothing to undo when it is
+    finalized (perhaps at interpreter exit, after torch's modules are gone):
+
+    - eval mode: a training loop that streams samples between its steps puts the model back in training mode, and
+      dropout (prefix dropout, residual dropout) must not reach decoding; the caller's mode is back after the step;
+    - no gradients;
+    - autocast and inference mode as they were when the generation began: the decoder's buffers have autocast's
+      dtype, and buffers made in inference mode cannot be updated in place outside it. Without autocast's cache of
+      cast weights, which a CUDA graph must not capture (a step uses each weight once: the cache saves nothing).
+    """
+    training = run.model.training
+    if training:
+        run.model.eval()
+    precision = torch.autocast(
+        run.input_ids.device.type, dtype=run.autocast, enabled=run.autocast is not None, cache_enabled=False
+    )
+    try:
+        with torch.no_grad(), torch.inference_mode(run.inference_mode), precision:
+            yield
+    finally:
+        if training:
+            run.model.train()
+
+
 def _decode(run: _Generation) -> Iterator[torch.Tensor]:
-    was_training = run.model.training
-    run.model.eval()
     _IN_USE.append(run.decoder)
     steps = _decode_steps(run)
-    device_type = run.input_ids.device.type
     try:
         while True:
-            # Grad mode is set around each step, not held open across the yield: a stream its caller abandons is
-            # finalized later (perhaps at interpreter exit, after torch's modules are gone) with nothing to undo.
-            # So is autocast, as it was when generation began: the decoder's buffers have its dtype, whatever the
-            # caller's precision between two streamed tokens. Without autocast's cache of cast weights, which a
-            # CUDA graph must not capture (a step uses each weight once: the cache saves nothing here). And so is
-            # inference mode, outside which the buffers it made cannot be updated in place.
-            precision = torch.autocast(
-                device_type, dtype=run.autocast, enabled=run.autocast is not None, cache_enabled=False
-            )
-            with torch.no_grad(), torch.inference_mode(run.inference_mode), precision:
+            with _step_modes(run):
                 token = next(steps, None)
             if token is None:
                 return
@@ -385,10 +401,6 @@ def _decode(run: _Generation) -> Iterator[torch.Tensor]:
         _IN_USE.remove(run.decoder)
         if not _is_held(run.model, run.decoder):
             run.decoder.close()
-        # Only when it changed: a stream abandoned until interpreter exit is finalized after torch's own modules
-        # are torn down, where Module.train() fails and Python prints the error.
-        if run.model.training != was_training:
-            run.model.train(was_training)
 
 
 def _decode_steps(run: _Generation) -> Iterator[torch.Tensor]:

@@ -174,6 +174,30 @@ def test_generate_restores_the_training_mode():
     assert not model.training
 
 
+@pytest.mark.parametrize("cache_mode, use_cache", [("exact", True), ("exact", False), ("strided", True),
+                                                   ("perceiver-io", True)])
+def test_a_stream_decodes_in_eval_mode_whatever_the_caller_sets_between_tokens(cache_mode, use_cache):
+    """A training loop that streams samples between its steps puts the model back in training mode: the stream's
+    next steps must still run without dropout (prefix dropout, residual dropout), and the caller's mode holds between
+    tokens."""
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, "residual_dropout": 0.1})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else None
+    prompt = torch.randint(6, 262, (2, 6))
+    kwargs = dict(num_latents=2, cache_mode=cache_mode, use_cache=use_cache)
+    expected = model.generate(prompt, 12, **kwargs)[:, 6:]
+    tokens = []
+    for token in model.stream(prompt, 12, **kwargs):
+        assert not model.training or tokens  # the stream began in eval mode; from then on the caller's mode holds
+        tokens.append(token)
+        model.train()  # the training loop's step
+        assert model.training
+    assert model.training
+    assert torch.equal(torch.stack(tokens, dim=1), expected)
+
+
 def test_the_callers_grad_mode_holds_between_streamed_tokens():
     """Gradients are off inside a decoding step, not in the caller's loop between tokens (a training loop that
     streams samples must still record its own graph)."""
@@ -201,7 +225,7 @@ def test_a_stream_abandoned_until_exit_finalizes_quietly():
         "model.train()\n"
         "tokens = model.stream(torch.randint(6, 262, (1, 6)), 5, num_latents=2)\n"
         "first = next(tokens)\n"
-        "assert not model.training\n"
+        "assert model.training\n"  # eval mode inside each step only: nothing to undo at exit
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
