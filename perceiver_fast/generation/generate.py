@@ -207,16 +207,16 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
         # shape, so that a new generation replays them instead of capturing again (release_decoding frees them).
         key = _held_decoder_key(model, batch_size, cache_mode, stride)
         held = model.__dict__.get(_HELD_DECODER)
-        if held is not None and held[1] in _IN_USE:  # another generation of this model is running: leave it alone
+        if held is not None and held.decoder in _IN_USE:  # another generation of this model is running: leave it
             make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
             return make(model, schedule, batch_size, False), schedule
-        if held is not None and held[0] == key and held[1].cache.owns_layer_caches():
-            return held[1], schedule
+        if held is not None and held.key == key and held.decoder.cache.owns_layer_caches():
+            return held.decoder, schedule
         release_decoding(model)
     make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
     decoder = make(model, schedule, batch_size, cuda_graph)
     if cuda_graph:
-        model.__dict__[_HELD_DECODER] = (key, decoder)
+        model.__dict__[_HELD_DECODER] = _HeldDecoder(key, decoder)
     return decoder, schedule
 
 
@@ -234,6 +234,24 @@ def _held_decoder_key(model: torch.nn.Module, batch_size: int, cache_mode: str, 
 
 
 _HELD_DECODER = "_perceiver_fast_held_decoder"
+
+
+class _HeldDecoder:
+    """A decoder kept in its model's ``__dict__`` between generations, with the key of what its graphs depend on.
+
+    Copies and pickles of the model leave it out (they get ``None``): CUDA graphs cannot be copied, and a copy's
+    graphs would read the original's buffers."""
+
+    __slots__ = ("key", "decoder")
+
+    def __init__(self, key: tuple, decoder: Decoder) -> None:
+        self.key, self.decoder = key, decoder
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> tuple:
+        return type(None), ()
 _IN_USE: list = []  # decoders of the generations running now (a list: decoders need not be hashable)
 _OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()  # streams handed out and not yet collected
 
@@ -251,12 +269,12 @@ def release_decoding(model: torch.nn.Module) -> None:
     ``cuda_graph``, the default on CUDA). The next call allocates and captures them again."""
     held = model.__dict__.pop(_HELD_DECODER, None)
     if held is not None:
-        held[1].close()
+        held.decoder.close()
 
 
 def _is_held(model: torch.nn.Module, decoder: Decoder) -> bool:
     held = model.__dict__.get(_HELD_DECODER)
-    return held is not None and held[1] is decoder
+    return held is not None and held.decoder is decoder
 
 
 def _threshold_top_k(threshold: float, vocab_size: int) -> int:

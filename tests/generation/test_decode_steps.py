@@ -230,12 +230,12 @@ def test_graphs_are_kept_with_the_model_between_calls_and_released_on_request():
     model = _cuda_model(abs_pos_emb=False)
     prompt = torch.randint(6, 262, (2, 40), device="cuda")
     first = model.generate(prompt, 40, num_latents=4)
-    decoder = model.__dict__[_HELD_DECODER][1]
+    decoder = model.__dict__[_HELD_DECODER].decoder
     graphs = dict(decoder.cache.graphs._graphs)
     assert graphs, "no step was captured"
     other = torch.randint(6, 262, (2, 40), device="cuda")
     second = model.generate(other, 40, num_latents=4)
-    assert model.__dict__[_HELD_DECODER][1] is decoder
+    assert model.__dict__[_HELD_DECODER].decoder is decoder
     # Replayed, not captured again:
     assert all(decoder.cache.graphs._graphs[kind] is graph for kind, graph in graphs.items())
     assert torch.equal(second, model.generate(other, 40, num_latents=4, cuda_graph=False))

@@ -276,3 +276,34 @@ def test_a_stream_keeps_the_inference_mode_it_was_opened_in():
         if cache_mode == "exact":
             assert torch.equal(torch.stack(tokens_inside, dim=1), expected)
             assert torch.equal(torch.stack(tokens_outside, dim=1), expected)
+
+
+def test_copies_and_pickles_of_a_model_carry_no_decoding_state():
+    """``copy.deepcopy(model)`` (an EMA copy, say) and ``torch.save(model)`` while a stream is open or after a
+    generation on CUDA left its decoder with the model: the copy gets neither the layers' key/value caches nor the
+    held decoder (whose CUDA graphs cannot be copied, and would read the original's buffers)."""
+    import copy
+    import io
+    import pickle
+
+    from perceiver_fast.generation.generate import _HELD_DECODER, _HeldDecoder
+
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
+    stream = model.stream(torch.randint(6, 262, (2, 6)), 4, num_latents=2)
+    next(stream)  # the layers now hold this stream's caches
+    attentions = [layer.attention_module.attention for layer in (model.cross_attention, *model.self_attention)]
+    assert all(attention.kv_cache is not None for attention in attentions)
+    model.__dict__[_HELD_DECODER] = _HeldDecoder(("key",), object())  # what generate() keeps on CUDA
+    copied = copy.deepcopy(model)
+    saved = io.BytesIO()
+    torch.save(model, saved)
+    saved.seek(0)
+    loaded = torch.load(saved, weights_only=False)
+    for other in (copied, loaded, pickle.loads(pickle.dumps(model))):
+        assert other.__dict__.get(_HELD_DECODER) is None
+        assert all(layer.attention_module.attention.kv_cache is None
+                   for layer in (other.cross_attention, *other.self_attention))  # fmt: skip
+        assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
+    assert all(attention.kv_cache is not None for attention in attentions)  # the original keeps its own
+    del model.__dict__[_HELD_DECODER]
+    assert len(list(stream)) == 3

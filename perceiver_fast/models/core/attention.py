@@ -130,6 +130,10 @@ class MultiHeadAttention(nn.Module):
     def release_cache(self) -> None:
         self.kv_cache = None
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles of a model carry no decoding buffers (the decoder that set them up keeps its own).
+        return {**self.__dict__, "kv_cache": None}
+
     def _cache(self) -> KVCache:
         if self.kv_cache is None:
             raise RuntimeError("this attention layer has no key/value cache: call setup_cache() first")
