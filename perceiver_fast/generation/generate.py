@@ -404,16 +404,21 @@ def _step_modes(run: _Generation) -> Iterator[None]:
             run.model.train()
 
 
-def _decode(run: _Generation) -> Iterator[torch.Tensor]:
+def _decode(run: _Generation, modes_per_step: bool = True) -> Iterator[torch.Tensor]:
+    """The new tokens. A stream sets the step modes around each step; ``generate``, which runs no code of its
+    caller between steps, sets them once (``modes_per_step=False``): toggling a model's training mode walks all its
+    modules, a real cost next to a step replayed as a CUDA graph."""
     _IN_USE.append(run.decoder)
     steps = _decode_steps(run)
+    held_modes = contextlib.nullcontext() if modes_per_step else _step_modes(run)
     try:
-        while True:
-            with _step_modes(run):
-                token = next(steps, None)
-            if token is None:
-                return
-            yield token
+        with held_modes:
+            while True:
+                with _step_modes(run) if modes_per_step else contextlib.nullcontext():
+                    token = next(steps, None)
+                if token is None:
+                    return
+                yield token
     finally:
         steps.close()
         _IN_USE.remove(run.decoder)
@@ -489,7 +494,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     run = _prepare(model, input_ids, max_new_tokens, **{**_STREAM_DEFAULTS, **_known(kwargs)})
     if input_ids.device.type == "cuda":
         run.stop_check_every = STOP_CHECK_EVERY
-    tokens = list(_decode(run))
+    tokens = list(_decode(run, modes_per_step=False))
     if run.done_at is not None:
         tokens = tokens[: run.done_at + 1]  # steps checked in a batch may have run past the stop
     if not tokens:
