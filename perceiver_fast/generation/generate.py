@@ -383,16 +383,18 @@ def _step_modes(run: _Generation) -> Iterator[None]:
     the caller's code between two tokens runs in its own modes and an abandoned stream has nothing to undo when it is
     finalized (perhaps at interpreter exit, after torch's modules are gone):
 
-    - eval mode: a training loop that streams samples between its steps puts the model back in training mode, and
-      dropout (prefix dropout, residual dropout) must not reach decoding; the caller's mode is back after the step;
+    - eval mode for every module: a training loop that streams samples between its steps puts the model back in
+      training mode, and dropout (prefix dropout, residual dropout) must not reach decoding; afterwards each module
+      has its own mode back (a frozen part of a training model stays in eval mode);
     - no gradients;
     - autocast and inference mode as they were when the generation began: the decoder's buffers have autocast's
       dtype, and buffers made in inference mode cannot be updated in place outside it. Without autocast's cache of
       cast weights, which a CUDA graph must not capture (a step uses each weight once: the cache saves nothing).
     """
-    training = run.model.training
-    if training:
-        run.model.eval()
+    # The flag itself, module by module (what Module.train sets), so that each one's own mode can come back.
+    training = [module for module in run.model.modules() if module.training]
+    for module in training:
+        module.training = False
     precision = torch.autocast(
         run.input_ids.device.type, dtype=run.autocast, enabled=run.autocast is not None, cache_enabled=False
     )
@@ -400,14 +402,14 @@ def _step_modes(run: _Generation) -> Iterator[None]:
         with torch.no_grad(), torch.inference_mode(run.inference_mode), precision:
             yield
     finally:
-        if training:
-            run.model.train()
+        for module in training:
+            module.training = True
 
 
 def _decode(run: _Generation, modes_per_step: bool = True) -> Iterator[torch.Tensor]:
     """The new tokens. A stream sets the step modes around each step; ``generate``, which runs no code of its
-    caller between steps, sets them once (``modes_per_step=False``): toggling a model's training mode walks all its
-    modules, a real cost next to a step replayed as a CUDA graph."""
+    caller between steps, sets them once (``modes_per_step=False``): setting and restoring the modules' training
+    flags walks all of them, a real cost next to a step replayed as a CUDA graph."""
     _IN_USE.append(run.decoder)
     steps = _decode_steps(run)
     held_modes = contextlib.nullcontext() if modes_per_step else _step_modes(run)

@@ -198,6 +198,32 @@ def test_a_stream_decodes_in_eval_mode_whatever_the_caller_sets_between_tokens(c
     assert torch.equal(torch.stack(tokens, dim=1), expected)
 
 
+def test_generation_restores_each_modules_own_mode():
+    """A model training with a frozen part in eval mode (or one dropout layer kept active in an eval model):
+    decoding runs every module in eval mode, and each module gets its own mode back, not the root's."""
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, "residual_dropout": 0.1})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2) if p.dim() > 1 else None
+    prompt = torch.randint(6, 262, (2, 6))
+    expected = model.generate(prompt, 10, num_latents=2)
+    frozen, active = model.cross_attention, model.self_attention[0]
+    model.train()
+    frozen.eval()
+    modes = {name: module.training for name, module in model.named_modules()}
+    assert torch.equal(model.generate(prompt, 10, num_latents=2), expected)
+    assert {name: module.training for name, module in model.named_modules()} == modes
+    tokens = []
+    for token in model.stream(prompt, 10, num_latents=2):
+        tokens.append(token)
+        assert {name: module.training for name, module in model.named_modules()} == modes
+    assert torch.equal(torch.stack(tokens, dim=1), expected[:, 6:])
+    model.eval()
+    active.train()  # e.g. Monte Carlo dropout in one layer: decoding still runs it in eval mode
+    assert torch.equal(model.generate(prompt, 10, num_latents=2), expected) and active.training
+
+
 def test_the_callers_grad_mode_holds_between_streamed_tokens():
     """Gradients are off inside a decoding step, not in the caller's loop between tokens (a training loop that
     streams samples must still record its own graph)."""
