@@ -5,6 +5,7 @@ import torch
 
 from perceiver_fast.generation import SamplingConfig, WindowSchedule, filter_logits
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+from tests.generation.test_cache import with_larger_weights
 from tests.oracle import max_rel_error
 from tests.parity import copy_into, import_perceiver_io
 
@@ -181,10 +182,7 @@ def test_a_stream_decodes_in_eval_mode_whatever_the_caller_sets_between_tokens(c
     next steps must still run without dropout (prefix dropout, residual dropout), and the caller's mode holds between
     tokens."""
     torch.manual_seed(0)
-    model = CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, "residual_dropout": 0.1})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else None
+    model = with_larger_weights(CausalLanguageModel(CausalLanguageModelConfig(**SMALL, residual_dropout=0.1)).eval())
     prompt = torch.randint(6, 262, (2, 6))
     kwargs = dict(num_latents=2, cache_mode=cache_mode, use_cache=use_cache)
     expected = model.generate(prompt, 12, **kwargs)[:, 6:]
@@ -202,10 +200,7 @@ def test_generation_restores_each_modules_own_mode():
     """A model training with a frozen part in eval mode (or one dropout layer kept active in an eval model):
     decoding runs every module in eval mode, and each module gets its own mode back, not the root's."""
     torch.manual_seed(0)
-    model = CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, "residual_dropout": 0.1})).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else None
+    model = with_larger_weights(CausalLanguageModel(CausalLanguageModelConfig(**SMALL, residual_dropout=0.1)).eval())
     prompt = torch.randint(6, 262, (2, 6))
     expected = model.generate(prompt, 10, num_latents=2)
     frozen, active = model.cross_attention, model.self_attention[0]
@@ -263,12 +258,9 @@ def test_interleaved_streams_of_one_model_each_generate_their_own_tokens(cache_m
     """Two streams of the same model consumed in turn (two requests served side by side): the layers hold one
     key/value cache each, so each stream's steps must run on its own caches, not on those the other set up last."""
     torch.manual_seed(0)
-    model = CausalLanguageModel(CausalLanguageModelConfig(
+    model = with_larger_weights(CausalLanguageModel(CausalLanguageModelConfig(
         num_channels=64, num_heads=4, num_self_attention_layers=2, max_latents=8, max_seq_len=32
-    )).eval()  # fmt: skip
-    with torch.no_grad():  # larger weights than the init scale, so that another prompt's keys change the tokens
-        for p in model.parameters():
-            p.normal_(0, 0.2) if p.dim() > 1 else None
+    )).eval())  # fmt: skip
     prompts = [torch.randint(6, 262, (2, 12)), torch.randint(6, 262, (2, 14))]
     kwargs = dict(num_latents=4, cache_mode=cache_mode)
     expected = [model.generate(p, 24, **kwargs)[:, p.shape[1] :] for p in prompts]
