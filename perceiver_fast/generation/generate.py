@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, active_autocast_dtype
 from perceiver_fast.generation.sampling import SamplingConfig, sample_next_token
 from perceiver_fast.generation.schedule import WindowSchedule
+from perceiver_fast.generation.weights import WeightsWatch
 
 CACHE_MODES = ("exact", "strided", "perceiver-io")
 
@@ -44,6 +45,10 @@ class Decoder(Protocol):
 
     def step(self, sequence: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
         """Logits for the token after ``sequence``, whose last token was just appended."""
+        ...
+
+    def rebuild(self, sequence: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """As ``step``, with everything computed from the weights made afresh (they changed since the last step)."""
         ...
 
     def close(self) -> None:
@@ -74,6 +79,8 @@ class FullForwardDecoder:
     def step(self, sequence, pad_mask):
         self.window = self.schedule.advance(self.window)
         return self._forward(sequence, pad_mask)
+
+    rebuild = step  # nothing is kept from one step to the next
 
     def close(self) -> None:
         pass
@@ -113,6 +120,13 @@ class CachedDecoder:
             return self._prefill(sequence, pad_mask)
         return self.cache.append(sequence[:, -1], cross=self.window.prefix_end - old.prefix_end, drop=dropped)
 
+    def rebuild(self, sequence, pad_mask):
+        # The schedule's next window, prefilled: exact in every mode. Graphs are captured again, since weights
+        # reassigned (``load_state_dict(..., assign=True)``) live elsewhere than the captured kernels read.
+        self.window = self.schedule.advance(self.window)
+        self.cache.graphs.release()
+        return self._prefill(sequence, pad_mask)
+
     def close(self) -> None:
         self.cache.close()
 
@@ -130,6 +144,13 @@ class PerceiverIODecoder:
 
     def step(self, sequence, pad_mask):
         return self.cache.append(sequence[:, -1])
+
+    def rebuild(self, sequence, pad_mask):
+        raise RuntimeError(
+            "the model's weights changed in place while this cache_mode='perceiver-io' stream was open: its cache "
+            "holds keys/values of the old weights, and perceiver-io's cache, which keeps entries of earlier windows, "
+            "has no exact rebuild. Start a new stream from the tokens so far, or stream with cache_mode='exact'"
+        )
 
     def close(self) -> None:
         self.cache.close()
@@ -303,6 +324,7 @@ class _Generation:
     inference_mode: bool = False  # likewise: the decoder's buffers were made in or out of torch.inference_mode
     stop_check_every: int = 1
     done_at: int | None = None  # the step after which every row had stopped (set when generation ends early)
+    watch_weights: bool = False  # the caller's code runs between steps (a stream) and may change the weights
 
 
 def stream(
@@ -328,11 +350,15 @@ def stream(
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``[b]`` per step, as it is chosen; arguments as :func:`generate`.
 
-    Every argument is checked here, when ``stream`` is called, not at the first ``next()``. While the stream runs the
-    model is in eval mode; its training mode is restored when the stream ends or is closed. Gradients are off
-    inside each step only: the caller's code between tokens runs in the caller's grad mode.
+    Every argument is checked here, when ``stream`` is called, not at the first ``next()``. Each step runs every
+    module in eval mode without gradients; the caller's code between tokens runs in the caller's modes (a training
+    loop may call ``model.train()`` between tokens without dropout reaching the stream). Weights the caller
+    changes between tokens are noticed: exact and strided modes rebuild their cache from them, perceiver-io mode
+    (no exact rebuild) and a model moved to another dtype or device raise ``RuntimeError``.
     """
-    tokens = _decode(_prepare(**locals()))
+    run = _prepare(**locals())
+    run.watch_weights = True
+    tokens = _decode(run)
     _OPEN_STREAMS.add(tokens)
     return tokens
 
@@ -444,6 +470,7 @@ def _decode_steps(run: _Generation) -> Iterator[torch.Tensor]:
     all_done_at = torch.full((), -1, dtype=torch.long, device=device)  # first step after which all had stopped
     pad_token = torch.full((batch,), run.pad_token_id, dtype=prompt.dtype, device=device)
     logits = run.decoder.start(prompt, run.pad_mask, run.num_latents)
+    weights = WeightsWatch(run.model) if run.watch_weights else None
     for step in tqdm(range(run.max_new_tokens), desc="generating", unit="tok", disable=not run.progress):
         length = prompt_len + step
         token = sample_next_token(logits, run.sampling, run.generator).to(prompt.dtype)
@@ -461,7 +488,17 @@ def _decode_steps(run: _Generation) -> Iterator[torch.Tensor]:
                     return
         if step + 1 == run.max_new_tokens:
             return
-        logits = run.decoder.step(sequence[:, : length + 1], None if pads is None else pads[:, : length + 1])
+        so_far, pads_so_far = sequence[:, : length + 1], None if pads is None else pads[:, : length + 1]
+        if weights is not None and weights.changed():
+            if weights.moved():
+                raise RuntimeError(
+                    "the model's parameters or buffers changed dtype or device while this stream was open, and its "
+                    "caches are in the old ones: start a new stream from the tokens so far"
+                )
+            logits = run.decoder.rebuild(so_far, pads_so_far)
+            weights.renew()
+        else:
+            logits = run.decoder.step(so_far, pads_so_far)
 
 
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -289,6 +289,22 @@ def test_held_graphs_are_not_replayed_over_weights_that_moved():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["exact", "strided"])
+def test_a_stream_on_graphs_decodes_with_weights_reassigned_under_it(mode):
+    """Weights replaced while a stream replays graphs (``load_state_dict(..., assign=True)`` between two tokens):
+    the stream rebuilds its cache and captures new graphs, and gives the tokens of the same stream run eagerly."""
+    from tests.generation.test_generate import _stream_with_an_update_at
+
+    model = _cuda_model()
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    prompt = torch.randint(6, 262, (2, 40), device="cuda")
+    kwargs = dict(num_latents=4, cache_mode=mode, assign=True)
+    expected = _stream_with_an_update_at(model, prompt, 12, 30, cuda_graph=False, **kwargs)
+    model.load_state_dict(state, assign=True)
+    assert torch.equal(_stream_with_an_update_at(model, prompt, 12, 30, **kwargs), expected)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
 @pytest.mark.parametrize("cuda_graph", [True, False], ids=["graph", "eager"])
 def test_fused_decode_kernel_steps_equal_composite_steps(mode, cuda_graph, monkeypatch):

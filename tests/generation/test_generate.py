@@ -325,3 +325,75 @@ def test_copies_and_pickles_of_a_model_carry_no_decoding_state():
     assert all(attention.kv_cache is not None for attention in attentions)  # the original keeps its own
     del model.__dict__[_HELD_DECODER]
     assert len(list(stream)) == 3
+
+
+def _stream_with_an_update_at(model, prompt, update_at, new_tokens, assign=False, **kwargs):
+    """Stream ``new_tokens`` tokens, updating every weight after token ``update_at``: in place (an optimizer step,
+    say) or by new tensors (``load_state_dict(..., assign=True)``). Returns the tokens ``[b, new_tokens]``."""
+    tokens = []
+    for i, token in enumerate(model.stream(prompt, new_tokens, **kwargs)):
+        tokens.append(token)
+        if i == update_at:
+            updated = {name: -p if p.dim() > 1 else p + 0.1 for name, p in model.named_parameters()}
+            if assign:
+                model.load_state_dict(updated, strict=False, assign=True)
+            else:
+                with torch.no_grad():
+                    for name, p in model.named_parameters():
+                        p.copy_(updated[name])
+    return torch.stack(tokens, dim=1)
+
+
+@pytest.mark.parametrize("cache_mode", ["exact", "strided"])
+@pytest.mark.parametrize("update_at", [1, 5])  # the latents still growing; the window past max_seq_len
+@pytest.mark.parametrize("assign", [False, True], ids=["in-place", "assigned"])
+def test_a_stream_decodes_with_the_weights_as_they_are_after_an_update(cache_mode, update_at, assign):
+    """A training loop that streams samples between its steps updates the weights while the stream is open: the
+    next tokens must be those of the updated model (a full forward of the schedule's window), not of keys/values
+    cached under the old weights."""
+    torch.manual_seed(0)
+    model = with_larger_weights(CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval())
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    prompt = torch.randint(6, 262, (2, 6))
+    kwargs = dict(num_latents=2, cache_mode=cache_mode, assign=assign)
+    expected = _stream_with_an_update_at(model, prompt, update_at, 10, use_cache=False, **kwargs)
+    model.load_state_dict(state)
+    assert torch.equal(_stream_with_an_update_at(model, prompt, update_at, 10, **kwargs), expected)
+    model.load_state_dict(state)
+    assert not torch.equal(model.generate(prompt, 10, num_latents=2, cache_mode=cache_mode)[:, 6:], expected)
+
+
+def test_a_perceiver_io_mode_stream_refuses_to_go_on_over_weights_updated_in_place():
+    """perceiver-io's cache keeps entries made under older windows, so it has no exact rebuild: a stream in that
+    mode says so rather than mixing keys/values of the old weights with new ones."""
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
+    prompt = torch.randint(6, 262, (1, 6))
+    with pytest.raises(RuntimeError, match="changed in place while"):
+        _stream_with_an_update_at(model, prompt, 1, 6, num_latents=2, cache_mode="perceiver-io")
+
+
+def test_a_stream_refuses_to_go_on_after_its_model_changed_dtype():
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
+    tokens = model.stream(torch.randint(6, 262, (1, 6)), 6, num_latents=2)
+    next(tokens)
+    model.double()
+    with pytest.raises(RuntimeError, match="dtype or device"):
+        next(tokens)
+
+
+@pytest.mark.parametrize("cache_mode", ["exact", "strided", "perceiver-io"])
+@pytest.mark.parametrize("abs_pos_emb", [True, False])
+def test_a_stream_whose_weights_stay_as_they_are_never_rebuilds(monkeypatch, cache_mode, abs_pos_emb):
+    """Decoding itself must leave the model's parameters and buffers untouched, or every streamed token would pay
+    for a rebuild (past max_seq_len, with left pads, sliding in place or not)."""
+    from perceiver_fast.generation.generate import CachedDecoder, PerceiverIODecoder
+
+    for decoder in (CachedDecoder, PerceiverIODecoder):
+        monkeypatch.setattr(decoder, "rebuild", lambda *_: pytest.fail("rebuilt although no weight changed"))
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL, abs_pos_emb=abs_pos_emb)).eval()
+    prompt = torch.randint(6, 262, (2, 6))
+    pad_mask = torch.arange(6).expand(2, 6) < torch.tensor([[0], [3]])
+    assert len(list(model.stream(prompt, 12, num_latents=2, cache_mode=cache_mode, pad_mask=pad_mask))) == 12
