@@ -872,7 +872,12 @@ def train(
     joined = not distributed.is_initialized()
     context = distributed.init_distributed(resolve_device(config.device))
     try:
-        return _train(config, task, data, tokenizer, model, context)
+        result = _train(config, task, data, tokenizer, model, context)
+        if joined:
+            # Leave together: a process tearing down its gloo connections while another still writes its last files
+            # and talks to it can abort at exit. Not after an error, where the others may never arrive.
+            distributed.barrier()
+        return result
     finally:
         if joined:
             distributed.shutdown()
