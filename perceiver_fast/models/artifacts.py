@@ -68,11 +68,14 @@ MODEL_TYPES: tuple[ModelType, ...] = tuple(
 _BY_CLASS_NAME = {t.model_class.__name__: t for t in MODEL_TYPES}
 
 
-def from_pretrained(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+def from_pretrained(
+    directory: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | str = "auto"
+) -> nn.Module:
     """Load any saved model directory as our model, picking the class from its ``config.json``.
 
     Reads our own format (``save_pretrained`` of our models) and perceiver-io's Hugging Face ``save_pretrained``
-    format (see :func:`load_perceiver_io_pretrained`); anything else raises ``ValueError``.
+    format (see :func:`load_perceiver_io_pretrained`); anything else raises ``ValueError``. ``dtype="auto"`` keeps
+    the dtypes the weights were saved in; a floating-point ``torch.dtype`` casts to it.
     """
     directory = Path(directory)
     meta = read_json_object(directory / CONFIG_FILE)
@@ -80,9 +83,9 @@ def from_pretrained(directory: str | Path, map_location: str | torch.device = "c
         model_type = _BY_CLASS_NAME.get(meta.get("model_class"))
         if model_type is None:
             raise ValueError(f"{directory / CONFIG_FILE} names an unknown model_class {meta.get('model_class')!r}")
-        return model_type.model_class.from_pretrained(directory, map_location=map_location)
+        return model_type.model_class.from_pretrained(directory, map_location=map_location, dtype=dtype)
     if is_perceiver_io_config(meta):
-        return load_perceiver_io_pretrained(directory, map_location=map_location)
+        return load_perceiver_io_pretrained(directory, map_location=map_location, dtype=dtype)
     raise ValueError(
         f"{directory / CONFIG_FILE} is neither perceiver_fast's format (\"format\": \"{FORMAT}\") nor perceiver-io's "
         "Hugging Face format (\"model_type\" + \"model_config\")"

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from perceiver_fast.models.core.config import PerceiverIOConfig
+from perceiver_fast.models.core.loading import set_loaded_dtype
 
 __all__ = [
     "image_classifier",
@@ -162,7 +163,8 @@ def _decoder_layer_weights(layer: nn.Module) -> dict[str, torch.Tensor]:
 
 def _load(model: M, weights: dict[str, torch.Tensor]) -> M:
     """Copy ``weights`` into ``model``: every parameter must be covered, shapes must agree; buffers (Fourier
-    features) keep the values ``model`` computed itself."""
+    features) keep the values ``model`` computed itself. The model takes the source's dtypes (a bf16 model
+    converts to a bf16 one)."""
     state = model.state_dict()
     params = {name for name, _ in model.named_parameters()}
     missing = sorted(params - set(weights))
@@ -173,6 +175,7 @@ def _load(model: M, weights: dict[str, torch.Tensor]) -> M:
                  f"{key}: transformers has shape {list(value.shape)}, ours {list(state[key].shape)}")
         state[key] = value.detach().clone()
     model.load_state_dict(state, strict=True)
+    set_loaded_dtype(model, weights, "auto")
     return model.eval()
 
 

@@ -284,7 +284,14 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or mismatched:
+    # Floating-point weights and integer ones (counters, indices) are not a cast away from each other: copying one
+    # into the other would succeed and give values the model was never trained with.
+    other_kind = [
+        f"{k} {str(state[k].dtype).removeprefix('torch.')} != {str(v.dtype).removeprefix('torch.')}"
+        for k, v in expected.items()
+        if k in state and _kind(state[k]) != _kind(v)
+    ]
+    if missing or unexpected or mismatched or other_kind:
         message = f"the weights in {source} do not match {type(model).__name__} built from its config:"
         if missing:
             message += _listing("missing", missing)
@@ -292,8 +299,44 @@ def load_state_strict(model: nn.Module, state: Mapping[str, torch.Tensor], sourc
             message += _listing("unexpected", unexpected)
         if mismatched:
             message += _listing("shape (file != model)", mismatched)
+        if other_kind:
+            message += _listing("dtype (file != model)", other_kind)
         hints = _config_hints(missing + unexpected + [m.split(" ", 1)[0] for m in mismatched])
         if hints:
             message += "\n  config fields to check: " + "; ".join(hints)
         raise ValueError(message)
     model.load_state_dict(state, strict=True)
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.is_complex():
+        return "complex"
+    return "floating" if tensor.is_floating_point() else "integral"
+
+
+def check_load_dtype(dtype: torch.dtype | str) -> None:
+    """``ValueError`` unless ``dtype`` is ``"auto"`` or a floating-point ``torch.dtype`` (the loaders' argument)."""
+    if dtype != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be 'auto' or a floating-point torch.dtype, got {dtype!r}")
+
+
+def set_loaded_dtype(model: nn.Module, weights: Mapping[str, torch.Tensor], dtype: torch.dtype | str) -> None:
+    """The loaders' ``dtype`` applied to ``model``, into which ``weights`` (a file's, a source model's) were copied.
+
+    ``"auto"`` gives ``model``'s floating-point tensors the dtypes they have in ``weights``: the whole model, buffers
+    included, when they share one dtype (as ``model.to(dtype)`` made them); tensor by tensor otherwise (norms kept in
+    float32, say). A tensor registered under two names (tied weights) stays one tensor. A ``torch.dtype`` casts every
+    floating-point tensor to it.
+    """
+    check_load_dtype(dtype)
+    if dtype != "auto":
+        model.to(dtype)
+        return
+    dtypes = {key: t.dtype for key, t in weights.items() if t.is_floating_point()}
+    if len(set(dtypes.values())) == 1:
+        model.to(next(iter(dtypes.values())))
+        return
+    own = model.state_dict(keep_vars=True)
+    for key, dtype in dtypes.items():
+        if key in own and own[key].dtype != dtype:
+            own[key].data = own[key].data.to(dtype)

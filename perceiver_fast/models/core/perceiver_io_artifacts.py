@@ -42,7 +42,14 @@ import torch
 import torch.nn as nn
 
 from perceiver_fast.models.core.config import PerceiverIOConfig
-from perceiver_fast.models.core.loading import CONFIG_FILE, load_state_strict, read_json_object, read_safetensors
+from perceiver_fast.models.core.loading import (
+    CONFIG_FILE,
+    check_load_dtype,
+    load_state_strict,
+    read_json_object,
+    read_safetensors,
+    set_loaded_dtype,
+)
 from perceiver_fast.models.core.registry import ModelType, model_types
 
 __all__ = [
@@ -191,7 +198,10 @@ def _read_hf_weights(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def load_perceiver_io_pretrained(
-    directory: str | Path, model_class: type | None = None, map_location: str | torch.device = "cpu"
+    directory: str | Path,
+    model_class: type | None = None,
+    map_location: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
     """Load a directory written by a perceiver-io Hugging Face wrapper's ``save_pretrained`` as our model.
 
@@ -202,14 +212,16 @@ def load_perceiver_io_pretrained(
             registered classes (all of them once :mod:`perceiver_fast.models.artifacts` is imported). A directory of
             another type raises ``ValueError`` naming both.
         map_location: device for the model.
+        dtype: ``"auto"``, the dtypes the file stores the weights in; or a floating-point ``torch.dtype``.
 
     Returns:
-        The model in eval mode, in float32 whatever dtype the file stores.
+        The model in eval mode.
 
     Raises:
         ValueError: not a perceiver-io directory, unknown model type, config fields we don't know, or weights that
             don't match the config (missing/unexpected/mis-shaped keys are named, with the config fields at fault).
     """
+    check_load_dtype(dtype)
     directory = Path(directory)
     meta = read_json_object(directory / CONFIG_FILE)
     source = str(directory / CONFIG_FILE)
@@ -220,6 +232,7 @@ def load_perceiver_io_pretrained(
     prefix = "backend_model."
     state = {k.removeprefix(prefix): v for k, v in _read_hf_weights(directory).items()}
     load_state_strict(model, state, str(directory))
+    set_loaded_dtype(model, state, dtype)
     return model.to(map_location).eval()
 
 

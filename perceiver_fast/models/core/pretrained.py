@@ -24,9 +24,11 @@ from perceiver_fast.models.core import perceiver_io_artifacts
 from perceiver_fast.models.core.loading import (
     CONFIG_FILE,
     build_config,
+    check_load_dtype,
     load_state_strict,
     read_json_object,
     read_safetensors,
+    set_loaded_dtype,
 )
 
 __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "PretrainedMixin"]
@@ -73,23 +75,31 @@ class PretrainedMixin:
         return build_config(cls.config_class, values, source, every_field=every_field)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    def from_pretrained(
+        cls, directory: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | str = "auto"
+    ) -> Any:
         """Load a model saved by :meth:`save_pretrained` (strict: every key must match), in eval mode.
 
+        ``dtype="auto"`` gives the model back in the dtypes it was saved in (a bf16 model comes back in bf16, tensor
+        by tensor where they were mixed); a ``torch.dtype`` casts its floating-point tensors to that one.
+
         Also reads a directory written by perceiver-io's Hugging Face ``save_pretrained`` for this model type (a
-        directory of another type raises ``ValueError`` naming both).
+        directory of another type raises ``ValueError`` naming both), with the same ``dtype`` rule.
 
         Raises:
             FileNotFoundError: no ``config.json``, or no ``model.safetensors`` next to it (the file is named).
             ValueError: naming the file at fault: ``config.json`` that is not a JSON object, not our format, of
                 another model class, or whose config has unknown, missing or mistyped fields; weights that are
-                truncated or corrupt, or whose keys or shapes don't match the config (keys and config fields named).
+                truncated or corrupt, or whose keys, shapes or kinds (floating-point or integer) don't match the
+                config (keys and config fields named); a ``dtype`` that is neither ``"auto"`` nor a floating-point
+                ``torch.dtype``.
         """
+        check_load_dtype(dtype)
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
         meta = read_json_object(config_path)
         if meta.get("format") != FORMAT and "model_config" in meta:  # perceiver-io's Hugging Face format
-            return cls._from_perceiver_io_pretrained(directory, map_location)
+            return cls._from_perceiver_io_pretrained(directory, map_location, dtype)
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{config_path} was not written by perceiver_fast's save_pretrained")
         if meta.get("model_class") != cls.__name__:
@@ -97,15 +107,19 @@ class PretrainedMixin:
         config = cls.config_from_dict(meta["config"], source=f"{config_path}'s config", every_field=True)
         model = cls(config)
         weights_path = directory / WEIGHTS_FILE
-        load_state_strict(model, read_safetensors(weights_path), str(weights_path))
+        weights = read_safetensors(weights_path)
+        load_state_strict(model, weights, str(weights_path))
+        set_loaded_dtype(model, weights, dtype)
         return model.to(map_location).eval()
 
     # --- perceiver-io's artifacts: read below the model classes, which pass themselves as the class to build
 
     @classmethod
-    def _from_perceiver_io_pretrained(cls, directory: Path, map_location: str | torch.device) -> Any:
+    def _from_perceiver_io_pretrained(
+        cls, directory: Path, map_location: str | torch.device, dtype: torch.dtype | str = "auto"
+    ) -> Any:
         """``from_pretrained`` on a directory written by perceiver-io's Hugging Face ``save_pretrained``."""
-        return perceiver_io_artifacts.load_perceiver_io_pretrained(directory, cls, map_location)
+        return perceiver_io_artifacts.load_perceiver_io_pretrained(directory, cls, map_location, dtype)
 
     @classmethod
     def from_lightning_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Any:

@@ -64,6 +64,20 @@ def test_masked_lm_logits_equal(name):
             assert max_rel_error(got, expected) <= 1e-5
 
 
+def test_a_bf16_model_converts_to_a_bf16_model():
+    """The converted model keeps the source's dtype (float32 would be another model, at twice the memory)."""
+    theirs = _hf("PerceiverForMaskedLM").to(torch.bfloat16)
+    ours = MaskedLanguageModel.from_transformers(theirs)
+    assert {t.dtype for t in [*ours.parameters(), *ours.buffers()] if t.is_floating_point()} == {torch.bfloat16}
+    x, attention_mask = _text_batch()
+    with torch.no_grad():
+        expected = theirs(inputs=x, attention_mask=attention_mask).logits[:, : x.shape[1]].float()
+        got = ours(x, pad_mask=~attention_mask.bool()).float()
+        reference = MaskedLanguageModel.from_transformers(theirs.float())(x, pad_mask=~attention_mask.bool())
+    # bf16 rounding on both sides (2^-8 relative per op), against the float32 conversion's logits
+    assert max_rel_error(got, reference) <= 0.05 and max_rel_error(expected, reference) <= 0.05
+
+
 def test_masked_lm_decoder_follows_transformers_fixed_sizes():
     config = masked_lm_config_from_transformers(_hf("PerceiverForMaskedLM"))
     assert config.decoder.num_cross_attention_heads == 8 and config.decoder.num_cross_attention_qk_channels == 256

@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from perceiver_fast.models.artifacts import from_pretrained
@@ -66,6 +67,45 @@ def test_mismatched_weights_name_keys_and_config_fields(tmp_path):
     fewer = {k: v.contiguous() for k, v in wider_vocab.state_dict().items() if not k.startswith("self_attention.1.")}
     save_file(fewer, str(directory / "model.safetensors"))
     with pytest.raises(ValueError, match=_naming(directory / "model.safetensors", r".*missing \(\d+\): self_att")):
+        CausalLanguageModel.from_pretrained(directory)
+
+
+def _logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens, prefix_len=4).logits
+
+
+def test_a_model_comes_back_in_the_dtypes_it_was_saved_in(tmp_path):
+    """A bf16 model saved and loaded is the same bf16 model (float32 would give other logits and twice the memory);
+    mixed dtypes (norms kept in float32) come back tensor by tensor; ``dtype=`` asks for another."""
+    torch.manual_seed(0)
+    model = CausalLanguageModel(CausalLanguageModelConfig(**AR)).to(torch.bfloat16).eval()
+    tokens = torch.randint(0, 50, (2, 10))
+    for load in (CausalLanguageModel.from_pretrained, from_pretrained):
+        loaded = load(model.save_pretrained(tmp_path / "bf16"))
+        assert {t.dtype for t in [*loaded.parameters(), *loaded.buffers()]} == {torch.bfloat16}
+        assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    as_float = CausalLanguageModel.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    assert {p.dtype for p in as_float.parameters()} == {torch.float32}
+
+    norms = [module for module in model.modules() if isinstance(module, torch.nn.LayerNorm)]
+    for norm in norms:
+        norm.float()
+    mixed = CausalLanguageModel.from_pretrained(model.save_pretrained(tmp_path / "mixed"))
+    saved = model.state_dict()
+    assert all(tensor.dtype == saved[name].dtype for name, tensor in mixed.state_dict().items())
+    with pytest.raises(ValueError, match="dtype must be"):
+        CausalLanguageModel.from_pretrained(tmp_path / "mixed", dtype="float16")
+
+
+def test_weights_of_a_kind_other_than_the_models_raise_naming_them(tmp_path):
+    """An integer tensor where the model has floating-point weights (or the reverse) is not a cast away from them."""
+    directory = _saved_clm(tmp_path / "m")
+    state = CausalLanguageModel(CausalLanguageModelConfig(**AR)).state_dict()
+    state["output_adapter.bias"] = torch.arange(50)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
+    pattern = _naming(directory / "model.safetensors", r".*dtype \(file != model\).*output_adapter\.bias int64")
+    with pytest.raises(ValueError, match=pattern):
         CausalLanguageModel.from_pretrained(directory)
 
 
