@@ -26,7 +26,9 @@ import json
 import math
 import os
 import re
+import sys
 import sysconfig
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -136,6 +138,10 @@ def read_documents(files: Sequence[str | Path]) -> list[str]:
     Uses ``datasets.load_dataset("text", data_files=..., sample_by="document")`` when `datasets` imports (it works
     offline for local files); otherwise reads the files directly, which gives the same documents. A file that is not
     valid UTF-8 raises `ValueError` naming it.
+
+    `datasets` takes data files as glob patterns, so each path goes to it escaped (``notes[1].txt`` would otherwise
+    read ``notes1.txt``), and only when its own resolver finds exactly that file for it; its documents are used only
+    if each has a size its file's text can have. Otherwise the files are read directly.
     """
     files = [Path(f) for f in files]
     try:
@@ -146,10 +152,15 @@ def read_documents(files: Sequence[str | Path]) -> list[str]:
         warnings.warn(f"the datasets package failed to import ({e}); reading the text files directly", stacklevel=2)
         datasets = None
     if datasets is not None:
+        paths = [os.path.abspath(f) for f in files]
+        patterns = [glob.escape(p) for p in paths]
         try:
-            ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by="document", split="train")
-            if len(ds) == len(files):  # should datasets ever drop an empty file, keep one document per file
-                return list(ds["text"])
+            if _patterns_name_exactly(patterns, paths):  # else e.g. "a::b.txt", which datasets reads as a URL chain
+                ds = datasets.load_dataset("text", data_files=patterns, sample_by="document", split="train")
+                documents = list(ds["text"])
+                # One document per file (should datasets ever drop an empty file), each of its file's size.
+                if len(documents) == len(files) and all(map(_could_be_read_from, documents, files)):
+                    return documents
         except Exception as e:  # e.g. a file that is not UTF-8: the plain read below names the file
             warnings.warn(f"datasets could not load the files ({e}); reading them directly", stacklevel=2)
     documents = []
@@ -160,6 +171,31 @@ def read_documents(files: Sequence[str | Path]) -> list[str]:
         except UnicodeDecodeError as e:
             raise ValueError(f"{f} is not valid UTF-8 text: {e}") from None
     return documents
+
+
+def _patterns_name_exactly(patterns: Sequence[str], paths: Sequence[str]) -> bool:
+    """Whether the resolver that ``datasets.load_dataset`` uses finds each pattern's own file and nothing else."""
+    from datasets.data_files import resolve_pattern
+
+    for pattern, path in zip(patterns, paths):
+        try:
+            found = resolve_pattern(pattern, base_path=os.getcwd())
+        except FileNotFoundError:
+            return False
+        if [os.path.normpath(f) for f in found] != [os.path.normpath(path)]:
+            return False
+    return True
+
+
+def _could_be_read_from(document: str, path: Path) -> bool:
+    """Whether `document` has a size that text read from `path` can have.
+
+    Reading with universal newlines turns CR LF and a lone CR into LF, so the file has as many bytes as the document's
+    UTF-8, plus at most one per newline. A cheap check, not a proof: it catches another file's text unless both have
+    the same size.
+    """
+    size, num_bytes = path.stat().st_size, len(document.encode("utf-8"))
+    return num_bytes <= size <= num_bytes + document.count("\n")
 
 
 def load_hub_documents(name: str, split: str = "train", text_column: str = "text") -> list[str]:
@@ -184,12 +220,27 @@ def load_hub_documents(name: str, split: str = "train", text_column: str = "text
 class _TokenizerInfo:
     encode: Callable[[str], torch.Tensor]
     vocab_size: int
-    fingerprint: str
+    fingerprint: str | None  # None: nothing identifies the tokenizer's rules, so its ids are not cached
     default_separator: int | None
 
 
 def _tokenizer_info(tokenizer: Any) -> _TokenizerInfo:
-    """Adapt the bytes tokenizer, a `tokenizers.Tokenizer`, a transformers tokenizer, or any object with `encode`."""
+    """Adapt the bytes tokenizer, a `tokenizers.Tokenizer`, a transformers tokenizer, or any object with `encode`.
+
+    Documents are encoded whole: a truncation or padding setting of the tokenizer (a saved ``tokenizer.json`` often
+    carries the model's input length) would cut every document to that length or fill it with pad tokens.
+
+    The fingerprint, part of the token cache's key, hashes the rules the ids come from, never a name: a tokenizer
+    retrained in the same folder, or built in memory, has the same class, name and size as another one.
+
+    - `tokenizers.Tokenizer`: its serialized form (normalizer, pre-tokenizer, model, added tokens) without truncation
+      and padding, and whether it splits special tokens (not serialized);
+    - fast transformers tokenizer: the same of its backend tokenizer, and its class and `split_special_tokens`;
+    - slow transformers tokenizer: the vocabulary files it saves (vocabulary, merges or sentencepiece model), its
+      vocabulary with added tokens and their flags, and its init settings (lower-casing, special tokens, ...);
+    - any other object with `encode`: nothing tells two of one class apart (ids for a probe text would not prove the
+      same ids for the corpus), so its ids are not cached (fingerprint None).
+    """
     if isinstance(tokenizer, BytesTokenizer):
         # Training text is plain bytes: a literal "[SEP]" in a source file must not fake a document boundary.
         return _TokenizerInfo(
@@ -202,17 +253,30 @@ def _tokenizer_info(tokenizer: Any) -> _TokenizerInfo:
         raise TypeError(f"tokenizer must have an encode method, got {type(tokenizer).__name__}")
     kind = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
     if kind.startswith("tokenizers."):  # tokenizers.Tokenizer: encode(...) returns an Encoding
+        whole = _without_truncation_or_padding(tokenizer)
         return _TokenizerInfo(
-            lambda text: torch.tensor(tokenizer.encode(text, add_special_tokens=False).ids, dtype=torch.long),
-            tokenizer.get_vocab_size(),
-            kind + "/" + hashlib.sha256(tokenizer.to_str().encode()).hexdigest(),
+            lambda text: torch.tensor(whole.encode(text, add_special_tokens=False).ids, dtype=torch.long),
+            whole.get_vocab_size(),
+            f"{kind}/{_sha256(whole.to_str())}/split={getattr(whole, 'encode_special_tokens', False)}",
             None,
         )
-    if hasattr(tokenizer, "eos_token_id") and hasattr(tokenizer, "name_or_path"):  # transformers tokenizer
+    if _is_transformers_tokenizer(tokenizer):
+        rules: str | None = None
+        if tokenizer.is_fast:
+            rules = _sha256(_without_truncation_or_padding(tokenizer.backend_tokenizer).to_str())
+        else:
+            try:
+                rules = _slow_tokenizer_rules(tokenizer)
+            except Exception:  # e.g. no save_vocabulary: its ids are not cached, as for any unknown tokenizer
+                rules = None
         return _TokenizerInfo(
-            lambda text: torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long),
+            # verbose=False: documents longer than model_max_length are expected here (they are packed), not an error
+            lambda text: torch.tensor(
+                tokenizer.encode(text, add_special_tokens=False, truncation=False, padding=False, verbose=False),
+                dtype=torch.long,
+            ),
             len(tokenizer),
-            f"{kind}/{tokenizer.name_or_path}/{len(tokenizer)}",
+            None if rules is None else f"{kind}/{rules}/split={getattr(tokenizer, 'split_special_tokens', False)}",
             tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id,
         )
 
@@ -225,7 +289,47 @@ def _tokenizer_info(tokenizer: Any) -> _TokenizerInfo:
         vocab_size = tokenizer.get_vocab_size()
     if not isinstance(vocab_size, int):
         raise TypeError(f"cannot tell the vocabulary size of {kind}: give it a vocab_size attribute")
-    return _TokenizerInfo(encode, vocab_size, f"{kind}/{vocab_size}", getattr(tokenizer, "eos_token_id", None))
+    return _TokenizerInfo(encode, vocab_size, None, getattr(tokenizer, "eos_token_id", None))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _without_truncation_or_padding(tokenizer: Any) -> Any:
+    """A copy of a `tokenizers` tokenizer that neither truncates nor pads; the caller's keeps its settings."""
+    import tokenizers
+
+    copy = tokenizers.Tokenizer.from_str(tokenizer.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    if hasattr(copy, "encode_special_tokens"):  # whether a literal "[EOS]" is plain text; not part of to_str()
+        copy.encode_special_tokens = getattr(tokenizer, "encode_special_tokens", False)
+    return copy
+
+
+def _is_transformers_tokenizer(tokenizer: Any) -> bool:
+    # An instance means transformers is imported; importing it here would cost every other tokenizer seconds.
+    transformers = sys.modules.get("transformers")
+    return transformers is not None and isinstance(tokenizer, transformers.PreTrainedTokenizerBase)
+
+
+def _slow_tokenizer_rules(tokenizer: Any) -> str:
+    """A hash of a slow transformers tokenizer's rules (see `_tokenizer_info`).
+
+    The vocabulary files are what `save_vocabulary` writes (from memory, or copied from where the tokenizer was
+    loaded); ``name_or_path`` is left out, since a folder's name says nothing of what it holds. Settings that are not
+    JSON go in by `repr`: one that holds a memory address only costs a cache miss.
+    """
+    digest = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in sorted(tokenizer.save_vocabulary(tmp)):
+            digest.update(Path(path).read_bytes())
+    settings = {k: v for k, v in tokenizer.init_kwargs.items() if k != "name_or_path"}
+    added = {i: repr(token) for i, token in tokenizer.added_tokens_decoder.items()}  # lstrip, normalized, ...
+    rules = [sorted(tokenizer.get_vocab().items()), sorted(added.items()), settings]
+    digest.update(json.dumps(rules, sort_keys=True, default=repr).encode())
+    return digest.hexdigest()
 
 
 def tokenize_documents(
@@ -281,13 +385,22 @@ def tokenize_corpus(
     """Read and tokenize `files` (or the named dataset), caching the ids on disk.
 
     The cache key hashes each file's absolute path, size and modification time (or the dataset name), the tokenizer's
-    fingerprint and the separator, so editing a file or changing the tokenizer re-tokenizes, and nothing else does.
+    rules and the separator, so editing a file or changing the tokenizer re-tokenizes, and nothing else does. A
+    tokenizer whose rules cannot be told (an object of another kind with `encode`, see `_tokenizer_info`) is not
+    cached: it tokenizes on every call, with a warning.
     """
     if (files is None) == (dataset_name is None):
         raise ValueError("give either files or dataset_name")
     tokenizer = tokenizer if tokenizer is not None else BytesTokenizer()
     info = _tokenizer_info(tokenizer)
     separator = _separator(info, separator_id)
+    if use_cache and info.fingerprint is None:
+        warnings.warn(
+            f"token ids are not cached for a {type(tokenizer).__qualname__}: nothing tells its rules from another "
+            "tokenizer's of the same class (a tokenizers.Tokenizer or transformers tokenizer is cached)",
+            stacklevel=2,
+        )
+        use_cache = False
     if files is not None:
         files = [Path(f).resolve() for f in files]
         if not files:

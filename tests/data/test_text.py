@@ -205,3 +205,147 @@ def test_a_string_that_can_only_be_a_local_path_fails_at_once(tmp_path, monkeypa
     for data in [str(tmp_path / "notes.txt"), "./notes", "~/no-such-notes", "corpus.txt"]:
         with pytest.raises(FileNotFoundError, match="no such file"):
             prepare_clm_data(data, max_seq_len=16, cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------- what is cached
+
+WORDS = ["[UNK]", "[EOS]", "[PAD]", "red", "green", "blue"]
+EOS = WORDS.index("[EOS]")
+
+
+def _word_level(words):
+    """An in-memory `tokenizers.Tokenizer` with the ids in the order of `words` and ``[EOS]`` as a special token."""
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["[EOS]"])
+    return tok
+
+
+def _same_class_same_size(kind):
+    """Two tokenizers of one class and one vocabulary size, neither with a name or path, that give other ids."""
+    if kind == "tokenizers":  # the same rules, but one reads a literal "[EOS]" in the text as plain words
+        first, second = _word_level(WORDS), _word_level(WORDS)
+        second.encode_special_tokens = True
+        return first, second
+    transformers = pytest.importorskip("transformers")
+    if kind == "transformers fast":
+        swapped = WORDS[:3] + WORDS[:2:-1]  # the colours in the opposite order
+        return tuple(
+            transformers.PreTrainedTokenizerFast(
+                tokenizer_object=_word_level(words), eos_token="[EOS]", clean_up_tokenization_spaces=False
+            )
+            for words in (WORDS, swapped)
+        )
+    first, second = (transformers.PerceiverTokenizer(clean_up_tokenization_spaces=False) for _ in range(2))
+    first.add_tokens(["red"])  # a slow tokenizer: one more token each, not the same one
+    second.add_tokens(["blue"])
+    return first, second
+
+
+@pytest.mark.parametrize("kind", ["tokenizers", "transformers fast", "transformers slow"])
+def test_token_cache_never_serves_another_tokenizers_ids(kind, tmp_path):
+    """A tokenizer retrained in place or built in memory has the same class, size and name as another: only its rules
+    tell them apart, and the cache must see them, or one tokenizer trains on the other's ids."""
+    text = "red green blue [EOS] red blue\n" * 4
+    path = tmp_path / "a.txt"
+    path.write_text(text, encoding="utf-8")
+    first, second = _same_class_same_size(kind)
+
+    def real_ids(tok):
+        ids = tok.encode(text, add_special_tokens=False)
+        return list(getattr(ids, "ids", ids)) + [EOS]
+
+    assert real_ids(first) != real_ids(second)
+    for tok in (first, second, first):
+        corpus = tokenize_corpus([path], tok, separator_id=EOS, cache_dir=tmp_path)
+        assert corpus.tokens.tolist() == real_ids(tok)
+    assert corpus.from_cache  # while each tokenizer still finds its own entry
+    assert len(list((tmp_path / "tokens").glob("*.pt"))) == 2
+
+
+def test_a_tokenizer_whose_rules_cannot_be_told_is_not_cached(tmp_path):
+    """Any object with `encode` is accepted, but nothing tells two of one class apart: caching them would mix ids up."""
+
+    class CharTokenizer:
+        def __init__(self, alphabet):
+            self.alphabet, self.vocab_size, self.eos_token_id = alphabet, len(alphabet) + 1, len(alphabet)
+
+        def encode(self, text):
+            return [self.alphabet.index(c) for c in text]
+
+    text = "abcabc\n" * 4
+    path = tmp_path / "a.txt"
+    path.write_text(text, encoding="utf-8")
+    for alphabet in ("abc\n", "\ncba"):
+        with pytest.warns(UserWarning, match="not cached"):
+            corpus = tokenize_corpus([path], CharTokenizer(alphabet), cache_dir=tmp_path)
+        assert corpus.tokens.tolist() == [alphabet.index(c) for c in text] + [4]
+        assert not corpus.from_cache and corpus.cache_path is None
+    assert not (tmp_path / "tokens").exists()
+
+
+def test_truncation_or_padding_settings_never_cut_or_pad_documents(tmp_path):
+    """A saved tokenizer.json often sets the model's input length: training documents must stay whole all the same."""
+    tok = _word_level(WORDS)
+    text = " ".join(WORDS[3 + i % 3] for i in range(300)) + "\n"
+    expected = tok.encode(text, add_special_tokens=False).ids + [EOS]
+    assert len(expected) == 301
+
+    tok.enable_truncation(max_length=16)
+    assert tokenize_documents([text], tok, separator_id=EOS).tolist() == expected
+    path = tmp_path / "a.txt"
+    path.write_text(text, encoding="utf-8")
+    assert tokenize_corpus([path], tok, separator_id=EOS, cache_dir=tmp_path).tokens.tolist() == expected
+    tok.no_truncation()
+    tok.enable_padding(pad_id=WORDS.index("[PAD]"), pad_token="[PAD]", length=1024)
+    assert tokenize_documents([text], tok, separator_id=EOS).tolist() == expected
+    assert tok.padding["length"] == 1024  # the caller's tokenizer keeps its settings
+
+    # A transformers tokenizer around such a tokenizer, with a short model_max_length, keeps documents whole too.
+    transformers = pytest.importorskip("transformers")
+    tok.enable_truncation(max_length=16)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="[EOS]", model_max_length=16, clean_up_tokenization_spaces=False
+    )
+    assert tokenize_documents([text], fast).tolist() == expected
+
+
+# ---------------------------------------------------------------------------------------------------- file names
+
+
+def _same_size_files_with_glob_characters(root):
+    """Files whose names are glob patterns matching another file of the same size: only the content tells them apart."""
+    names = {"notes[1].txt": "first\n", "notes1.txt": "other\n", "v[23].txt": "third\n", "v2.txt": "forth\n"}
+    for name, content in names.items():
+        (root / name).write_text(content, encoding="utf-8")
+    return [root / name for name in names]
+
+
+def test_read_documents_takes_file_names_literally(tmp_path, monkeypatch):
+    """``datasets.load_dataset`` reads data_files as glob patterns: ``notes[1].txt`` would read ``notes1.txt``."""
+    import datasets
+
+    files = _same_size_files_with_glob_characters(tmp_path)
+    calls = []
+    real = datasets.load_dataset
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs["data_files"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", recording)
+    assert read_documents(files) == [f.read_text(encoding="utf-8") for f in files]
+    assert len(calls) == 1  # through datasets, not the plain reads
+
+
+def test_read_documents_checks_what_datasets_returns(tmp_path, monkeypatch):
+    """Should `datasets` ever return documents that cannot be the files' texts, the files are read directly instead."""
+    import datasets
+
+    files = [tmp_path / "short.txt", tmp_path / "long.txt"]
+    for f, content in zip(files, ["short\r\n", "a longer text\r\n\r\n"]):
+        f.write_bytes(content.encode())
+    swapped = datasets.Dataset.from_dict({"text": ["a longer text\n\n", "short\n"]})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: swapped)
+    assert read_documents(files) == ["short\n", "a longer text\n\n"]
