@@ -13,8 +13,10 @@ What a full forward of a window computes, and what of it can be kept from one to
   unchanged, so only the new row is computed, against the self-attention keys/values cached per layer. Not so while
   a row's left padding reaches into the latents: a pad latent's output is the mean of every value in the window
   (perceiver-io's rule for a row that sees no key), which every new token changes, so the latents are recomputed.
-- When the window slides (past ``max_seq_len``), a rotary-only model drops the oldest positions in place; with
-  absolute position embeddings every position changes and the cache is rebuilt from the window.
+- When the window slides (past ``max_seq_len``), a rotary-only model with float32 angles drops the oldest positions
+  in place (rebuilding once per window length, which brings its positions back to a full forward's); with absolute
+  position embeddings every position changes, and with bf16/fp16 angles rounding depends on the position itself,
+  so the cache is rebuilt from the window.
 
 The keys/values live in the attention layers' own caches (``model.setup_caches``, gpt-fast's pattern); the window
 logic and the latents' state live here. Everything is allocated once, and the window's geometry (where it starts in
@@ -23,9 +25,9 @@ what a step does (the schedule is deterministic), and as small device tensors, w
 update in place. A step therefore has fixed shapes and reads nothing back to the host, so it can be captured in a
 CUDA graph and replayed (:mod:`perceiver_fast.generation.graphs`). Captured, once a kind repeats: extending the
 latents, moving latents into the prefix with the latents full (also the strided hand-over), sliding a rotary-only
-window, and perceiver-io mode's step. Run eagerly: the prompt's prefill, rebuilding the window of a model with
-absolute position embeddings, steps while pads sit among the latents, and compacting the buffers (once per window
-length).
+window, and perceiver-io mode's step. Run eagerly: the prompt's prefill, rebuilding the window (models with
+absolute position embeddings or bf16/fp16 angles at every slide, the others once per window length), steps while
+pads sit among the latents, and compacting perceiver-io mode's buffers (once per window length).
 """
 
 from __future__ import annotations
@@ -138,9 +140,13 @@ class PerceiverARCache(_DecodingBase):
 
     Sliding without a rebuild (``can_slide``) needs a positional scheme where dropping the oldest token changes no
     remaining key or query: rotary-only models (``abs_pos_emb=False``; rotary attention depends on position
-    differences only) whose latents hold no padding. Their buffers then have room for two windows and are compacted
-    once per window length (constant memory, amortised O(1) per token). With absolute position embeddings every
-    position's embedding changes when the window slides, and the decoder rebuilds the cache instead.
+    differences only) whose latents hold no padding, with rotary angles computed in float32 or float64. Their buffers
+    then have room for two windows; once full (``has_room``), the decoder rebuilds the window with ``prefill``, once
+    per window length (constant memory, amortised O(1) per token). The rebuild also brings positions back to those
+    of a full forward, ``0..max_seq_len-1``: sliding in place keeps each key's angle and moves the frame instead, and
+    angles of ever larger positions round ever more coarsely (float32 drifts by ulps; bf16/fp16 angles round
+    positions past 256 to several units, which is why those models rebuild at every slide). With absolute position
+    embeddings every position's embedding changes when the window slides, and the decoder rebuilds the cache instead.
 
     Built under ``torch.autocast``, the buffers of projections take autocast's dtype: run every step under the same
     autocast (``generate`` does).
@@ -167,6 +173,7 @@ class PerceiverARCache(_DecodingBase):
         heads = attn.num_heads
         b, channels = batch_size, model.input_adapter.num_input_channels
         angles_dtype = model.input_adapter.frq_pos_encoding.inv_freq.dtype
+        self._exact_angles = angles_dtype in (torch.float32, torch.float64)
         rot_dim = model.input_adapter.frq_pos_encoding.inv_freq.numel() * 2
         # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
         self.latent_h = torch.empty(b, slots, channels, dtype=self.dtype, device=self.device)
@@ -202,7 +209,12 @@ class PerceiverARCache(_DecodingBase):
     @property
     def can_slide(self) -> bool:
         """Whether ``append(..., drop=n)`` is exact here (see the class docstring)."""
-        return not self.model.config.abs_pos_emb and not self.any_pad_latent
+        return not self.model.config.abs_pos_emb and not self.any_pad_latent and self._exact_angles
+
+    @property
+    def has_room(self) -> bool:
+        """Whether the buffers hold one more position after the window; else rebuild it with ``prefill``."""
+        return self.offset + self.length < self.seq_capacity
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step reads or writes (for checks that steps reallocate nothing)."""
@@ -288,10 +300,11 @@ class PerceiverARCache(_DecodingBase):
             raise ValueError(f"cannot drop {drop} positions from a prefix of {self.prefix_len + cross}")
         if self.length >= self.model.max_seq_len and not drop:
             raise ValueError("the window is full: drop positions or rebuild it with prefill()")
+        if not self.has_room:
+            raise ValueError("the buffers are full: rebuild the window with prefill() (see has_room)")
         if self.num_latents + 1 - cross > self.max_latents:
             raise ValueError(f"{self.num_latents + 1 - cross} latents would exceed max_latents ({self.max_latents})")
         self._take_back_layer_caches()
-        self._make_room()
         self.token.copy_(token.reshape(self.batch_size, 1))
         num_latents, pad_latents = self.num_latents, self.any_pad_latent
         self._advance_host(cross, drop)  # the host geometry describes the window after this step from here on
@@ -307,14 +320,6 @@ class PerceiverARCache(_DecodingBase):
         self.prefix_len += cross - drop
         self.offset += drop
         self.pads = [max(pad - drop, 0) for pad in self.pads]
-
-    def _make_room(self) -> None:
-        """Move the window to the front of the buffers when the next token would not fit (eager, once a window)."""
-        if self.offset + self.length < self.seq_capacity:
-            return
-        self.cross.attention_module.attention.kv_cache.move(self.offset, 0, self.length)
-        self.offset = 0
-        self.offset_t.fill_(0)
 
     def _embed_new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
         """Embed ``self.token`` at the window's end: ``(h, angle, rot, buffer position)``."""

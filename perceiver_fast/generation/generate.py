@@ -88,8 +88,9 @@ class FullForwardDecoder:
 
 class CachedDecoder:
     """Exact cached decoding under ``schedule``: incremental while only latents grow, the latent stack recomputed
-    when latents cross into the prefix; when the window slides, rotary-only models drop the oldest positions in
-    place and models with absolute position embeddings rebuild the cache (see ``PerceiverARCache.can_slide``)."""
+    when latents cross into the prefix; when the window slides, rotary-only models with float32 angles drop the
+    oldest positions in place (and rebuild once per window length, when the buffers are full), other models rebuild
+    the cache (see ``PerceiverARCache.can_slide`` and ``has_room``)."""
 
     def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int, cuda_graph: bool = False):
         self.schedule = schedule
@@ -116,7 +117,7 @@ class CachedDecoder:
     def step(self, sequence, pad_mask):
         old, self.window = self.window, self.schedule.advance(self.window)
         dropped = self.window.start - old.start
-        if dropped and not self.cache.can_slide:
+        if (dropped and not self.cache.can_slide) or not self.cache.has_room:
             return self._prefill(sequence, pad_mask)
         return self.cache.append(sequence[:, -1], cross=self.window.prefix_end - old.prefix_end, drop=dropped)
 

@@ -131,7 +131,8 @@ def test_a_bf16_model_decodes_like_its_full_forward(abs_pos_emb, stride):
 
 @pytest.mark.parametrize("stride", [1, 3])
 def test_rotary_only_window_slides_in_place_with_constant_memory(stride, monkeypatch):
-    """Past max_seq_len a rotary-only model drops old positions without a rebuild, compacting its buffers."""
+    """Past max_seq_len a rotary-only model drops old positions in place, and rebuilds its window once per window
+    length only (when its buffers, room for two windows, are full), reallocating nothing."""
     model = _model(abs_pos_emb=False)
     schedule = WindowSchedule(12, 4, stride=stride)
     prompt, pad_mask = _prompt(pads=(0, 3))
@@ -143,8 +144,43 @@ def test_rotary_only_window_slides_in_place_with_constant_memory(stride, monkeyp
     full, cached = _drive([full_decoder, cached_decoder], prompt, pad_mask, 2, 40)
     for step, (expected, got) in enumerate(zip(full, cached)):
         assert max_rel_error(got, expected) <= 1e-5, step
-    assert len(prefills) == 1  # only the prompt
+    assert len(prefills) <= 1 + (6 + 40 - 12) // 12  # the prompt, then one per window length past max_seq_len
     assert [(t.data_ptr(), t.shape) for t in cached_decoder.cache.state_tensors()] == buffers
+
+
+def _drive_at_random(decoders, prompt, num_latents, steps, seed=0):
+    """Feed every decoder the same random continuation (a random model's greedy path soon repeats itself, which
+    hides errors that depend on the token) and collect per-step logits."""
+    generator = torch.Generator().manual_seed(seed)
+    sequence = prompt
+    with torch.no_grad():
+        logits = [[d.start(sequence, None, num_latents)] for d in decoders]
+        for _ in range(steps):
+            token = torch.randint(6, 262, (prompt.shape[0], 1), generator=generator)
+            sequence = torch.cat([sequence, token], dim=1)
+            for d, out in zip(decoders, logits):
+                out.append(d.step(sequence, None))
+    return logits
+
+
+@pytest.mark.parametrize(
+    "dtype, steps, tolerance", [(torch.bfloat16, 320, 3e-2), (torch.float16, 320, 5e-3), (torch.float32, 1100, 1e-5)]
+)
+@pytest.mark.parametrize("stride", [1, 3])
+def test_a_long_generation_past_max_seq_len_stays_exact(dtype, steps, tolerance, stride):
+    """A full forward sees positions 0..max_seq_len-1 however long the sequence: a window sliding in place must not
+    let its positions grow with the sequence. Rotary angles of large positions round differently (bf16/fp16 angles
+    round positions past 256 to several units; float32 ones drift by ulps), which sliding in place turned into
+    wrong logits after a few hundred tokens."""
+    torch.manual_seed(0)
+    model = with_larger_weights(_model(abs_pos_emb=False, num_self_attention_layers=1)).to(dtype)
+    schedule = WindowSchedule(12, 4, stride=stride)
+    prompt = torch.randint(6, 262, (1, 8))
+    full, cached = _drive_at_random(
+        [FullForwardDecoder(model, schedule), CachedDecoder(model, schedule, 1)], prompt, 2, steps
+    )
+    for step, (expected, got) in enumerate(zip(full, cached)):
+        assert max_rel_error(got, expected) <= tolerance, step
 
 
 def test_generate_modes_agree_where_they_must():
