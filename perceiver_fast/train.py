@@ -16,7 +16,8 @@ Every ``eval_every`` steps the validation loss, perplexity and bits per byte are
 scheduler, data order, step), ``train_config.json`` and ``checkpoint.json`` (the step and a SHA-256 of each file).
 A checkpoint is written whole into ``out_dir/.checkpoint-staging`` first and only then moved into ``out_dir``, so a
 failed or killed write leaves the previous checkpoint as it was (see `save_checkpoint`). ``resume=True`` continues
-exactly where it stopped; Ctrl-C saves the last completed step the same way before it stops the run.
+exactly where it stopped; Ctrl-C saves the last completed step the same way before it stops the run (one that lands
+during a step's update, or during the final checkpoint, is held back until that is complete: see `_ctrl_c_held`).
 
 A run directory belongs to one run: training into one that holds a checkpoint needs ``resume=True`` (continue it) or
 ``overwrite=True`` (replace it), and resuming refuses a config that differs from the saved ``train_config.json`` in
@@ -32,14 +33,17 @@ writes logs and writes checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -87,6 +91,22 @@ RESUMABLE_FIELDS = frozenset(
         "cache_dir",
     }
 )
+# TrainConfig fields only the causal task uses: Perceiver AR's prefix (dropout, rotary and absolute positions), its
+# residual dropout and output norm, and the random truncation of its batches. The masked task's Perceiver IO model has
+# none of them, so `train_mlm` refuses values other than the defaults instead of silently ignoring them.
+CLM_ONLY_FIELDS = frozenset(
+    {
+        "num_self_attention_rotary_layers",
+        "cross_attention_dropout",
+        "residual_dropout",
+        "output_norm",
+        "abs_pos_emb",
+        "random_truncation",
+        "min_seq_len",
+    }
+)
+# And the fields only the masked task uses: its token embedding width and its masking.
+MLM_ONLY_FIELDS = frozenset({"num_input_channels", "mask_prob", "whole_word_masking"})
 METRICS_FILE = "metrics.csv"
 METRICS_COLUMNS = ["step", "train_loss", "lr", "tokens_per_s", "val_loss", "val_ppl", "val_bpb"]
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -99,7 +119,8 @@ class TrainConfig:
     For the masked task (`train_mlm`) they map onto a Perceiver IO `MaskedLanguageModelConfig`: ``max_latents`` ->
     ``num_latents``, ``num_channels`` -> ``num_latent_channels``, ``num_heads`` -> every attention's heads,
     ``num_self_attention_layers`` -> ``num_self_attention_layers_per_block``, the widening factors as named,
-    ``post_attention_dropout`` -> ``dropout``; ``num_input_channels`` is the token embedding width.
+    ``post_attention_dropout`` -> ``dropout``; ``num_input_channels`` is the token embedding width. The fields in
+    `CLM_ONLY_FIELDS` have no masked counterpart and must keep their defaults there.
     """
 
     # Model (vocab_size comes from the tokenizer: 262 for UTF-8 bytes).
@@ -337,6 +358,7 @@ class CLMTask:
 
     name = "clm"
     model_class = CausalLanguageModel
+    unused_fields = MLM_ONLY_FIELDS  # TrainConfig fields this task ignores (refused unless default)
 
     def chunk_len(self, config: TrainConfig) -> int:
         return config.max_seq_len + 1
@@ -374,6 +396,7 @@ class MLMTask:
     """Masked language modelling with a Perceiver IO `MaskedLanguageModel` on chunks of ``max_seq_len`` tokens."""
 
     name = "mlm"
+    unused_fields = CLM_ONLY_FIELDS
 
     @property
     def model_class(self) -> type:
@@ -440,6 +463,18 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _check_task_fields(config: TrainConfig, task: Task) -> None:
+    """Refuse a config that sets fields `task` ignores (``task.unused_fields``) to anything but their defaults."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    given = {name: getattr(config, name) for name in sorted(task.unused_fields)}
+    if changed := {name: value for name, value in given.items() if value != defaults[name]}:
+        settings = ", ".join(f"{name}={value!r}" for name, value in changed.items())
+        owner = "mlm only (the masked model's embedding width and masking)" if task.name == "clm" else (
+            "clm only (Perceiver AR's prefix, rotary layers, output norm and random truncation)"
+        )
+        raise ValueError(f"train {task.name} does not use {settings}: {owner}; leave them at their defaults")
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype: bf16 for ``"bf16"`` or ``"auto"`` on CUDA; None (fp32) otherwise, bf16 on CPU included
     (bf16 matrix products are slower than fp32 on CPUs without AMX, such as the development machine)."""
@@ -458,6 +493,40 @@ def _shard(batch: Batch, context: DistributedContext) -> Batch:
 def _step_seed(seed: int, step: int, rank: int) -> int:
     """Seed of the global RNG (dropout) at a step: resuming reproduces it, and each process draws its own."""
     return ((seed * 1_000_003 + step) * 1_009 + rank) % (2**62)
+
+
+@contextlib.contextmanager
+def _ctrl_c_held(second_interrupts: bool = False) -> Iterator[list[int]]:
+    """Hold Ctrl-C (SIGINT) back while the block runs and deliver it once the block is done.
+
+    Python raises `KeyboardInterrupt` wherever the main thread happens to be when the signal comes; inside the block
+    the signal is only recorded (in the list this yields), and after the block the handler that was there before gets
+    it: by default a `KeyboardInterrupt`, raised at the end of the ``with``. With `second_interrupts`, a second Ctrl-C
+    while one is held raises at once, so that a long block (a checkpoint written to a slow disk) stays stoppable.
+    Only the main thread may set signal handlers: in another thread, or when SIGINT's handler was not installed from
+    Python (and so cannot be put back), the block runs unguarded.
+    """
+    held: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield held
+        return
+
+    def hold(signum: int, frame: Any) -> None:
+        held.append(signum)
+        if second_interrupts and len(held) > 1:
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield held
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:  # the block is done: deliver what it held, as the previous handler would have
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)  # the default action ends the process
 
 
 @torch.no_grad()
@@ -747,8 +816,11 @@ def _describe_run(out_dir: Path, config: TrainConfig) -> str:
 
 def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> CLMData:
     """The run's chunks of `chunk_len` tokens: `prepare_clm_data` on ``config.data``, or a hub dataset with a
-    configuration (``data="wikitext", dataset_config="wikitext-103-raw-v1"``: its training split's ``text`` rows
-    joined into one document, since WikiText stores one line per row).
+    configuration (``data="wikitext", dataset_config="wikitext-103-raw-v1"``): its training split's ``text`` rows.
+
+    Rows that all end with a newline (empty rows aside) are the lines of one text, as WikiText stores them, and are
+    joined into one document. Otherwise every row is a document of its own (an article, a sentence), followed by the
+    separator as without a configuration: joining them would glue the end of one to the start of the next.
 
     A ``data`` that looks like a local path (see `looks_like_local_path`) and names nothing raises
     `FileNotFoundError` at once instead of being tried as a hub dataset name (which offline retries for long).
@@ -772,14 +844,16 @@ def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> 
         rows = datasets.load_dataset(config.data, config.dataset_config, split="train")["text"]
     except Exception as e:
         raise ValueError(f"could not load dataset {config.data!r} ({config.dataset_config}): {e}") from e
-    text = "".join(rows)
+    rows = list(rows)
+    documents = ["".join(rows)] if all(row.endswith("\n") for row in rows if row) else rows
     tokenizer = tokenizer if tokenizer is not None else BytesTokenizer()
-    tokens = tokenize_documents([text], tokenizer)
+    tokens = tokenize_documents(documents, tokenizer)
     train, valid = split_train_valid(pack_chunks(tokens, chunk_len), config.valid_fraction, config.seed)
     vocab_size = getattr(tokenizer, "vocab_size", None)
     if not isinstance(vocab_size, int):  # a tokenizers.Tokenizer
         vocab_size = tokenizer.get_vocab_size()
-    return CLMData(train, valid, vocab_size, tokens.numel(), len(text.encode("utf-8")), 1)
+    num_bytes = sum(len(document.encode("utf-8")) for document in documents)
+    return CLMData(train, valid, vocab_size, tokens.numel(), num_bytes, len(documents))
 
 
 class MetricsLog:
@@ -869,6 +943,7 @@ def train(
         the last 10 steps), ``initial_val_loss`` and ``val_loss``/``val_ppl``/``val_bpb`` (None without validation
         data), ``tokens_per_s``, ``elapsed_s``, ``data_s``, ``out_dir`` and ``history`` (one ``(step, loss)`` per step).
     """
+    _check_task_fields(config, task)
     joined = not distributed.is_initialized()
     context = distributed.init_distributed(resolve_device(config.device))
     try:
@@ -923,7 +998,7 @@ def _train(
         saved_config = _read_train_config(out_dir)
         if saved_config is None:
             log(f"warning: {out_dir / TRAIN_CONFIG_FILE} is missing: cannot check that this config matches the run's")
-        elif changed := _train_config_diff(saved_config, config, ignore=RESUMABLE_FIELDS):
+        elif changed := _train_config_diff(saved_config, config, ignore=RESUMABLE_FIELDS | task.unused_fields):
             raise ValueError(
                 f"cannot resume the run in {out_dir} with another config ({_format_diff(changed)}); "
                 f"a resume may change only {', '.join(sorted(RESUMABLE_FIELDS))}"
@@ -1066,40 +1141,52 @@ def _train(
     bar = tqdm(range(start_step, config.max_steps), desc="training", disable=not show_bar, unit="step")
     completed = step = start_step
     before_step = sampler.state_dict()
+    logged = start_step  # the last step with its row in metrics.csv
+    final_step = max(config.max_steps, start_step)
+    final_save = "not started"  # then "writing" and "done": how far the final checkpoint got when Ctrl-C came
+    final_held: list[int] = []  # the Ctrl-Cs held back during the final checkpoint
     try:
         for step in bar:
             before_step = sampler.state_dict()  # what a resume needs if Ctrl-C lands inside this step
             torch.manual_seed(_step_seed(config.seed, step, context.rank))  # dropout: reproducible on resume
-            loss_sum, count_sum = 0.0, 0.0
+            # The step's micro-batches are drawn first, to count the labels of the whole step: each micro-batch's loss
+            # sum is divided by that total, so the gradient is the gradient of the tokens-weighted mean the step logs
+            # (dividing each by its own count would weigh a token of a sparsely masked micro-batch more).
+            micro_batches = []
             for micro in range(config.grad_accum_steps):
                 # A per-micro-step seed makes truncation lengths / masks a function of the step (and the same on
                 # every process, which masks the whole global batch and keeps its own rows).
                 batch_generator.manual_seed((config.seed * 1_000_003 + step) * config.grad_accum_steps + micro)
-                global_batch = collate(data.train[sampler.next_indices()])
+                micro_batches.append(collate(data.train[sampler.next_indices()]))
+            count_sum = float(sum(task.count(global_batch, config) for global_batch in micro_batches))
+            loss_sum = 0.0
+            for micro, global_batch in enumerate(micro_batches):
                 tokens_seen += global_batch[1].numel()
-                global_count = task.count(global_batch, config)
                 batch = tuple(t.to(device) for t in _shard(global_batch, context))
                 last = micro == config.grad_accum_steps - 1
                 with distributed.gradient_sync(model, sync=last):
                     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                         loss = task.loss_sum(model, batch, config)
-                    # The mean over the global micro-batch; DDP/FSDP average gradients over processes, hence * world.
-                    (loss * world / max(global_count, 1) / config.grad_accum_steps).backward()
+                    # The mean over the step's global micro-batches; DDP/FSDP average gradients over processes,
+                    # hence * world.
+                    (loss * world / max(count_sum, 1.0)).backward()
                 loss_sum += loss.item()
-                count_sum += global_count
+            (loss_sum,) = distributed.all_reduce_sum([loss_sum], device)
+            train_loss = loss_sum / max(count_sum, 1.0)  # tokens-weighted mean over the step's micro-batches
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            completed = step + 1
-
-            (loss_sum,) = distributed.all_reduce_sum([loss_sum], device)
-            train_loss = loss_sum / max(count_sum, 1.0)  # tokens-weighted mean over the step's micro-batches
-            metrics["history"].append((completed, train_loss))
-            if metrics["first_train_loss"] is None:
-                metrics["first_train_loss"] = train_loss
+            # The update and the step's bookkeeping are one unit for Ctrl-C: landing in between, it would save the
+            # updated weights and optimizer state under the previous step's number (and sampler state), and a resume
+            # would train on this step's batches twice. Held back, it interrupts once the step is recorded.
+            with _ctrl_c_held():
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                completed = step + 1
+                metrics["history"].append((completed, train_loss))
+                if metrics["first_train_loss"] is None:
+                    metrics["first_train_loss"] = train_loss
             tok_s = tokens_seen / max(time.perf_counter() - t_loop - eval_s, 1e-9)
             bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
 
@@ -1110,16 +1197,54 @@ def _train(
                 columns, evaluated_at = eval_columns(val_loss), completed
                 eval_s += time.perf_counter() - t_eval
             logs.write(completed, train_loss=train_loss, lr=lr, tokens_per_s=tok_s, **columns)
+            logged = completed
             if config.checkpoint_every and completed % config.checkpoint_every == 0 and completed < config.max_steps:
                 metrics["val_loss"] = val_loss
                 checkpoint(completed)
-    except KeyboardInterrupt:
-        # Save the last completed step so that resume=True carries on exactly as if nothing had happened. Under FSDP
-        # saving needs every process to take part, which an interrupt cannot promise: resume from the last checkpoint.
         bar.close()
+
+        # ---- final evaluation and checkpoint (inside the `try`: Ctrl-C after the last step still saves it)
+        loop_s = time.perf_counter() - t_loop - eval_s
+        if evaluated_at != final_step:  # the loop did not run (resumed at or past max_steps)
+            val_loss = run_eval(final_step)
+        recent = [loss for _, loss in metrics["history"][-10:]]
+        metrics.update(
+            step=final_step,
+            start_step=start_step,
+            num_params=num_params,
+            world_size=world,
+            train_loss=sum(recent) / len(recent) if recent else None,
+            val_loss=val_loss,
+            val_ppl=math.exp(val_loss) if val_loss is not None else None,
+            val_bpb=data.bits_per_byte(val_loss) if val_loss is not None else None,
+            tokens_per_s=tokens_seen / loop_s if loop_s > 0 and tokens_seen else None,
+            data_s=data_s,
+            out_dir=str(out_dir),
+        )
+        # With checkpoint_every=0 this checkpoint is the whole run: Ctrl-C during the write is held back until the
+        # checkpoint is complete, then interrupts. A second Ctrl-C abandons the write (a slow or stuck disk must not
+        # trap the user); the staged files are removed and the previous checkpoint, if any, stays as it was.
+        final_save = "writing"
+        with _ctrl_c_held(second_interrupts=True) as final_held:
+            checkpoint(final_step)
+            final_save = "done"
+    except KeyboardInterrupt:
+        bar.close()
+        if final_save == "done":
+            log(f"interrupted: saved step {final_step} to {out_dir} first")
+            raise
+        if final_save == "writing" and len(final_held) > 1:
+            log(f"interrupted twice: the checkpoint of step {final_step} was abandoned; {out_dir} is unchanged")
+            raise
+        # Save the last completed step so that resume=True carries on exactly as if nothing had happened (this also
+        # retries a final checkpoint stopped by an interrupt that could not be held back, e.g. outside the main
+        # thread). Under FSDP saving needs every process to take part, which an interrupt cannot promise: resume from
+        # the last checkpoint.
         if completed == step:  # interrupted inside a step: forget its half-done work
             sampler.load_state_dict(before_step)
             optimizer.zero_grad(set_to_none=True)
+        if completed > logged:  # a held Ctrl-C stopped the step just after its update: its row is still due
+            logs.write(completed, train_loss=train_loss, lr=lr)
         if completed > start_step and not distributed.is_fsdp(model):
             metrics["val_loss"] = val_loss
             checkpoint(completed)
@@ -1127,28 +1252,6 @@ def _train(
         raise
     finally:
         logs.close()
-    bar.close()
-
-    # ---- final evaluation and checkpoint
-    loop_s = time.perf_counter() - t_loop - eval_s
-    final_step = max(config.max_steps, start_step)
-    if evaluated_at != final_step:  # the loop did not run (resumed at or past max_steps)
-        val_loss = run_eval(final_step)
-    recent = [loss for _, loss in metrics["history"][-10:]]
-    metrics.update(
-        step=final_step,
-        start_step=start_step,
-        num_params=num_params,
-        world_size=world,
-        train_loss=sum(recent) / len(recent) if recent else None,
-        val_loss=val_loss,
-        val_ppl=math.exp(val_loss) if val_loss is not None else None,
-        val_bpb=data.bits_per_byte(val_loss) if val_loss is not None else None,
-        tokens_per_s=tokens_seen / loop_s if loop_s > 0 and tokens_seen else None,
-        data_s=data_s,
-        out_dir=str(out_dir),
-    )
-    checkpoint(final_step)
     metrics["elapsed_s"] = time.perf_counter() - t_start
     log(f"saved {out_dir} ({metrics['elapsed_s']:.1f} s)")
     return metrics

@@ -1,6 +1,7 @@
 """The command line: argument parsing, a tiny demo end to end, train/resume, and streamed generation."""
 
 import dataclasses
+import re
 import subprocess
 import sys
 
@@ -166,6 +167,27 @@ def test_scale_flags(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # FSDP without torchrun: a one-line error
         main(["train", "clm", "--fsdp", "--no-progress", "--data", str(tmp_path / "missing.txt")])
     assert exc.value.code == 2 and "--fsdp needs several processes" in capsys.readouterr().err
+
+
+def test_train_mlm_refuses_clm_only_flags(tmp_path, capsys):
+    from perceiver_fast.train import CLM_ONLY_FIELDS
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "mlm", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for name in CLM_ONLY_FIELDS:  # "--flag[, --no-flag] [METAVAR] clm only: ...", as the mlm only ones say
+        flag = "--" + name.replace("_", "-")
+        assert re.search(rf"{flag}(, --no-\S+)?( [A-Z]+)? clm only: ", help_text), name
+    assert "--mask-prob FLOAT mlm only: " in help_text
+
+    data = tmp_path / "data.txt"
+    data.write_text("for i in range(10):\n    print(i)\n" * 100, encoding="utf-8")
+    argv = ["train", "mlm", "--data", str(data), "--out-dir", str(tmp_path / "mlm"), "--no-progress"]
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--random-truncation", "--residual-dropout", "0.1"])
+    err = assert_one_line_error(exc, capsys.readouterr(), "train", "random_truncation=True", "clm only")
+    assert "residual_dropout=0.1" in err
+    assert not (tmp_path / "mlm").exists()
 
 
 # The seed's example (perceiver-io's Perceiver AR on WikiText-103, 30.7M parameters), as the README gives it.

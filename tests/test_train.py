@@ -5,14 +5,18 @@ import csv
 import math
 import os
 import shutil
+import signal
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 pytest.importorskip("safetensors")
 clm = pytest.importorskip("perceiver_fast.models.text.clm")
 import perceiver_fast.train as train_module  # noqa: E402
+from perceiver_fast.data.tokenizer import BytesTokenizer  # noqa: E402
 from perceiver_fast.train import (  # noqa: E402
     METRICS_COLUMNS,
     METRICS_FILE,
@@ -453,6 +457,86 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(text_file, tmp_path, mon
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
 
 
+# Ctrl-C as the terminal sends it: a real SIGINT, delivered to Python's handler (as opposed to a KeyboardInterrupt
+# raised by hand, which no signal handler can hold back).
+def ctrl_c():
+    signal.raise_signal(signal.SIGINT)
+
+
+def test_ctrl_c_right_after_an_update_saves_that_step(text_file, tmp_path, straight_run):
+    # Ctrl-C between the optimizer's update and the loop's bookkeeping (here: just after AdamW's second step) must not
+    # save step 2's weights and Adam state as step 1: a resume would train on step 2's batch twice.
+    updates = []
+
+    def after_update(optimizer, args, kwargs):
+        updates.append(len(updates) + 1)
+        if len(updates) == 2:
+            ctrl_c()
+
+    config = tiny_config(text_file, tmp_path, **{**CHECKPOINTED, "checkpoint_every": 0})
+    hook = register_optimizer_step_post_hook(after_update)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_clm(config)
+        out = tmp_path / "run"
+        state = torch.load(out / TRAINING_STATE_FILE, weights_only=True)
+        adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+        assert state["step"] == 2 and adam_steps == {2} and [s for s, _ in state["history"]] == [1, 2]
+        with open(out / METRICS_FILE, newline="") as fh:
+            assert [int(row["step"]) for row in csv.DictReader(fh)] == [0, 1, 2]  # step 2's row too
+
+        resumed = train_clm(replace(config, resume=True))
+    finally:
+        hook.remove()
+    assert resumed["start_step"] == 2 and len(updates) == 4  # steps 3 and 4, each trained once
+    assert_same_weights(straight_run, final_weights(out))
+
+
+def test_ctrl_c_during_the_final_checkpoint_finishes_it_first(text_file, tmp_path, monkeypatch, straight_run):
+    # With checkpoint_every=0 the final checkpoint is the run's only one: Ctrl-C while it is written must not discard
+    # it (and every step with it). The write completes, then the interrupt goes on.
+    real_save = clm.CausalLanguageModel.save_pretrained
+
+    def save_pretrained(self, *args, **kwargs):
+        ctrl_c()  # pressed while the checkpoint is being written
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(clm.CausalLanguageModel, "save_pretrained", save_pretrained)
+    config = tiny_config(text_file, tmp_path, **{**CHECKPOINTED, "checkpoint_every": 0})
+    with pytest.raises(KeyboardInterrupt):
+        train_clm(config)
+    monkeypatch.setattr(clm.CausalLanguageModel, "save_pretrained", real_save)
+    out = tmp_path / "run"
+    assert saved_step(out) == 4 and not (out / train_module.STAGING_DIR).exists()
+    assert train_module._checkpoint_problem(out) is None  # whole: every file as its manifest says
+    assert_same_weights(straight_run, final_weights(out))
+    assert train_clm(replace(config, resume=True))["start_step"] == 4
+
+
+def test_a_second_ctrl_c_abandons_the_final_checkpoint(text_file, tmp_path, monkeypatch, straight_run):
+    # Ctrl-C pressed again while the final checkpoint is held for stops the write at once (a slow or stuck disk must
+    # not trap the user): the staged write is discarded, never half moved in, and the previous checkpoint stays whole.
+    real_save = clm.CausalLanguageModel.save_pretrained
+    saves = []
+
+    def save_pretrained(self, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:  # the final checkpoint; the first is step 2's
+            ctrl_c()
+            ctrl_c()
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(clm.CausalLanguageModel, "save_pretrained", save_pretrained)
+    with pytest.raises(KeyboardInterrupt):
+        train_clm(tiny_config(text_file, tmp_path, **CHECKPOINTED))
+    monkeypatch.setattr(clm.CausalLanguageModel, "save_pretrained", real_save)
+    out = tmp_path / "run"
+    assert len(saves) == 2 and saved_step(out) == 2 and not (out / train_module.STAGING_DIR).exists()
+    assert train_module._checkpoint_problem(out) is None
+    train_clm(tiny_config(text_file, tmp_path, **CHECKPOINTED, resume=True))
+    assert_same_weights(straight_run, final_weights(out))
+
+
 # ---------------------------------------------------------------------------------------------------- logs, precision
 
 
@@ -570,6 +654,90 @@ def test_mlm_resume_continues_exactly(text_file, tmp_path, monkeypatch):
         train_mlm(tiny_config(text_file, tmp_path, **{**common, "max_latents": 4}, out_dir=str(snapshot), resume=True))
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"random_truncation": True},
+        {"min_seq_len": 16},
+        {"residual_dropout": 0.1},
+        {"output_norm": True},
+        {"abs_pos_emb": False},
+        {"num_self_attention_rotary_layers": 0},
+        {"cross_attention_dropout": 0.0},
+    ],
+)
+def test_mlm_refuses_the_causal_models_settings(text_file, tmp_path, setting):
+    # The Perceiver IO masked model has no prefix, rotary layers or output norm, and its batches are never truncated:
+    # these settings would change nothing, so a run that gives them is refused instead of silently ignoring them.
+    ((name, value),) = setting.items()
+    with pytest.raises(ValueError, match=rf"{name}={value!r}.*clm only"):
+        train_mlm(tiny_config(text_file, tmp_path, **setting))
+    assert not (tmp_path / "run").exists()  # refused before any work
+    assert name in train_module.CLM_ONLY_FIELDS
+
+
+@pytest.mark.parametrize("setting", [{"num_input_channels": 16}, {"mask_prob": 0.3}, {"whole_word_masking": True}])
+def test_clm_refuses_the_masked_models_settings(text_file, tmp_path, setting):
+    # The other way round: Perceiver AR embeds tokens at num_channels and masks nothing.
+    ((name, value),) = setting.items()
+    with pytest.raises(ValueError, match=rf"{name}={value!r}.*mlm only"):
+        train_clm(tiny_config(text_file, tmp_path, **setting))
+    assert not (tmp_path / "run").exists()
+    assert name in train_module.MLM_ONLY_FIELDS
+
+
+def test_an_mlm_run_saved_with_ignored_clm_settings_still_resumes(text_file, tmp_path, monkeypatch):
+    # Older versions accepted the clm only settings for the masked task, ignored them and saved them in
+    # train_config.json: they never shaped that run, so resuming it with the defaults changes nothing and is allowed.
+    monkeypatch.setattr(train_module.MLMTask, "unused_fields", frozenset())  # such an older version
+    train_mlm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0, random_truncation=True, min_seq_len=16))
+    monkeypatch.undo()
+    metrics = train_mlm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, resume=True))
+    assert metrics["start_step"] == 1 and metrics["step"] == 2
+
+
+def test_gradient_accumulation_follows_the_logged_token_weighted_loss(text_file, tmp_path):
+    # The masked task's micro-batches hold different numbers of masked tokens. The step's gradient must be that of the
+    # loss the loop logs, the sum over all masked tokens of the step divided by their number, not the mean of the
+    # micro-batches' means (which weighs a token of a sparsely masked micro-batch more).
+    from perceiver_fast.models.text.mlm import MaskedLanguageModel
+
+    config = tiny_config(text_file, tmp_path, batch_size=2, grad_accum_steps=2, max_steps=1, eval_every=0,
+                         grad_clip=0.0, warmup_steps=0)
+    torch.manual_seed(0)
+    model = MaskedLanguageModel(config.mlm_model_config(262))
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    micro_batches, loop_grads = [], {}
+
+    class Recording(train_module.MLMTask):
+        def loss_sum(self, model, batch, config):
+            if model.training:
+                micro_batches.append(batch)
+            return super().loss_sum(model, batch, config)
+
+    def before_update(optimizer, args, kwargs):
+        loop_grads.update({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+
+    hook = register_optimizer_step_pre_hook(before_update)
+    try:
+        metrics = train_module.train(config, Recording(), model=model)
+    finally:
+        hook.remove()
+
+    counts = [int((labels != -100).sum()) for labels, _, _ in micro_batches]
+    assert len(counts) == 2 and counts[0] != counts[1]  # else both weightings agree and the test proves nothing
+    model.load_state_dict(start, strict=False)
+    model.zero_grad()
+    task = train_module.MLMTask()
+    total = sum(task.loss_sum(model, batch, config) for batch in micro_batches)
+    (total / sum(counts)).backward()
+    assert metrics["history"][0][1] == pytest.approx(total.item() / sum(counts), rel=1e-5)
+    assert loop_grads.keys() == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(loop_grads[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_mlm_model_config_mapping():
     config = TrainConfig(max_seq_len=64, max_latents=16, num_channels=48, num_heads=3, num_self_attention_layers=2,
                          num_input_channels=24, post_attention_dropout=0.1)
@@ -611,3 +779,19 @@ def test_hub_dataset_with_a_configuration(monkeypatch):
     assert data.train.shape[1] == 33 and len(data.train) + len(data.valid) == (len(text) + 1) // 33
     with pytest.raises(ValueError, match="dataset_config needs data"):
         TrainConfig(dataset_config="wikitext-103-raw-v1")
+
+
+def test_hub_dataset_rows_that_are_documents_stay_apart(monkeypatch):
+    # Most datasets store a document (an article, a sentence) per row, without a final newline: joining the rows as
+    # WikiText's lines are joined would glue "here.Second" together. Such rows are documents of their own, each
+    # followed by [EOS], as when the same dataset is loaded without a configuration.
+    datasets = pytest.importorskip("datasets")
+    rows = ["First article ends here.", "Second article starts here.\n", "", "Third one."]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config_name, split: {"text": rows})
+    num_tokens = sum(len(row) + 1 for row in rows)
+    config = TrainConfig(data="articles", dataset_config="en", max_seq_len=num_tokens - 1, max_latents=4,
+                         valid_fraction=0.0)
+    data = train_module.prepare_data(config, chunk_len=num_tokens)
+    assert (data.num_documents, data.num_tokens, data.num_bytes) == (4, num_tokens, sum(map(len, rows)))
+    stream = BytesTokenizer().decode(data.train.flatten(), skip_special_tokens=False)
+    assert stream == "First article ends here.[EOS]Second article starts here.\n[EOS][EOS]Third one.[EOS]"
