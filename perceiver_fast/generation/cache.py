@@ -447,10 +447,15 @@ class PerceiverIOCompatibleCache(_DecodingBase):
     ``q_norm``-made keys/values, old absolute positions and stale self-attention context, so its logits leave those of
     a full forward once the latents are full. Offered for compatibility; ``PerceiverARCache`` is exact.
 
-    Rotary angles are applied once, when a key is written, in a fixed frame (position of the token in the whole
-    sequence minus its row's pads): perceiver-io re-rotates every key each step in a frame that moves with the
-    truncation, but rotary attention depends only on position differences, so the scores are the same. The spans of
-    the two caches are device counters like the exact cache's geometry, so every step has the same shapes.
+    Rotary angles are applied once, when a key is written, in a frame that moves only once per window length
+    (position of the token in the whole sequence minus its row's pads and the row's ``frame``): perceiver-io re-rotates
+    every key each step in a frame that moves with the truncation, but rotary attention depends only on position
+    differences, so the scores are the same up to rounding. That rounding grows with the positions, so the frame
+    follows the window whenever the cross-attention buffer is compacted (its live keys rotated back by the shift),
+    keeping positions below two windows. Angles of bf16/fp16 buffers round positions past 256 to several units, which
+    no fixed frame can reproduce: such models decode in this mode up to ``max_seq_len`` tokens only
+    (``check_length``). The spans of the two caches are device counters like the exact cache's geometry, so every
+    step has the same shapes.
     """
 
     def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool = False):
@@ -468,6 +473,8 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self.self_span = [0, 0]
         self.cross_span_t, self.self_span_t = self._counter(2), self._counter(2)
         self.total_t = self._counter()
+        self.frame = [0] * batch_size  # per row: what the rotary frame subtracts from a token's position
+        self.frame_t = self._counter(batch_size)
         self._claim_layer_caches()
         self.cache._claim_layer_caches()  # its prefill writes the latents' keys into these self-attention caches
 
@@ -479,8 +486,22 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         # The exact prefill wrote the latents' self-attention keys at rows [0, n - prefix_len): perceiver-io's too.
         self.prefix_len, self.total_len = prefix_len, n
         self.cross_span, self.self_span = [0, n], [0, n - prefix_len]
+        self.frame = [0] * self.batch_size
+        self.frame_t.zero_()
         self._sync_counters()
         return logits
+
+    def check_length(self, length: int) -> None:
+        """``ValueError`` unless this cache reproduces perceiver-io's decoding of a sequence of ``length`` tokens."""
+        inv_freq = self.model.input_adapter.frq_pos_encoding.inv_freq
+        if length > self.model.max_seq_len and inv_freq.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"cache_mode='perceiver-io' reproduces perceiver-io past max_seq_len ({self.model.max_seq_len}) only "
+                f"with float32 rotary angles, and this model's are {inv_freq.dtype} (perceiver-io rotates every key "
+                f"anew each step, and {inv_freq.dtype} angles round each position differently): generate at most "
+                f"{self.model.max_seq_len} tokens in all, use cache_mode='exact' (which rebuilds its window as it "
+                "slides), or keep the rotary buffers in float32"
+            )
 
     def _sync_counters(self) -> None:
         for counter, values in ((self.cross_span_t, self.cross_span), (self.self_span_t, self.self_span)):
@@ -513,7 +534,9 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self_caches = [layer.attention_module.attention.kv_cache for layer in self.self_layers]
         cross_cache = self.cross.attention_module.attention.kv_cache
         moved = self._make_room(self.self_span, self_caches, self.self_capacity)
-        moved = self._make_room(self.cross_span, [cross_cache], cross_cache.capacity) or moved
+        if self._make_room(self.cross_span, [cross_cache], cross_cache.capacity):
+            self._follow_window()
+            moved = True
         if moved:
             self._sync_counters()  # eager, once per window length: the spans moved to the front
         self.token.copy_(token.reshape(self.batch_size, 1))
@@ -523,6 +546,26 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self.cross_span[1] += 1
         self.self_span[1] += 1
         return logits
+
+    def _follow_window(self) -> None:
+        """Move each row's rotary frame to its first live real token (eager, when the cross cache is compacted):
+        rotate every live key back by the shift, so that positions stay below two windows."""
+        live, pads = self.cross_span[1] - self.cross_span[0], self.cache.pads
+        first = self.total_len - live  # sequence index of the oldest live key
+        frame = [max(old, first - pad) for old, pad in zip(self.frame, pads)]
+        if frame == self.frame:
+            return
+        shift = torch.tensor([new - old for new, old in zip(frame, self.frame)], device=self.device)
+        back = RotaryPositionEmbedding(-self.model.input_adapter.frq_pos_encoding(shift.unsqueeze(1)))
+        cross_cache = self.cross.attention_module.attention.kv_cache
+        cross_cache.k[:, :live] = back.rotate(cross_cache.k[:, :live])
+        self_start, self_end = self.self_span
+        for index, layer in enumerate(self.self_layers):
+            if self._rotary_layers[index]:
+                keys = layer.attention_module.attention.kv_cache.k
+                keys[:, self_start:self_end] = back.rotate(keys[:, self_start:self_end])
+        self.frame = frame
+        self.frame_t.copy_(torch.tensor(frame, device=self.device))
 
     def _step(self, trim_self: bool, trim_cross: bool) -> torch.Tensor:
         model, cache, b = self.model, self.cache, self.batch_size
@@ -540,7 +583,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         pads_in_window = (pads - (total - total.clamp(max=model.max_seq_len))).clamp(min=0)
         abs_pos = (index - pads_in_window).clamp(min=0).unsqueeze(1)
         h, _ = model.input_adapter(self.token, abs_pos=abs_pos)
-        angle = model.input_adapter.frq_pos_encoding((total - 1 - pads).clamp(min=0).unsqueeze(1))
+        angle = model.input_adapter.frq_pos_encoding((total - 1 - pads - self.frame_t).clamp(min=0).unsqueeze(1))
         rot = RotaryPositionEmbedding(angle)
 
         live = cross_end + 1 - cross_start

@@ -387,6 +387,8 @@ def _prepare(
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     decoder, schedule = _make_decoder(model, input_ids.shape[0], use_cache, cache_mode, stride, bool(cuda_graph))
     schedule.initial(input_ids.shape[1], _check_count("num_latents", num_latents, 1))  # raises for a bad window
+    if isinstance(decoder, PerceiverIODecoder):  # the last new token is never fed back
+        decoder.cache.check_length(input_ids.shape[1] + max_new_tokens - 1)
     return _Generation(
         model=model,
         decoder=decoder,

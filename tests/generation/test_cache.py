@@ -227,6 +227,63 @@ def test_perceiver_io_mode_reproduces_their_cached_generate(num_latents, pads):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parity
+@pytest.mark.parametrize("abs_pos_emb", [True, False])
+def test_perceiver_io_mode_follows_their_cached_decoding_for_windows_on_end(abs_pos_emb):
+    """Teacher-forced with random tokens through several window lengths past max_seq_len (where its frame moves,
+    and perceiver-io's truncates its caches), with left pads: per-step logits of perceiver-io's own cached loop (the
+    one its generate runs)."""
+    import_perceiver_io("model.text.clm")
+    hf = import_perceiver_io("model.text.clm.huggingface")
+    config = {**SMALL, "abs_pos_emb": abs_pos_emb}
+    torch.manual_seed(0)
+    their_config = hf.PerceiverCausalLanguageModelConfig(hf.CausalLanguageModelConfig(**config))
+    theirs = hf.PerceiverCausalLanguageModel(their_config)
+    theirs.config.is_decoder = True
+    with_larger_weights(theirs.eval())
+    ours = _model(abs_pos_emb=abs_pos_emb)
+    ours.load_state_dict(theirs.backend_model.state_dict(), strict=True)
+    sequence, pad_mask = _prompt(pads=(0, 3))
+    decoder = PerceiverIODecoder(ours, WindowSchedule(12, 4), 2)
+    generator, past = torch.Generator().manual_seed(1), None
+    with torch.no_grad():
+        got = decoder.start(sequence, pad_mask, 2)
+        for step in range(60):
+            mask = torch.cat([~pad_mask, torch.ones(2, sequence.shape[1] - 6, dtype=torch.bool)], dim=1).long()
+            inputs = theirs.prepare_inputs_for_generation(
+                sequence, past_key_values=past, attention_mask=mask, use_cache=True, prefix_len=4
+            )
+            out = theirs(**inputs)
+            past = out.past_key_values
+            assert max_rel_error(got, out.logits[:, -1]) <= 1e-5, step
+            sequence = torch.cat([sequence, torch.randint(6, 262, (2, 1), generator=generator)], dim=1)
+            got = decoder.step(sequence, None)
+
+
+def test_perceiver_io_mode_keeps_rotary_positions_within_two_windows(monkeypatch):
+    """Positions of ever larger angles round ever more coarsely: past max_seq_len the frame follows the window."""
+    model = _model(abs_pos_emb=False)
+    encoding = model.input_adapter.frq_pos_encoding
+    largest = []
+    real_forward = type(encoding).forward
+    monkeypatch.setattr(
+        type(encoding), "forward", lambda self, pos: largest.append(int(pos.max())) or real_forward(self, pos)
+    )
+    tokens = model.generate(torch.randint(6, 262, (2, 6)), 100, num_latents=2, cache_mode="perceiver-io")
+    assert tokens.shape == (2, 106) and 12 <= max(largest) < 2 * 12
+
+
+def test_perceiver_io_mode_with_bf16_angles_stops_at_max_seq_len():
+    """bf16 angles round each position differently, and perceiver-io rotates every key anew each step: past
+    max_seq_len a cache that rotates keys once cannot give its tokens, and says so before generating."""
+    model = _model().to(torch.bfloat16)
+    prompt = torch.randint(6, 262, (1, 6))
+    assert model.generate(prompt, 7, num_latents=2, cache_mode="perceiver-io").shape == (1, 13)  # 12 fed back
+    with pytest.raises(ValueError, match="past max_seq_len .* float32 rotary angles"):
+        model.generate(prompt, 8, num_latents=2, cache_mode="perceiver-io")
+    assert model.generate(prompt, 8, num_latents=2).shape == (1, 14)  # exact mode rebuilds as it slides
+
+
 def test_perceiver_io_mode_is_stale_once_latents_are_full():
     """Its logits leave a full forward's after the latents fill up: why exact mode exists."""
     model = _model()
