@@ -494,7 +494,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
     def check_length(self, length: int) -> None:
         """``ValueError`` unless this cache reproduces perceiver-io's decoding of a sequence of ``length`` tokens."""
         inv_freq = self.model.input_adapter.frq_pos_encoding.inv_freq
-        if length > self.model.max_seq_len and inv_freq.dtype not in (torch.float32, torch.float64):
+        if length > self.model.max_seq_len and not self.cache._exact_angles:
             raise ValueError(
                 f"cache_mode='perceiver-io' reproduces perceiver-io past max_seq_len ({self.model.max_seq_len}) only "
                 f"with float32 rotary angles, and this model's are {inv_freq.dtype} (perceiver-io rotates every key "
@@ -526,6 +526,8 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         input_len = self.cross_span[1] - self.cross_span[0] + 1
         trim_self = input_len - self.prefix_len > model.max_latents
         trim_cross = input_len > model.max_seq_len
+        if trim_cross:
+            self.check_length(input_len)
         self._take_back_layer_caches()
         if trim_self:
             self.self_span[0] = max(self.self_span[0], self.self_span[1] - (model.max_latents - 1))
