@@ -243,17 +243,21 @@ class PerceiverDecoder(nn.Module):
 
 def classification_decoder(config, num_output_queries: int) -> PerceiverDecoder:
     """The decoder of perceiver-io's classifiers: learned output queries, cross-attention to the latents, a linear
-    layer to class logits. ``config`` is a ``PerceiverIOConfig`` whose decoder is a ``ClassificationDecoderConfig``."""
+    layer to class logits. ``config`` is a ``PerceiverIOConfig`` whose decoder is a ``ClassificationDecoderConfig``.
+
+    The queries are drawn before the output layer, as perceiver-io draws them: a seeded model then starts from
+    perceiver-io's weights."""
+    output_query_provider = TrainableQueryProvider(
+        num_queries=num_output_queries,
+        num_query_channels=config.decoder.num_output_query_channels,
+        init_scale=config.decoder.init_scale,
+    )
     return PerceiverDecoder(
         output_adapter=ClassificationOutputAdapter(
             num_classes=config.decoder.num_classes,
             num_output_query_channels=config.decoder.num_output_query_channels,
         ),
-        output_query_provider=TrainableQueryProvider(
-            num_queries=num_output_queries,
-            num_query_channels=config.decoder.num_output_query_channels,
-            init_scale=config.decoder.init_scale,
-        ),
+        output_query_provider=output_query_provider,
         num_latent_channels=config.num_latent_channels,
         activation_checkpointing=config.activation_checkpointing,
         activation_offloading=config.activation_offloading,
