@@ -1,8 +1,8 @@
 """Attention kernels behind one op contract; see :mod:`perceiver_fast.kernels.api`, and the decoding step built on
 it (rotary + cache write + attention), :mod:`perceiver_fast.kernels.decode`.
 
-Importing this package imports no backend: the registry loads them the first time a call is dispatched (or
-:func:`available_backends` is asked), so Triton, the CUDA extension and flash-attn are imported only where used.
+Importing this package loads the backend modules (about 20 ms): a first call traced by ``torch.compile`` could not
+import them. None of them imports Triton, the CUDA extension or flash-attn before a call needs it.
 """
 
 from perceiver_fast.kernels.api import (
@@ -14,6 +14,7 @@ from perceiver_fast.kernels.api import (
     register_backend,
 )
 from perceiver_fast.kernels.decode import decode_attention, explain_decode
+from perceiver_fast.kernels.registry import load_backends
 
 __all__ = [
     "AttentionProblem",
@@ -25,3 +26,5 @@ __all__ = [
     "explain_decode",
     "register_backend",
 ]
+
+load_backends()

@@ -142,8 +142,7 @@ def attention_eager(
     """The op on already validated arguments; returns ``(out, lse or None)``."""
     if kv_start is not None or kv_len is not None:
         k, v, kv_start, kv_len = _keys_within_bounds(k, v, kv_start, kv_len)
-    batch, num_queries, num_q_heads, _ = q.shape
-    num_keys, num_kv_heads = k.shape[1], k.shape[2]
+    batch, num_queries, num_keys = q.shape[0], q.shape[1], k.shape[1]
     guard = causal and _hidden_keys_not_finite(k, v, kv_len, num_queries)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # views: SDPA wants [B, H, N, D]
     # Without bounds, causal masking is SDPA's own (top-left equals bottom-right when Nq == Nk) or void (one query
@@ -162,18 +161,22 @@ def attention_eager(
         out, lse = _dense_attention(qt, kt, vt, visible, scale, dropout_p, guard_not_finite=guard)
         return out, (lse if return_lse else None)
     if unmasked:
-        out = F.scaled_dot_product_attention(
-            qt, kt, vt, dropout_p=dropout_p, scale=scale, is_causal=causal and num_queries > 1,
-            enable_gqa=num_q_heads != num_kv_heads,
-        )
+        out = _sdpa(qt, kt, vt, dropout_p=dropout_p, scale=scale, is_causal=causal and num_queries > 1)
         return out.transpose(1, 2), None
     row_sees_a_key = visible.any(dim=-1)  # [B, Nq]
     # A fully masked row would be NaN inside SDPA (and in its gradient): let it see everything, zero it below.
     sdpa_mask = (visible | ~row_sees_a_key.unsqueeze(-1)).unsqueeze(1)
-    out = F.scaled_dot_product_attention(
-        qt, kt, vt, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale, enable_gqa=num_q_heads != num_kv_heads
-    ).transpose(1, 2)
+    out = _sdpa(qt, kt, vt, attn_mask=sdpa_mask, dropout_p=dropout_p, scale=scale).transpose(1, 2)
     return torch.where(row_sees_a_key.view(batch, num_queries, 1, 1), out, out.new_zeros(())), None
+
+
+def _sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, **kwargs) -> torch.Tensor:
+    """SDPA on ``[B, H, N, D]``, with grouped key/value heads where there are fewer of them."""
+    # A branch rather than enable_gqa=(Hq != Hkv): under torch.compile with dynamic shapes that comparison is a
+    # SymBool, which SDPA refuses, while a branch on it is a guard.
+    if qt.shape[1] != kt.shape[1]:
+        return F.scaled_dot_product_attention(qt, kt, vt, enable_gqa=True, **kwargs)
+    return F.scaled_dot_product_attention(qt, kt, vt, **kwargs)
 
 
 def _flash_returns_lse(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, dropout_p: float) -> bool:
@@ -234,15 +237,22 @@ def _dense_attention(
     """Attention and its log-sum-exp in one float32 pass (SDPA does not return the lse). ``[B, H, N, D]`` inputs.
 
     The query heads sharing a k/v head are stacked as rows of one matrix, so grouped k/v are never copied.
-    ``guard_not_finite``: values that are not finite are kept out of the rows that do not see them (a row that sees
-    one gets NaN, as the product would give it).
+    ``guard_not_finite``: keys and values that are not finite are kept out of the rows that do not see them, their
+    gradients included (a row that sees one gets NaN, as the product would give it).
     """
     batch, num_q_heads, num_queries, qk_dim = qt.shape
     num_kv_heads, v_dim = kt.shape[1], vt.shape[-1]
     group = num_q_heads // num_kv_heads
     rows = qt.reshape(batch, num_kv_heads, group * num_queries, qk_dim).float()  # row g * Nq + i: head h_kv * G + g
-    scores = torch.matmul(rows, kt.float().transpose(-1, -2)) * scale
     row_visible = None if visible is None else visible.repeat(1, group, 1).unsqueeze(1)  # [B, 1, G * Nq, Nk]
+    keys = kt.float()
+    sees_bad = None
+    if guard_not_finite and row_visible is not None:
+        # Zeroed before the product, not masked after it: a masked score still passes 0 * NaN = NaN back to dq.
+        bad = ~torch.isfinite(keys).all(dim=-1, keepdim=True) | ~torch.isfinite(vt).all(dim=-1, keepdim=True)
+        keys = keys.masked_fill(bad, 0.0)
+        sees_bad = torch.matmul(row_visible.float(), bad.float()) > 0  # [B, Hkv, G * Nq, 1]
+    scores = torch.matmul(rows, keys.transpose(-1, -2)) * scale
     if row_visible is None:  # every row sees every key
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
         probs = torch.exp(scores - lse)
@@ -254,14 +264,12 @@ def _dense_attention(
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     values = vt.float()
-    sees_bad_value = None
-    if guard_not_finite and row_visible is not None:
-        bad = ~torch.isfinite(values).all(dim=-1, keepdim=True)  # [B, Hkv, Nk, 1]
+    if sees_bad is not None:
         values = values.masked_fill(bad, 0.0)
-        sees_bad_value = torch.matmul(row_visible.float(), bad.float()) > 0  # [B, Hkv, G * Nq, 1]
     out = torch.matmul(probs, values)
-    if sees_bad_value is not None:
-        out = out.masked_fill(sees_bad_value, float("nan"))
+    if sees_bad is not None:
+        out = out.masked_fill(sees_bad, float("nan"))
+        lse = lse.masked_fill(sees_bad, float("nan"))
     out = out.reshape(batch, num_q_heads, num_queries, v_dim)
     lse = lse.reshape(batch, num_q_heads, num_queries).detach()
     return out.transpose(1, 2).to(qt.dtype), lse

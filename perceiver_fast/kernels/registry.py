@@ -1,10 +1,12 @@
 """The attention backends by name.
 
 Each backend lives in one module that calls :func:`register_backend` when imported. The modules listed in
-``BACKEND_MODULES`` are imported the first time anyone asks for the backends (not when ``perceiver_fast.kernels`` is
-imported): a backend module imports this registry, never the other way round at import time, so there is no import
-cycle, and a machine without Triton, the CUDA extension or flash-attn imports none of them. Adding a backend is one
-module plus its line here; where ``auto`` should use it is decided by measurement (:mod:`.dispatch`).
+``BACKEND_MODULES`` are imported by :func:`load_backends`, which ``perceiver_fast.kernels`` calls once it is set up
+(a first call traced by ``torch.compile`` could not import them: ``fullgraph=True`` stops at ``import_module``). A
+backend module imports this registry, never the other way round (the names below are strings), so there is no import
+cycle; and none of them imports Triton, the CUDA extension or flash-attn until a call needs it, so a machine without
+them loads every backend module all the same. Adding a backend is one module plus its line here; where ``auto``
+should use it is decided by measurement (:mod:`.dispatch`).
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def register_backend(backend: AttentionBackend) -> None:
     _backends[backend.name] = backend
 
 
-def _load() -> None:
+def load_backends() -> None:
+    """Import the built-in backend modules (once), which registers them."""
     if not _loaded:
         _loaded.append(True)
         for module in BACKEND_MODULES:
@@ -48,7 +51,7 @@ def _load() -> None:
 
 def backends() -> dict[str, AttentionBackend]:
     """Every registered backend by name (importing the built-in backend modules on first use)."""
-    _load()
+    load_backends()
     return _backends
 
 

@@ -110,6 +110,15 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(q, k, v, kv_start), f(q, k, v, kv_start))
 
 
+def test_compiles_without_graph_breaks_when_the_head_counts_change():
+    """A recompilation with dynamic shapes makes the head counts symbolic: what the op passes on must stay a bool."""
+    compiled = torch.compile(lambda q, k, v: attention(q, k, v, backend="eager"), fullgraph=True, backend="aot_eager")
+    for num_q_heads in (2, 4, 6):
+        q, k, v = _inputs(1, 3, 5, num_q_heads, 2, 8, 8)
+        ref, _ = attention_oracle(q, k, v)
+        assert max_rel_error(compiled(q, k, v), ref) < 1e-5
+
+
 def test_numpy_scalars_are_accepted_as_scale():
     q, k, v = _inputs(1, 3, 5, 2, 2, 8, 8)
     for scale in (np.float32(0.3), np.float64(0.3), np.int64(1)):
@@ -189,3 +198,23 @@ def test_eager_keeps_a_causally_hidden_bad_value_out_of_earlier_rows(fill):
     k[0, 5] = float("nan")
     out = attention(q, k, v.nan_to_num(0.0, 0.0, 0.0), causal=True, backend="eager")
     assert torch.isfinite(out[0, :5]).all() and torch.isnan(out[0, 5]).all()
+
+
+@pytest.mark.parametrize("fill", [float("nan"), float("inf")])
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_eager_keeps_a_causally_hidden_bad_key_out_of_earlier_rows_gradients(fill, return_lse):
+    """The rows that do not see a non-finite key get the gradients of attention without it, not NaN."""
+    q, k, v = (t.detach().requires_grad_() for t in _inputs(1, 6, 6, 2, 2, 8, 8))
+    bad_k = k.detach().clone()
+    bad_k[0, 5] = fill
+    bad_k.requires_grad_()
+    out = attention(q, bad_k, v, causal=True, backend="eager", return_lse=return_lse)
+    out = out[0] if return_lse else out
+    if return_lse:
+        lse = attention(q, bad_k, v, causal=True, backend="eager", return_lse=True)[1]
+        assert torch.isfinite(lse[0, :, :5]).all() and torch.isnan(lse[0, :, 5]).all()
+    (dq,) = torch.autograd.grad(out[:, :5].sum(), [q])
+    ref = attention(q, k, v, causal=True, backend="eager")
+    (ref_dq,) = torch.autograd.grad(ref[:, :5].sum(), [q])
+    assert torch.isnan(out[0, 5]).all()
+    assert max_rel_error(dq[:, :5], ref_dq[:, :5]) < 1e-5
