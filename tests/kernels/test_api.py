@@ -119,6 +119,21 @@ def test_compiles_without_graph_breaks_when_the_head_counts_change():
         assert max_rel_error(compiled(q, k, v), ref) < 1e-5
 
 
+def test_the_first_call_of_a_process_may_be_a_compiled_one():
+    """A model compiled before it ever ran: the op's first call is traced, and tracing cannot import the backends."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from perceiver_fast.kernels import attention\n"
+        "f = torch.compile(lambda q: attention(q, q, q, causal=True), fullgraph=True, backend='eager')\n"
+        "print(f(torch.randn(1, 4, 2, 8)).shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
 def test_numpy_scalars_are_accepted_as_scale():
     q, k, v = _inputs(1, 3, 5, 2, 2, 8, 8)
     for scale in (np.float32(0.3), np.float64(0.3), np.int64(1)):
