@@ -174,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
     gen.add_argument("--num-latents", type=int, default=1, help="prompt tokens that start as latents")
-    gen.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature")
+    gen.add_argument("--do-sample", action="store_true",
+                     help="sample instead of greedy decoding (implied by each of the four flags below)")
+    gen.add_argument("--temperature", type=float, default=None,
+                     help="sampling temperature (default 1.0 when sampling; 0 is greedy)")
     gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     gen.add_argument("--threshold", type=float, default=None,
@@ -326,8 +328,9 @@ def run_generate(args: argparse.Namespace) -> str:
                 args.prompt,
                 args.max_new_tokens,
                 num_latents=args.num_latents,
-                do_sample=args.do_sample,
-                temperature=args.temperature,
+                # A sampling setting given on its own means sampling (generate() would ignore it in greedy mode).
+                do_sample=args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p)),
+                temperature=1.0 if args.temperature is None else args.temperature,
                 top_k=args.top_k,
                 top_p=args.top_p,
                 threshold=args.threshold,

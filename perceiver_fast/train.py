@@ -194,6 +194,17 @@ class TrainConfig:
             raise ValueError(f"need lr > 0 and 0 <= min_lr <= lr, got lr={self.lr}, min_lr={self.min_lr}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        # Checked here, before any data is read: out of range, a dropout fails deep in the first step (or, below 0,
+        # silently drops nothing), a negative init_scale fails building the model, a negative weight_decay grows the
+        # weights.
+        for name in ("cross_attention_dropout", "post_attention_dropout", "residual_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("init_scale", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_channels % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide num_channels ({self.num_channels})")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.precision not in PRECISIONS:

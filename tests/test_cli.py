@@ -296,6 +296,35 @@ def test_generate_rejects_bad_sampling_arguments_before_printing(capsys, tiny_ch
     assert_one_line_error(exc, captured, "generate")
 
 
+@pytest.mark.parametrize("flags", [["--top-k", "5"], ["--top-p", "0.9"], ["--temperature", "1.5"]])
+def test_generate_sampling_flags_imply_sampling(capsys, tiny_checkpoint, flags):
+    """``--top-k 5`` without ``--do-sample`` printed the greedy text: a flag accepted and ignored."""
+    common = ["generate", "--checkpoint", tiny_checkpoint, "--prompt", "def f(x):", "--max-new-tokens", "12"]
+    main([*common, *flags, "--seed", "3"])
+    implied = capsys.readouterr().out
+    main([*common, *flags, "--seed", "3", "--do-sample"])
+    assert implied == capsys.readouterr().out
+    main(common)
+    assert implied != capsys.readouterr().out  # greedy text differs
+    main([*common, "--temperature", "0"])  # temperature 0 is greedy, as in generate()
+    main(common)
+    greedy = capsys.readouterr().out.split("\n")
+    assert greedy[0] == greedy[1]
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [("--cross-attention-dropout", "1.5"), ("--cross-attention-dropout", "-0.5"), ("--residual-dropout", "2"),
+     ("--post-attention-dropout", "-1"), ("--init-scale", "-1"), ("--weight-decay", "-1"), ("--num-heads", "3")],
+)
+def test_train_rejects_out_of_range_settings_before_any_work(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "clm", "--data", str(tmp_path / "never-read.txt"), "--no-progress", "--num-channels", "32",
+              "--out-dir", str(tmp_path / "run"), flag, value])
+    assert_one_line_error(exc, capsys.readouterr(), "train", flag.removeprefix("--").replace("-", "_"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_generate_errors_from_the_generation_library_end_the_line(capsys, monkeypatch, tiny_checkpoint):
     def fails_later(self, input_ids, max_new_tokens, **kwargs):
         yield torch.tensor([BytesTokenizer().encode("!")[0]])
