@@ -1038,6 +1038,16 @@ def _train(
         f"{len(data.train)} train / {len(data.valid)} valid chunks of {task.chunk_len(config)}"
         + (" (cached)" if data.from_cache else "")
     )
+    if config.batch_size > len(data.train):
+        log(
+            f"warning: batch_size {config.batch_size} is more than the {len(data.train)} training chunks: each step "
+            "trains on all of them (an epoch per step)"
+        )
+    if not len(data.valid) and config.valid_fraction > 0:
+        log(
+            f"warning: no validation chunks (valid_fraction {config.valid_fraction} of {len(data.train)} chunks of "
+            f"{task.chunk_len(config)} tokens): no validation loss"
+        )
 
     # ---- model, optimizer, schedule, data order
     torch.manual_seed(config.seed)

@@ -750,6 +750,20 @@ def test_mlm_model_config_mapping():
     assert (decoder.max_seq_len, decoder.num_cross_attention_heads, decoder.num_output_query_channels) == (64, 3, None)
 
 
+def test_a_batch_larger_than_the_data_or_no_validation_chunks_are_said(tmp_path, capsys):
+    # A batch of more chunks than the corpus holds trains on all of them each step (an epoch per step), and a context
+    # longer than the corpus leaves no validation chunk: both quietly changed the run.
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("tiny corpus. " * 3, encoding="utf-8")  # one chunk of 33 tokens
+    train_clm(tiny_config(corpus, tmp_path, batch_size=64, max_steps=1, eval_every=0))
+    printed = capsys.readouterr().out
+    assert "warning: batch_size 64 is more than the 1 training chunks" in printed
+    assert "warning: no validation chunks" in printed
+    corpus.write_text("tiny corpus. " * 40, encoding="utf-8")
+    train_clm(tiny_config(corpus, tmp_path, batch_size=8, max_steps=1, eval_every=0, overwrite=True))
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_tensorboard_is_optional(text_file, tmp_path, capsys):
     metrics = train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, tensorboard=True))
     assert metrics["step"] == 2 and (tmp_path / "run" / METRICS_FILE).is_file()
