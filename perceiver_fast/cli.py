@@ -67,7 +67,7 @@ _DEMO_FLAGS = {
 
 # Help for the flags `train clm` builds from TrainConfig's fields (the others show their name).
 _FIELD_HELP = {
-    "data": "a file, a directory, a glob or a dataset name; None means the Python standard library's sources",
+    "data": "a file, a directory, a glob or a dataset name; left out: the Python standard library's sources",
     "max_seq_len": "tokens per training sequence: the prefix plus the latents",
     "max_latents": "latent positions: the last max_latents tokens of each sequence are predicted",
     "num_channels": "model width",
@@ -78,10 +78,10 @@ _FIELD_HELP = {
     "output_norm": "clm only: LayerNorm before the output projection",
     "abs_pos_emb": "clm only: learned absolute position embeddings (besides the rotary ones)",
     "random_truncation": "clm only: train on batches cut to a random length in [min_seq_len, max_seq_len]",
-    "min_seq_len": "clm only: shortest length for --random-truncation; None means max_latents",
-    "cache_dir": "where tokenized corpora are cached; None means $PERCEIVER_FAST_CACHE or ~/.cache/perceiver_fast",
+    "min_seq_len": "clm only: shortest length for --random-truncation; left out: max_latents",
+    "cache_dir": "where tokenized corpora are cached; left out: $PERCEIVER_FAST_CACHE or ~/.cache/perceiver_fast",
     "grad_accum_steps": "micro-batches per optimizer step",
-    "min_lr": "learning rate at the end of the cosine decay; None means lr / 10",
+    "min_lr": "learning rate at the end of the cosine decay; left out: lr / 10",
     "grad_clip": "clip the gradient norm to this (0: no clipping)",
     "eval_every": "evaluate every N steps (0: only at the start and the end)",
     "checkpoint_every": "also checkpoint every N steps (0: only at the end)",
@@ -90,7 +90,7 @@ _FIELD_HELP = {
     "overwrite": "replace the run in --out-dir (without it, training into a directory with a checkpoint stops)",
     "device": "cpu, cuda, cuda:1, ... or auto",
     "dataset_config": "configuration of a hub dataset given as --data, e.g. wikitext-103-raw-v1 (network needed)",
-    "num_input_channels": "mlm only: token embedding width; None means num_channels",
+    "num_input_channels": "mlm only: token embedding width; left out: num_channels",
     "mask_prob": "mlm only: fraction of tokens selected for prediction (80%% masked, 10%% random, 10%% kept)",
     "whole_word_masking": "mlm only: select whole words (runs of non-whitespace bytes) instead of single bytes",
     "batch_size": "global batch of one micro-step, split over the processes under torchrun",
@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
         default = DEMO_DEFAULTS[field]
         demo.add_argument("--" + dest.replace("_", "-"), type=type(default), default=default, help=help_text)
     demo.add_argument("--data", default=None, help="train on these files instead of the standard library")
-    demo.add_argument("--cache-dir", default=None, help="token cache (default: ~/.cache/perceiver_fast)")
+    demo.add_argument("--cache-dir", default=None,
+                      help="token cache; left out: $PERCEIVER_FAST_CACHE or ~/.cache/perceiver_fast")
     demo.add_argument("--out", default=DEMO_DEFAULTS["out_dir"],
                       help="checkpoint directory (the demo replaces an earlier run there)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or auto")

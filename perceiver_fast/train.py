@@ -820,7 +820,8 @@ def _describe_run(out_dir: Path, config: TrainConfig) -> str:
     except ValueError:
         saved = None
     if saved is not None:
-        diff = _train_config_diff(saved, config, ignore={"resume", "overwrite", "progress"})
+        # out_dir is the directory itself, however it was spelled (relative or absolute) this time.
+        diff = _train_config_diff(saved, config, ignore={"resume", "overwrite", "progress", "out_dir"})
         details.append(f"this run differs in {_format_diff(diff)}" if diff else "the same config as this run")
     return f" ({'; '.join(details)})" if details else ""
 

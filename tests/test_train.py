@@ -764,6 +764,15 @@ def test_a_batch_larger_than_the_data_or_no_validation_chunks_are_said(tmp_path,
     assert "warning" not in capsys.readouterr().out
 
 
+def test_a_run_directory_named_another_way_is_the_same_run(text_file, tmp_path, monkeypatch):
+    # The refusal to train into a run's directory describes that run; the directory spelled relative to the working
+    # directory this time is not a difference of config.
+    train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"already holds a checkpoint \(step 1; the same config as this run\)"):
+        train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0, out_dir="run"))
+
+
 def test_tensorboard_is_optional(text_file, tmp_path, capsys):
     metrics = train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, tensorboard=True))
     assert metrics["step"] == 2 and (tmp_path / "run" / METRICS_FILE).is_file()
