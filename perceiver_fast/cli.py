@@ -174,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--checkpoint", required=True, help="a directory written by training (save_pretrained)")
     gen.add_argument("--prompt", required=True, help="text to continue")
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate")
-    gen.add_argument("--num-latents", type=int, default=1, help="prompt tokens that start as latents")
+    gen.add_argument("--num-latents", type=int, default=1,
+                     help="prompt tokens that start as latents (raised to what a long prompt needs: its length minus "
+                          "max_seq_len - max_latents); a prompt longer than max_seq_len keeps its last max_seq_len "
+                          "tokens, the only ones the next token can see")
     gen.add_argument("--do-sample", action="store_true",
                      help="sample instead of greedy decoding (implied by each of the four flags below)")
     gen.add_argument("--temperature", type=float, default=None,
