@@ -515,11 +515,12 @@ def _ctrl_c_held(second_interrupts: bool = False) -> Iterator[list[int]]:
     it: by default a `KeyboardInterrupt`, raised at the end of the ``with``. With `second_interrupts`, a second Ctrl-C
     while one is held raises at once, so that a long block (a checkpoint written to a slow disk) stays stoppable.
     Only the main thread may set signal handlers: in another thread, or when SIGINT's handler was not installed from
-    Python (and so cannot be put back), the block runs unguarded.
+    Python (and so cannot be put back), the block runs unguarded; and where SIGINT is ignored (a process started in
+    the background), it stays ignored.
     """
     held: list[int] = []
     previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous is None:
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
         yield held
         return
 

@@ -463,7 +463,28 @@ def ctrl_c():
     signal.raise_signal(signal.SIGINT)
 
 
-def test_ctrl_c_right_after_an_update_saves_that_step(text_file, tmp_path, straight_run):
+@pytest.fixture
+def terminal_ctrl_c():
+    """Python's own SIGINT handler, as in a terminal: a test run in the background (``make test &``, some CI
+    runners) starts with SIGINT ignored, and Python then installs no handler."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_holding_ctrl_c_leaves_an_ignored_sigint_ignored():
+    # A run started in the background ignores SIGINT: holding it back must not make two of them stop the run.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with train_module._ctrl_c_held(second_interrupts=True):
+            ctrl_c()
+            ctrl_c()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_right_after_an_update_saves_that_step(text_file, tmp_path, straight_run, terminal_ctrl_c):
     # Ctrl-C between the optimizer's update and the loop's bookkeeping (here: just after AdamW's second step) must not
     # save step 2's weights and Adam state as step 1: a resume would train on step 2's batch twice.
     updates = []
@@ -492,7 +513,9 @@ def test_ctrl_c_right_after_an_update_saves_that_step(text_file, tmp_path, strai
     assert_same_weights(straight_run, final_weights(out))
 
 
-def test_ctrl_c_during_the_final_checkpoint_finishes_it_first(text_file, tmp_path, monkeypatch, straight_run):
+def test_ctrl_c_during_the_final_checkpoint_finishes_it_first(
+    text_file, tmp_path, monkeypatch, straight_run, terminal_ctrl_c
+):
     # With checkpoint_every=0 the final checkpoint is the run's only one: Ctrl-C while it is written must not discard
     # it (and every step with it). The write completes, then the interrupt goes on.
     real_save = clm.CausalLanguageModel.save_pretrained
@@ -513,7 +536,9 @@ def test_ctrl_c_during_the_final_checkpoint_finishes_it_first(text_file, tmp_pat
     assert train_clm(replace(config, resume=True))["start_step"] == 4
 
 
-def test_a_second_ctrl_c_abandons_the_final_checkpoint(text_file, tmp_path, monkeypatch, straight_run):
+def test_a_second_ctrl_c_abandons_the_final_checkpoint(
+    text_file, tmp_path, monkeypatch, straight_run, terminal_ctrl_c
+):
     # Ctrl-C pressed again while the final checkpoint is held for stops the write at once (a slow or stuck disk must
     # not trap the user): the staged write is discarded, never half moved in, and the previous checkpoint stays whole.
     real_save = clm.CausalLanguageModel.save_pretrained
