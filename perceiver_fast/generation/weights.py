@@ -40,10 +40,11 @@ class WeightsWatch:
 
     def changed(self) -> bool:
         """Whether any parameter or buffer changed since the snapshot (see the module docstring for what shows)."""
-        return any(
-            store.get(name) is not tensor or tensor.data_ptr() != address or _version(tensor) != version
-            for store, name, tensor, address, version, _ in self._entries
-        )
+        # A plain loop: a stream runs this before every token (a generator expression costs twice as much).
+        for store, name, tensor, address, version, _ in self._entries:
+            if store.get(name) is not tensor or tensor.data_ptr() != address or _version(tensor) != version:
+                return True
+        return False
 
     def moved(self) -> bool:
         """Whether a parameter or buffer now has another dtype or device than at the snapshot."""
