@@ -7,8 +7,9 @@ the loss); of the selected tokens 80% become ``[MASK]``, 10% a random token and 
 
 With ``whole_word=True`` the unit is a word instead of a token, as in perceiver-io's ``WordMaskingCollator``: a word
 is selected with probability `mask_prob` and all its tokens share one fate (all ``[MASK]``, all random, or all kept,
-80/10/10). With the bytes tokenizer a word is a maximal run of bytes that are not ASCII whitespace (perceiver-io takes
-its words from its tokenizer's pre-tokenizer, which also splits at punctuation).
+80/10/10). Words are perceiver-io's for its UTF-8 bytes tokenizer (``PerceiverTokenizerUtil.word_ids``): they split
+at ASCII whitespace, and the whitespace before a word belongs to it (so spaces and indents are trained on too); a
+special token belongs to no word and ends the one before it.
 
 Sequences come from the same pipeline as causal language modelling (`perceiver_fast.data.text.prepare_clm_data`:
 files -> documents -> ids -> packed chunks); `MLMCollator` also takes sequences of different lengths and right-pads
@@ -102,14 +103,13 @@ class MLMCollator:
         g = self.generator
         candidates = ~pad_mask & (ids >= self.num_special_tokens)
         if self.whole_word:
-            candidates &= ~torch.isin(ids, self.whitespace_ids)
-            # Number the words: a word starts at a candidate whose left neighbour (in the same row) is not one.
-            before = torch.nn.functional.pad(candidates[:, :-1], (1, 0), value=False)
-            word = torch.cumsum((candidates & ~before).flatten(), 0).view(ids.shape) - 1  # -1 before the first word
-            num_words = int(word.max()) + 1 if candidates.any() else 0
+            word = self.word_ids(ids, pad_mask)
+            num_words = int(word.max()) + 1  # 0: only pads and special tokens
             word = word.clamp(min=0)
-            selected = (torch.rand(num_words, generator=g) < self.mask_prob)[word] & candidates
-            draw = torch.rand(num_words, generator=g)[word]  # one fate per word
+            selected, draw = torch.zeros_like(candidates), torch.zeros(ids.shape)
+            if num_words:
+                selected = (torch.rand(num_words, generator=g) < self.mask_prob)[word] & candidates
+                draw = torch.rand(num_words, generator=g)[word]  # one fate per word
         else:
             selected = (torch.rand(ids.shape, generator=g) < self.mask_prob) & candidates
             draw = torch.rand(ids.shape, generator=g)
@@ -120,6 +120,20 @@ class MLMCollator:
         x = torch.where(to_mask, torch.full_like(ids, self.mask_token_id), ids)
         x = torch.where(to_random, random_ids, x)
         return labels, x
+
+    def word_ids(self, ids: torch.Tensor, pad_mask: torch.Tensor) -> torch.Tensor:
+        """``[batch, seq]`` word numbers (0, 1, ... over the batch; -1 at pads and special tokens) of whole-word
+        masking: a word starts at a token after a pad, a special token or a row start, and at whitespace after a
+        token that is not whitespace; whitespace after whitespace, and the rest of a word, continue it."""
+        candidates = ~pad_mask & (ids >= self.num_special_tokens)
+        space = torch.isin(ids, self.whitespace_ids)
+
+        def before(t: torch.Tensor) -> torch.Tensor:  # each token's left neighbour in its row (False at row starts)
+            return torch.nn.functional.pad(t[:, :-1], (1, 0), value=False)
+
+        starts = candidates & (~before(candidates) | (space & ~before(space)))
+        word = torch.cumsum(starts.flatten(), 0).view(ids.shape) - 1
+        return torch.where(candidates, word, -1)
 
     def __call__(
         self, sequences: Sequence[torch.Tensor] | torch.Tensor
