@@ -142,9 +142,10 @@ class BytesTokenizer:
         :param texts: the strings.
         :param padding_side: ``"left"`` or ``"right"``.
         :param add_special_tokens: wrap each sequence as ``[CLS] ids [SEP]``.
-        :param max_length: if given, sequences longer than this are truncated (after adding special tokens, as
-            transformers does) on `truncation_side`: ``"right"`` keeps the start (transformers' default),
-            ``"left"`` keeps the end (what a prompt for generation usually wants).
+        :param max_length: if given, sequences longer than this are truncated on `truncation_side`, as
+            transformers does: the text is shortened and ``[CLS]``/``[SEP]`` are kept (so `max_length` must leave
+            room for them). ``"right"`` keeps the start (transformers' default), ``"left"`` keeps the end (what a
+            prompt for generation usually wants).
         :param split_special_tokens: see `encode_to_tensor`.
         :return: ``(input_ids, pad_mask)``: a `long` tensor ``[B, L]`` and a `bool` tensor ``[B, L]``, True = pad.
         """
@@ -156,15 +157,19 @@ class BytesTokenizer:
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         if truncation_side not in ("left", "right"):
             raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        specials = 2 if add_special_tokens else 0
+        if max_length is not None and max_length < 1 + specials:
+            held = " (room for [CLS], [SEP] and a token)" if specials else ""
+            raise ValueError(f"max_length must be >= {1 + specials}{held}, got {max_length}")
 
-        sequences = [self.encode_to_tensor(t, add_special_tokens, split_special_tokens) for t in texts]
+        sequences = [self.encode_to_tensor(t, False, split_special_tokens) for t in texts]
         if max_length is not None:
-            sequences = [
-                s if len(s) <= max_length else (s[:max_length] if truncation_side == "right" else s[-max_length:])
-                for s in sequences
-            ]
+            room = max_length - specials
+            sequences = [s if len(s) <= room else (s[:room] if truncation_side == "right" else s[-room:])
+                         for s in sequences]  # fmt: skip
+        if add_special_tokens:
+            cls, sep = torch.tensor([self.cls_token_id]), torch.tensor([self.sep_token_id])
+            sequences = [torch.cat([cls, s, sep]) for s in sequences]
         length = max(len(s) for s in sequences)
         input_ids = torch.full((len(sequences), length), self.pad_token_id, dtype=torch.long)
         pad_mask = torch.ones((len(sequences), length), dtype=torch.bool)

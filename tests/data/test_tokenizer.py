@@ -103,6 +103,21 @@ def test_batch_encode_right_padding_and_truncation(tok):
     assert tok.decode(input_ids[0]) == "def"
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation_keeps_the_special_tokens_like_perceiver_tokenizer(tok, hf, side):
+    """transformers shortens the text and keeps ``[CLS]`` and ``[SEP]``; slicing after wrapping dropped one."""
+    texts = ["abcdef", "ab", "abcd"]
+    hf.truncation_side = side
+    try:
+        enc = hf(texts, add_special_tokens=True, max_length=4, truncation=True, padding=True, return_tensors="pt")
+    finally:
+        hf.truncation_side = "right"  # the module's tokenizer, shared with other tests
+    input_ids, pad_mask = tok.batch_encode(texts, add_special_tokens=True, max_length=4, truncation_side=side)
+    assert torch.equal(input_ids, enc["input_ids"]) and torch.equal(pad_mask, enc["attention_mask"] == 0)
+    with pytest.raises(ValueError, match="room for"):
+        tok.batch_encode(texts, add_special_tokens=True, max_length=1)
+
+
 def test_long_text_fast_path(tok):
     text = "print('héllo')\n" * 50_000
     ids = tok.encode_to_tensor(text)
