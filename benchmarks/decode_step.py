@@ -114,9 +114,15 @@ def _problem(shape: StepShape, dtype: torch.dtype, device: torch.device) -> Atte
     )  # fmt: skip
 
 
+# The most relative error (max |out - composite| / max |composite|) a method may show and still be timed and ranked.
+MAX_ERROR = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
 def bench(shape: StepShape, dtype: torch.dtype, device: torch.device, copy_gbs: float, repeats: int) -> list[dict]:
     rows = []
     args = _inputs(shape, dtype, device)
+    with torch.no_grad():  # every method writes the same row at the same position: the reference stays valid
+        reference = decode_attention(**args, backend="composite").float()
     for method in METHODS:
         row = dict(shape=shape.label, dtype=str(dtype).removeprefix("torch."), method=method)
         rows.append(row)
@@ -131,6 +137,12 @@ def bench(shape: StepShape, dtype: torch.dtype, device: torch.device, copy_gbs: 
             continue
         fn = _callable(method, args, shape.keys)
         with torch.no_grad():
+            # Checked before timing: a fast wrong method must never rank first in the dispatch table.
+            error = ((fn().float() - reference).abs().max() / reference.abs().max().clamp(min=1e-30)).item()
+            row["max_err"] = error
+            if not error <= MAX_ERROR[dtype]:
+                row["skipped"] = f"wrong output: relative error {error:.2e} against composite"
+                continue
             eager = median(time_ms(lambda _, fn=fn: fn(), device, warmup=3, repeats=repeats, budget_s=3.0))
             row["eager_ms"] = eager
             if device.type == "cuda":

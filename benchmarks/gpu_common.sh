@@ -48,9 +48,15 @@ gpu_setup() {
   echo "CUDA_HOME=$CUDA_HOME TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS" >> "$WORK/device.txt"
 }
 
-# The CUDA extension (csrc/) into an editable install: `gpu_build MOST KEEP` sets build_rc and build_s.
+# The CUDA extension (csrc/) into an editable install: `gpu_build MOST KEEP` sets build_rc and build_s. Skipped in a
+# dry run on a CPU (DEVICE=cpu), which must not rebuild or reinstall the checkout it runs in.
 gpu_build() {
   local step
+  if [ "${DEVICE:-cuda}" = cpu ]; then
+    build_rc="skipped (DEVICE=cpu)" build_s=0
+    : > "$WORK/build.log"
+    return
+  fi
   step=$(date +%s)
   PERCEIVER_FAST_BUILD_CUDA=1 timeout -k 5 "$(allow "$1" "$2")" "$PY" -m pip install --no-deps --no-build-isolation \
     -e . > "$WORK/build.log" 2>&1

@@ -374,6 +374,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     table.add_argument("--table-dir", type=Path, help="where the table goes (default: perceiver_fast's own tables)")
 
 
+def _within_error_limit(row: dict) -> bool:
+    """Whether a row's errors are rounding (the dispatch table's limit), where it has a dtype to judge them by."""
+    from benchmarks.dispatch_table import error_limit
+
+    if "dtype" not in row:
+        return True
+    limit = error_limit(row["dtype"])
+    return all(row.get(key) is None or row[key] <= limit for key in ("max_err", "grad_err"))
+
+
 def _auto_versus_sdpa(rows: list[dict]) -> list[dict]:
     """Per (shape, mode): what auto ran and how it compares with the best fused SDPA kernel and the best backend."""
     timed: dict[tuple[str, str], dict[str, float]] = {}
@@ -381,7 +391,7 @@ def _auto_versus_sdpa(rows: list[dict]) -> list[dict]:
     for row in rows:
         key = (row["shape"], row["mode"])
         timed.setdefault(key, {})
-        if "ms" in row:
+        if "ms" in row and _within_error_limit(row):  # a fast wrong backend is no one's "best"
             timed[key][row["backend"]] = row["ms"]
         if row["backend"] == "auto":
             picked[key] = row.get("auto_backend", "-")

@@ -23,6 +23,24 @@ def test_cpu_preset_runs_the_composite_step_and_says_why_the_others_do_not(tmp_p
     assert "skipped" in by_method["sdpa+write+rotary"]
 
 
+def test_a_method_with_wrong_output_is_neither_timed_nor_ranked(monkeypatch):
+    """A fast wrong step must never enter the dispatch table: outputs are checked against composite first."""
+    real = decode_step._callable
+
+    def off_by_a_little(method, args, keys):
+        fn = real(method, args, keys)
+        return (lambda: fn() + 0.1) if method == "composite" and off_by_a_little.armed else fn
+
+    off_by_a_little.armed = False
+    shape = decode_step.PRESETS["cpu"][0]
+    good = decode_step.bench(shape, torch.float32, torch.device("cpu"), copy_gbs=10.0, repeats=2)
+    assert {r["method"]: r.get("max_err") for r in good}["composite"] <= 1e-6
+    monkeypatch.setattr(decode_step, "_callable", off_by_a_little)
+    off_by_a_little.armed = True
+    rows = {r["method"]: r for r in decode_step.bench(shape, torch.float32, torch.device("cpu"), 10.0, 2)}
+    assert "wrong output" in rows["composite"]["skipped"] and "eager_ms" not in rows["composite"]
+
+
 def test_table_rows_rank_by_graph_time_and_replace_only_decode_step_rows(tmp_path, monkeypatch):
     shapes = decode_step.PRESETS["gpu"]  # B1 and B8 at 16k and at 64k keys: two classes of two shapes each
     assert [(s.batch, s.keys) for s in shapes] == [(1, 16384), (1, 65536), (8, 16384), (8, 65536)]

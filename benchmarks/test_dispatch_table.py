@@ -241,3 +241,16 @@ def test_dispatch_tables_ship_as_package_data():
     for table in tables:
         relative = table.relative_to(dispatch.TABLE_DIR.parent)
         assert any(relative.match(pattern) for pattern in globs), relative
+
+
+def test_the_kernel_summary_names_no_wrong_backend_best():
+    """The kernel benchmark's auto-versus-SDPA summary leaves out rows the dispatch table would leave out."""
+    from benchmarks.kernels import _auto_versus_sdpa
+
+    rows = [
+        dict(shape="s", mode="causal", backend="auto", ms=2.0, dtype="bfloat16", max_err=1e-3, auto_backend="triton"),
+        dict(shape="s", mode="causal", backend="triton", ms=2.0, dtype="bfloat16", max_err=1e-3),
+        dict(shape="s", mode="causal", backend="cuda", ms=0.5, dtype="bfloat16", max_err=0.5),  # fast and wrong
+    ]
+    (summary,) = _auto_versus_sdpa(rows)
+    assert summary["best backend"].startswith("triton") and summary["auto/best"] == 1.0
