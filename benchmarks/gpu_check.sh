@@ -70,7 +70,8 @@ fi
   echo "== decode step: exit $decode_rc"
   grep -E "^(copy|B[0-9])" "$WORK/bench-decode-step.log" | cut -c1-110 | head -n 13
   echo "== generate (optional): exit $generate_rc"
-  [ -f "$WORK/generate.log" ] && grep -E "^(ours|floor|  ours)" "$WORK/generate.log" | head -n 12
+  [ -f "$WORK/generate.log" ] && grep -E "^(ours|floor|  ours)" "$WORK/generate.log" | head -n 40
+  [ -f "$WORK/generate.log" ] && grep -A 12 "^GPU targets of the generation issue" "$WORK/generate.log"
   echo "== kernel benchmark: exit $bench_rc in ${bench_s} s (124 = timed out)"
   if grep -q "^== summary" "$WORK/bench-kernels.log"; then
     sed -n '/^== summary/,$p' "$WORK/bench-kernels.log" | grep -v "^wrote .*\.png$"
