@@ -78,13 +78,14 @@ def _decide(problem: AttentionProblem, report: bool = False) -> tuple[Dispatch, 
     not tried whether it could have run the call; the hot path does not spend that time."""
     requested = problem.requested
     backends = registry.backends()
-    if problem.batch == 0:  # nothing to compute: no kernel needs to handle an empty grid
-        return Dispatch("eager", requested, {}, "batch 0: nothing to compute"), backends["eager"]
-    if requested != "auto":
+    if requested != "auto":  # checked first: a backend asked for by name that cannot run the call is an error
         chosen = backends[requested]
         reason = chosen.unsupported_reason(problem)
         if reason is not None:
             raise RuntimeError(f"attention backend {requested!r} cannot run this call: {reason}")
+    if problem.batch == 0:  # nothing to compute: no kernel needs to handle an empty grid
+        return Dispatch("eager", requested, {}, "batch 0: nothing to compute"), backends["eager"]
+    if requested != "auto":
         return Dispatch(requested, requested, {}, "requested by name"), chosen
     policy = dispatch.policy_for(problem)
     passed_over: dict[str, str] = {}

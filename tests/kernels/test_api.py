@@ -142,6 +142,16 @@ def test_numpy_scalars_are_accepted_as_scale():
         assert max_rel_error(out, ref) < 1e-5
 
 
+def test_a_backend_asked_for_by_name_that_cannot_run_raises_even_at_batch_zero():
+    """Batch 0 needs no kernel, but asking for one that cannot run the call is still an error (it raised at batch 1
+    and silently ran eager at batch 0)."""
+    q, k, v = _inputs(0, 3, 5, 2, 2, 8, 8)
+    with pytest.raises(RuntimeError, match="'cuda' cannot run this call"):
+        attention(q, k, v, backend="cuda")
+    assert attention(q, k, v, backend="eager").shape == (0, 3, 2, 8)
+    assert explain(q, k, v).decided_by == "batch 0: nothing to compute"
+
+
 def test_batch_zero_with_bounds():
     q, k, v = _inputs(0, 3, 5, 2, 2, 8, 8)
     bounds = torch.zeros(0, dtype=torch.int32)
