@@ -173,7 +173,9 @@ class PerceiverARCache(_DecodingBase):
         heads = attn.num_heads
         b, channels = batch_size, model.input_adapter.num_input_channels
         angles_dtype = model.input_adapter.frq_pos_encoding.inv_freq.dtype
-        self._exact_angles = angles_dtype in (torch.float32, torch.float64)
+        # Whether angles of positions far apart round alike (float32/64): what keeping keys rotated in a frame that
+        # differs from a full forward's needs (sliding in place here, perceiver-io mode's frame).
+        self.exact_angles = angles_dtype in (torch.float32, torch.float64)
         rot_dim = model.input_adapter.frq_pos_encoding.inv_freq.numel() * 2
         # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
         self.latent_h = torch.empty(b, slots, channels, dtype=self.dtype, device=self.device)
@@ -209,7 +211,7 @@ class PerceiverARCache(_DecodingBase):
     @property
     def can_slide(self) -> bool:
         """Whether ``append(..., drop=n)`` is exact here (see the class docstring)."""
-        return not self.model.config.abs_pos_emb and not self.any_pad_latent and self._exact_angles
+        return not self.model.config.abs_pos_emb and not self.any_pad_latent and self.exact_angles
 
     @property
     def has_room(self) -> bool:
@@ -494,7 +496,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
     def check_length(self, length: int) -> None:
         """``ValueError`` unless this cache reproduces perceiver-io's decoding of a sequence of ``length`` tokens."""
         inv_freq = self.model.input_adapter.frq_pos_encoding.inv_freq
-        if length > self.model.max_seq_len and not self.cache._exact_angles:
+        if length > self.model.max_seq_len and not self.cache.exact_angles:
             raise ValueError(
                 f"cache_mode='perceiver-io' reproduces perceiver-io past max_seq_len ({self.model.max_seq_len}) only "
                 f"with float32 rotary angles, and this model's are {inv_freq.dtype} (perceiver-io rotates every key "

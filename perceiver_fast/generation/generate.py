@@ -148,7 +148,7 @@ class PerceiverIODecoder:
 
     def rebuild(self, sequence, pad_mask):
         raise RuntimeError(
-            "the model's weights changed in place while this cache_mode='perceiver-io' stream was open: its cache "
+            "the model's weights changed while this cache_mode='perceiver-io' stream was open: its cache "
             "holds keys/values of the old weights, and perceiver-io's cache, which keeps entries of earlier windows, "
             "has no exact rebuild. Start a new stream from the tokens so far, or stream with cache_mode='exact'"
         )

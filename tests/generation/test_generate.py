@@ -369,7 +369,7 @@ def test_a_perceiver_io_mode_stream_refuses_to_go_on_over_weights_updated_in_pla
     torch.manual_seed(0)
     model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
     prompt = torch.randint(6, 262, (1, 6))
-    with pytest.raises(RuntimeError, match="changed in place while"):
+    with pytest.raises(RuntimeError, match="weights changed while"):
         _stream_with_an_update_at(model, prompt, 1, 6, num_latents=2, cache_mode="perceiver-io")
 
 
