@@ -477,6 +477,23 @@ def test_lightning_format_loads_and_picks_the_class(tmp_path):
         CausalLanguageModel.from_lightning_checkpoint(audio)
 
 
+def test_a_lightning_checkpoint_comes_back_in_the_dtypes_it_was_saved_in(tmp_path):
+    """A bf16 run's checkpoint (Lightning's ``precision="bf16-true"``) loads in bf16, as ``from_pretrained`` does."""
+    model = _clm().to(torch.bfloat16)
+    ckpt = _write_lightning_format(model, tmp_path / "clm.ckpt")
+    inputs = _ar_inputs()
+    with torch.no_grad():
+        expected = _run_ar(model, inputs)
+    for loaded in (from_lightning_checkpoint(ckpt), CausalLanguageModel.from_lightning_checkpoint(ckpt)):
+        assert {t.dtype for t in loaded.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+        with torch.no_grad():
+            assert torch.equal(_run_ar(loaded, inputs), expected)
+    cast = CausalLanguageModel.from_lightning_checkpoint(ckpt, dtype=torch.float32)
+    assert {t.dtype for t in cast.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    with pytest.raises(ValueError, match="dtype must be 'auto' or a floating-point torch.dtype"):
+        from_lightning_checkpoint(ckpt, dtype=torch.int8)
+
+
 def _small_image_config() -> PerceiverIOConfig:
     from perceiver_fast.models.vision.image_classifier import ClassificationDecoderConfig, ImageEncoderConfig
 

@@ -419,7 +419,10 @@ def _config_from_hparams(model_class: type, hparams: Mapping[str, Any], source: 
 
 
 def from_lightning_checkpoint(
-    path: str | Path, model_class: type | None = None, map_location: str | torch.device = "cpu"
+    path: str | Path,
+    model_class: type | None = None,
+    map_location: str | torch.device = "cpu",
+    dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
     """Load a Lightning checkpoint saved by a perceiver-io ``Lit*`` module as our model, without perceiver-io.
 
@@ -436,17 +439,22 @@ def from_lightning_checkpoint(
             path they load as ``CausalLanguageModel`` unless ``model_class=SymbolicAudioModel`` (or
             ``SymbolicAudioModel.from_lightning_checkpoint``) asks otherwise.
         map_location: device for the model.
+        dtype: ``"auto"`` keeps the dtypes the weights were saved in (a bf16 run's checkpoint, as Lightning's
+            ``precision="bf16-true"`` writes it, comes back in bf16); a ``torch.dtype`` casts to it.
 
     Returns:
         The model in eval mode.
 
     Raises:
         ValueError: not a readable checkpoint, not a Lightning checkpoint of a perceiver-io module, a model of
-            another type than ``model_class`` (both named), or weights that don't match the config.
+            another type than ``model_class`` (both named), weights that don't match the config, or a ``dtype``
+            that is neither ``"auto"`` nor a floating-point ``torch.dtype``.
     """
+    check_load_dtype(dtype)
     source = str(path)
     hparams, state = _lightning_parts(load_checkpoint_safely(path), source)
     model_class = _resolve_class(_lightning_candidates(hparams, source), model_class, source)
     model = model_class(_config_from_hparams(model_class, hparams, source))
     load_state_strict(model, state, source)
+    set_loaded_dtype(model, state, dtype)
     return model.to(map_location).eval()

@@ -122,8 +122,11 @@ class PretrainedMixin:
         return perceiver_io_artifacts.load_perceiver_io_pretrained(directory, cls, map_location, dtype)
 
     @classmethod
-    def from_lightning_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    def from_lightning_checkpoint(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", dtype: torch.dtype | str = "auto"
+    ) -> Any:
         """Load a Lightning checkpoint saved by perceiver-io's ``Lit*`` module of this model type, without
-        perceiver-io installed; a checkpoint of another model type raises ``ValueError`` naming both (see
+        perceiver-io installed, in the dtypes it was saved in (``dtype="auto"``) or cast to ``dtype``; a checkpoint
+        of another model type raises ``ValueError`` naming both (see
         :func:`perceiver_fast.models.artifacts.from_lightning_checkpoint`)."""
-        return perceiver_io_artifacts.from_lightning_checkpoint(path, cls, map_location)
+        return perceiver_io_artifacts.from_lightning_checkpoint(path, cls, map_location, dtype)
