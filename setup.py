@@ -5,7 +5,6 @@ import sys
 
 from setuptools import setup
 
-package_data = {}
 if os.environ.get("PERCEIVER_FAST_BUILD_CUDA") == "1":
     # --- CUDA kernels (csrc/): built only on request, with plain nvcc (see csrc/build.py for the environment) ---
     import importlib.util
@@ -20,7 +19,7 @@ if os.environ.get("PERCEIVER_FAST_BUILD_CUDA") == "1":
     except _csrc_build.BuildError as error:
         sys.exit(f"perceiver_fast: PERCEIVER_FAST_BUILD_CUDA=1 but the CUDA build failed: {error}")
     sys.stderr.write(f"perceiver_fast: built {_built.output} in {_built.seconds:.1f} s\n")
-    package_data = {"perceiver_fast": [_built.output.name]}  # ship it in wheels too, not only editable installs
     # --- end of the CUDA build ---
 
-setup(package_data=package_data)
+# pyproject.toml's package-data ships the built library in wheels too (that table replaces setup()'s).
+setup()

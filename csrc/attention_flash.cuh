@@ -180,7 +180,8 @@ __global__ void __launch_bounds__(Cfg::kThreads, Cfg::kMinBlocksPerSm) attention
 
     // Keys outside [start, len) are never read, only zero-filled: a preallocated cache may hold NaN or inf there,
     // and a masked key still meets V in the whole-tile P·V, where 0 * NaN is NaN. Keys past the causal edge but
-    // inside [start, len) are real and loaded; the mask alone hides them from the rows before them.
+    // inside [start, len) are real and loaded: the mask hides their scores from the rows before them, but a NaN or inf
+    // value among them still reaches those rows through the same P·V (README: the op's contract on such keys).
     auto issue_tile = [&](int tile, int slot) {
       const int n0 = tile * kN;
       auto key_row = [&](const T* base, int64_t stride) {

@@ -61,6 +61,12 @@ void fill_attention_params(pf::AttentionParams& p, const Tensor& q, const Tensor
   p.num_splits = static_cast<int>(num_splits);
 }
 
+void check_shape(const Tensor& t, const char* name, int64_t batch, int64_t seq, int64_t heads, int64_t dim) {
+  STD_TORCH_CHECK(t.size(0) == batch && t.size(1) == seq && t.size(2) == heads && t.size(3) == dim, name,
+                  " must be [", batch, ", ", seq, ", ", heads, ", ", dim, "], got [", t.size(0), ", ", t.size(1),
+                  ", ", t.size(2), ", ", t.size(3), "]");
+}
+
 void attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_len, Tensor out, Tensor lse,
                    Tensor part_out, Tensor part_lse, bool causal, double scale, int64_t num_splits, int64_t stream) {
   const ScalarType dtype = q.scalar_type();
@@ -70,14 +76,26 @@ void attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_len,
   check_qkv(k, "k", dtype);
   check_qkv(v, "v", dtype);
   check_qkv(out, "out", dtype);
+  // The kernels take every size from q, k and v: tensors that disagree would be read or written out of bounds.
+  const int64_t batch = q.size(0), nq = q.size(1), hq = q.size(2), dqk = q.size(3);
+  const int64_t nk = k.size(1), hkv = k.size(2), dv = v.size(3);
+  check_shape(k, "k", batch, nk, hkv, dqk);
+  check_shape(v, "v", batch, nk, hkv, dv);
+  check_shape(out, "out", batch, nq, hq, dv);
   STD_TORCH_CHECK(kv_start.scalar_type() == ScalarType::Int && kv_len.scalar_type() == ScalarType::Int,
                   "kv_start and kv_len must be int32");
-  STD_TORCH_CHECK(lse.scalar_type() == ScalarType::Float && lse.is_contiguous(), "lse must be contiguous float32");
+  STD_TORCH_CHECK(kv_start.is_cuda() && kv_len.is_cuda(), "kv_start and kv_len must be CUDA tensors");
+  STD_TORCH_CHECK(lse.is_cuda() && lse.scalar_type() == ScalarType::Float && lse.is_contiguous() &&
+                      lse.numel() == batch * hq * nq,
+                  "lse must be a contiguous CUDA float32 tensor of [batch, q heads, Nq] = [", batch, ", ", hq, ", ",
+                  nq, "]");
   STD_TORCH_CHECK(num_splits >= 1, "num_splits must be >= 1");
   if (num_splits > 1)
-    STD_TORCH_CHECK(part_out.is_contiguous() && part_lse.is_contiguous() &&
+    STD_TORCH_CHECK(part_out.scalar_type() == ScalarType::Float && part_lse.scalar_type() == ScalarType::Float &&
+                        part_out.is_contiguous() && part_lse.is_contiguous() &&
                         part_out.numel() == num_splits * out.numel() && part_lse.numel() == num_splits * lse.numel(),
-                    "the split-KV workspace must be contiguous [splits, B, Hq, Nq, Dv] and [splits, B, Hq, Nq]");
+                    "the split-KV workspace must be contiguous float32 [splits, B, Hq, Nq, Dv] and "
+                    "[splits, B, Hq, Nq]");
 
   pf::AttentionParams p{};
   fill_attention_params(p, q, k, v, out, lse, part_out, part_lse, kv_start, kv_len, scale, num_splits);
@@ -96,12 +114,6 @@ void attention_fwd(Tensor q, Tensor k, Tensor v, Tensor kv_start, Tensor kv_len,
   const cudaError_t err = dtype == ScalarType::Half ? pf::launch_attention<__half>(p, cuda_stream)
                                                     : pf::launch_attention<__nv_bfloat16>(p, cuda_stream);
   STD_TORCH_CHECK(err == cudaSuccess, "perceiver_fast attention kernel launch failed: ", cudaGetErrorString(err));
-}
-
-void check_shape(const Tensor& t, const char* name, int64_t batch, int64_t seq, int64_t heads, int64_t dim) {
-  STD_TORCH_CHECK(t.size(0) == batch && t.size(1) == seq && t.size(2) == heads && t.size(3) == dim, name,
-                  " must be [", batch, ", ", seq, ", ", heads, ", ", dim, "], got [", t.size(0), ", ", t.size(1),
-                  ", ", t.size(2), ", ", t.size(3), "]");
 }
 
 // One int32 per batch row, any stride (an expanded single value has stride 0).

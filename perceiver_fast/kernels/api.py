@@ -219,7 +219,7 @@ def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_l
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in seq and heads")
     if k.shape[3] != qk_dim:
         raise ValueError(f"q and k head dims differ: {qk_dim} vs {k.shape[3]}")
-    if num_queries == 0 or num_keys == 0 or qk_dim == 0 or v.shape[3] == 0 or num_kv_heads == 0:
+    if num_queries == 0 or num_keys == 0 or qk_dim == 0 or v.shape[3] == 0 or num_q_heads == 0 or num_kv_heads == 0:
         raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"q heads ({num_q_heads}) must be a multiple of k/v heads ({num_kv_heads})")

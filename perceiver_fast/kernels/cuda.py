@@ -265,7 +265,10 @@ def cuda_decode_attention(
     device = q.device
     if isinstance(position, int):
         position = torch.full((batch,), position, device=device, dtype=torch.int32)
-    position = position.reshape(-1).expand(batch).to(torch.int32)
+    position = position.reshape(-1).expand(batch)
+    # The kernel writes the new row where 0 <= position < capacity. An int64 position past int32 (unchecked on a GPU)
+    # would wrap into that range and overwrite a live row: such positions become -1, which writes nothing.
+    position = torch.where((position >= 0) & (position < capacity), position, -1).to(torch.int32)
     if kv_start is None:
         kv_start = torch.zeros(batch, device=device, dtype=torch.int32)
     if kv_len is None:

@@ -48,6 +48,7 @@ def test_scale_and_dropout_arguments():
         (lambda q, k, v: (q[..., :8], k, v), ValueError, "head dims differ"),
         (lambda q, k, v: (q[:, :, :3], k, v), ValueError, "multiple of"),
         (lambda q, k, v: (q[:, :0], k, v), ValueError, "empty"),
+        (lambda q, k, v: (q[:, :, :0], k, v), ValueError, "empty"),  # no q heads: a kernel's grid would be empty
         (lambda q, k, v: ("q", k, v), TypeError, "torch.Tensor"),
     ],
 )

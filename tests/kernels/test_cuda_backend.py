@@ -141,3 +141,23 @@ def test_torch_compile_traces_the_op_without_graph_breaks():
 
     out, lse = torch.compile(f, fullgraph=True, backend="eager")(q)
     assert out.shape == (1, 8, 2, 32) and lse.shape == (1, 2, 8)
+
+
+def test_decode_positions_past_int32_reach_the_kernel_out_of_range(monkeypatch):
+    """On a GPU positions are not read back (no check); narrowing 2**32 + 5 to int32 must not make it row 5, which
+    the kernel would overwrite: out-of-range positions reach it as -1, where it writes nothing."""
+    seen = {}
+
+    def capture(q, k, v, k_cache, v_cache, position, *rest):
+        seen["position"] = position.tolist()
+        return None, None
+
+    monkeypatch.setattr(cuda, "_cuda_decode_attention", capture)
+    batch, capacity, heads, dim = 4, 16, 1, 8
+    q = torch.randn(batch, 1, heads, dim, dtype=torch.bfloat16)
+    cache = torch.zeros(batch, capacity, heads, dim, dtype=torch.bfloat16)
+    position = torch.tensor([2**32 + 5, -(2**32) + 3, 15, 16], dtype=torch.int64)
+    cuda.cuda_decode_attention(
+        q, q, q, cache, cache.clone(), position, rotary=None, kv_start=None, kv_len=None, scale=1.0, num_splits=1
+    )
+    assert seen["position"] == [-1, -1, 15, -1]
