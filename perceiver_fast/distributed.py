@@ -98,8 +98,8 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext, fsdp: bool =
 
     FSDP shards each attention layer (cross- or self-attention with its MLP) and then the root (embeddings, norms,
     output), so parameters, gradients and optimizer state are split over the processes. It works on CUDA (NCCL) and
-    on CPU (gloo). In a single process the model is returned unchanged; FSDP then raises: there is nothing to shard
-    over.
+    on CPU (gloo). Both start every process from rank 0's weights. In a single process the model is returned
+    unchanged; FSDP then raises: there is nothing to shard over.
     """
     if not context.distributed:
         if fsdp:
@@ -108,6 +108,10 @@ def wrap_model(model: torch.nn.Module, context: DistributedContext, fsdp: bool =
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        # fully_shard keeps each rank's own slice of its own tensors; DDP's constructor broadcasts rank 0's instead.
+        # Models built apart on each rank (another seed) would otherwise train as a splice of them: start from rank 0's.
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
         for module in _shard_units(model):
             fully_shard(module)
         fully_shard(model)

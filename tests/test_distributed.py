@@ -205,3 +205,41 @@ def test_a_batch_that_does_not_split_evenly_is_refused(corpus, tmp_path, monkeyp
     values = {**FLAGS, "data": str(corpus), "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "x")}
     with pytest.raises(ValueError, match="batch of 8 chunks does not split evenly over 3 processes"):
         train_clm(TrainConfig(**values, progress=False))
+
+
+MODEL_PER_RANK_DRIVER = """
+import os, sys
+import torch
+from perceiver_fast.models.text.clm import CausalLanguageModel
+from perceiver_fast.train import TrainConfig, train_clm
+
+corpus, out_dir, fsdp = sys.argv[1], sys.argv[2], sys.argv[3] == "fsdp"
+rank = int(os.environ["RANK"])
+config = TrainConfig(data=corpus, cache_dir=out_dir + "-cache", out_dir=out_dir, max_seq_len=32, max_latents=8,
+                     num_channels=32, num_heads=2, num_self_attention_layers=1, batch_size=8, max_steps=0,
+                     valid_fraction=0.1, eval_batches=1, progress=False, fsdp=fsdp)
+torch.manual_seed(100 + rank)  # each process builds its own model
+model = CausalLanguageModel(config.model_config(262))
+torch.save(model.state_dict(), f"{out_dir}-init-rank{rank}.pt")
+train_clm(config, model=model)
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_models_built_apart_on_each_rank_train_as_rank_0s(corpus, tmp_path, mode):
+    """A caller's model differing between processes starts as rank 0's under FSDP too (fully_shard keeps each
+    rank's slice of its own tensors: the run trained a splice of the ranks' models)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(MODEL_PER_RANK_DRIVER)
+    out_dir = tmp_path / mode
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+    result = subprocess.run(
+        [*command, str(corpus), str(out_dir), mode], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    saved = clm.CausalLanguageModel.from_pretrained(out_dir).state_dict()
+    rank0, rank1 = (torch.load(f"{out_dir}-init-rank{r}.pt") for r in (0, 1))
+    assert any(not torch.equal(rank0[k], rank1[k]) for k in rank0)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, rank0[name], rtol=0, atol=0, msg=name)
