@@ -29,6 +29,7 @@ import re
 import sys
 import sysconfig
 import tempfile
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -387,7 +388,8 @@ def tokenize_corpus(
     The cache key hashes each file's absolute path, size and modification time (or the dataset name), the tokenizer's
     rules and the separator, so editing a file or changing the tokenizer re-tokenizes, and nothing else does. A
     tokenizer whose rules cannot be told (an object of another kind with `encode`, see `_tokenizer_info`) is not
-    cached: it tokenizes on every call, with a warning.
+    cached: it tokenizes on every call, with a warning. A cache file that cannot be read (truncated, empty), or that
+    records another key, is tokenized again and overwritten, with a warning naming it.
     """
     if (files is None) == (dataset_name is None):
         raise ValueError("give either files or dataset_name")
@@ -412,10 +414,10 @@ def tokenize_corpus(
     digest = hashlib.sha256(key.encode()).hexdigest()[:24]
     cache_path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "tokens" / f"{digest}.pt"
 
-    if use_cache and cache_path.is_file():
-        saved = torch.load(cache_path, weights_only=True)
+    saved = _read_token_cache(cache_path, key) if use_cache else None
+    if saved is not None:
         return TokenizedCorpus(
-            saved["tokens"], int(saved["num_bytes"]), int(saved["num_documents"]), info.vocab_size, cache_path, True
+            saved["tokens"], saved["num_bytes"], saved["num_documents"], info.vocab_size, cache_path, True
         )
 
     documents = read_documents(files) if files is not None else load_hub_documents(dataset_name)
@@ -424,11 +426,96 @@ def tokenize_corpus(
     tokens = tokens.to(torch.int16 if info.vocab_size <= torch.iinfo(torch.int16).max + 1 else torch.int32)
     num_bytes = sum(len(d.encode("utf-8")) for d in documents)
     if use_cache:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"tokens": tokens, "num_bytes": num_bytes, "num_documents": len(documents), "key": key}, tmp)
-        os.replace(tmp, cache_path)  # atomic: a concurrent or interrupted run never sees a half-written cache
+        _write_token_cache(
+            cache_path, {"tokens": tokens, "num_bytes": num_bytes, "num_documents": len(documents), "key": key}
+        )
     return TokenizedCorpus(tokens, num_bytes, len(documents), info.vocab_size, cache_path if use_cache else None)
+
+
+def _read_token_cache(cache_path: Path, key: str) -> dict[str, Any] | None:
+    """The payload cached at `cache_path` for `key`, or None when there is none or it cannot be used.
+
+    An unusable file (truncated, empty, not a torch file, another corpus's tokens) gets a warning naming it and is
+    then tokenized again and overwritten by the caller: a cache is never worth a failed run, nor wrong tokens.
+    """
+    if not cache_path.is_file():
+        return None
+    try:
+        saved = torch.load(cache_path, weights_only=True)
+    except Exception as e:  # torch's own errors (EOFError, OSError 22, UnpicklingError) name no file
+        problem = f"it cannot be read ({_describe_error(e)})"
+    else:
+        problem = _token_cache_problem(saved, key)
+    if problem is None:
+        return saved
+    message = f"ignoring the token cache {cache_path}: {problem}; tokenizing again and overwriting it"
+    warnings.warn(message, stacklevel=3)
+    return None
+
+
+def _token_cache_problem(saved: Any, key: str) -> str | None:
+    """Why a loaded cache payload cannot be used, or None."""
+    if not isinstance(saved, dict) or not {"tokens", "num_bytes", "num_documents", "key"} <= saved.keys():
+        return "it does not hold a token cache (tokens, num_bytes, num_documents, key)"
+    if saved["key"] != key:  # a file copied or restored under this name: its tokens come from another corpus
+        return "it was made for another corpus, tokenizer or separator (the key it records differs)"
+    tokens = saved["tokens"]
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype not in (torch.int16, torch.int32):
+        return "its tokens are not a 1-D int16 or int32 tensor"
+    if not all(isinstance(saved[name], int) and saved[name] >= 0 for name in ("num_bytes", "num_documents")):
+        return "its num_bytes or num_documents is not a count"
+    return None
+
+
+def _describe_error(error: BaseException) -> str:
+    """An error's type and the first line of its message (torch's can run to a dozen lines)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+# <digest>.tmp<pid>: the temp files _write_token_cache writes, and the only files its sweep may remove.
+_TOKEN_CACHE_TEMP = re.compile(r"[0-9a-f]{24}\.tmp\d+")
+# A write still running after a day is not one: its process died without removing the file (a kill -9, a power cut).
+_STALE_TEMP_SECONDS = 24 * 3600
+
+
+def _write_token_cache(cache_path: Path, payload: dict[str, Any]) -> None:
+    """Write `payload` to `cache_path` atomically: a temp file, forced to disk, then renamed over the old file.
+
+    A concurrent or interrupted run never sees a half-written cache, and an interrupted write (an exception, Ctrl-C)
+    removes its temp file, which for a big corpus holds gigabytes. Temp files that a killed process left behind are
+    swept when they are a day old.
+    """
+    cache_path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_stale_temp_files(cache_path.parent)
+    tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        _fsync_file(tmp)  # on disk before the rename, or a power cut can leave an empty file under the cache's name
+        os.replace(tmp, cache_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_file(path: Path) -> None:
+    """Force a written file's contents to disk (opened for writing: Windows flushes nothing through a read-only
+    handle)."""
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def _sweep_stale_temp_files(directory: Path) -> None:
+    """Remove the token-cache temp files in `directory` last written over a day ago (other runs' fresh ones stay)."""
+    cutoff = time.time() - _STALE_TEMP_SECONDS
+    for path in directory.iterdir():
+        if not _TOKEN_CACHE_TEMP.fullmatch(path.name):
+            continue
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except OSError:  # swept by another run first, or not ours to remove: the sweep is housekeeping, never an error
+            pass
 
 
 # ---------------------------------------------------------------------------------------------------- 4-5. chunks

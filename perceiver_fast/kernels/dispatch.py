@@ -85,14 +85,28 @@ def load_table(capability: tuple[int, int]) -> dict[str, Any] | None:
     path = TABLE_DIR / table_name(capability)
     if not path.is_file():
         return None
-    table = json.loads(path.read_text())
-    rows = {}
-    for row in table["rows"]:
-        key = ProblemClass(
-            row["dtype"], row["regime"], int(row["head_dim"]), int(row["keys"]), bool(row["bounds"]), bool(row["grad"])
-        )
-        rows[key] = row
+    try:
+        table = json.loads(path.read_text(encoding="utf-8"))
+        rows = {_row_class(row): row for row in table["rows"]}
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(_unreadable_table_message(path, e)) from e
     return {**table, "rows_by_class": rows}
+
+
+def _row_class(row: dict[str, Any]) -> ProblemClass:
+    return ProblemClass(
+        row["dtype"], row["regime"], int(row["head_dim"]), int(row["keys"]), bool(row["bounds"]), bool(row["grad"])
+    )
+
+
+def _unreadable_table_message(path: Path, error: Exception) -> str:
+    """Which table cannot be used, why, and how to get a good one back (json's own errors name no file)."""
+    return (
+        f"the dispatch table {path} cannot be read ({type(error).__name__}: {error}): it was cut short or edited by "
+        f"hand. Restore the shipped one (`git checkout -- perceiver_fast/kernels/dispatch_tables/{path.name}` in a "
+        "clone, or reinstall perceiver_fast), or write it again from benchmark results with `python -m benchmarks "
+        "kernels --write-dispatch-table --from-json FILE...`"
+    )
 
 
 def _nearest_row(rows: dict[ProblemClass, dict], wanted: ProblemClass) -> tuple[ProblemClass, dict] | None:

@@ -1,7 +1,9 @@
 """Text corpora: files -> documents -> ids (cached) -> packed chunks -> (labels, x, pad_mask)."""
 
 import os
+import re
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,110 @@ def test_cache_hit_does_not_tokenize_again(corpus, tmp_path, monkeypatch):
     assert len(calls) == 2 and edited.num_tokens == first.num_tokens + len("one more line\n")
     tokenize_corpus(resolve_data_files(corpus), separator_id=5, cache_dir=cache)
     assert len(calls) == 3
+
+
+def _one_file_corpus(tmp_path: Path, name: str = "a.txt", text: str = "one two three\n" * 20) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _payload_not_a_cache(path: Path) -> None:
+    torch.save([1, 2, 3], path)
+
+
+def _payload_tokens_not_a_tensor(path: Path) -> None:
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "tokens": saved["tokens"].tolist()}, path)  # under the right key
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda path: path.write_bytes(path.read_bytes()[: path.stat().st_size // 2]),  # a kill mid-copy, a full disk
+        lambda path: path.write_bytes(b""),
+        lambda path: path.write_bytes(b"x" * 100),
+        _payload_not_a_cache,
+        _payload_tokens_not_a_tensor,
+    ],
+    ids=["truncated", "empty", "garbage", "not a cache", "malformed"],
+)
+def test_an_unusable_token_cache_is_rebuilt_with_a_warning_naming_it(damage, tmp_path):
+    """torch.load's own errors (EOFError, OSError 22) name no file and stopped the run: a cache is only a shortcut."""
+    path = _one_file_corpus(tmp_path)
+    fresh = tokenize_corpus([path], cache_dir=tmp_path / "cache")
+    damage(fresh.cache_path)
+    with pytest.warns(UserWarning, match=re.escape(f"ignoring the token cache {fresh.cache_path}: ")):
+        rebuilt = tokenize_corpus([path], cache_dir=tmp_path / "cache")
+    assert not rebuilt.from_cache and torch.equal(rebuilt.tokens, fresh.tokens)
+    assert rebuilt.num_bytes == fresh.num_bytes and rebuilt.num_documents == fresh.num_documents
+    again = tokenize_corpus([path], cache_dir=tmp_path / "cache")  # the bad file was overwritten
+    assert again.from_cache and torch.equal(again.tokens, fresh.tokens)
+
+
+def test_a_token_cache_recording_another_key_is_not_served(tmp_path):
+    """A cache file copied or restored under another corpus's name holds that corpus's tokens: its key tells."""
+    mine = _one_file_corpus(tmp_path, "mine.txt", "alpha beta\n" * 20)
+    other = tokenize_corpus([_one_file_corpus(tmp_path, "other.txt", "gamma\n" * 7)], cache_dir=tmp_path)
+    expected = tokenize_corpus([mine], cache_dir=tmp_path)
+    expected.cache_path.write_bytes(other.cache_path.read_bytes())
+    with pytest.warns(UserWarning, match=re.escape(str(expected.cache_path)) + ".*made for another corpus"):
+        served = tokenize_corpus([mine], cache_dir=tmp_path)
+    assert torch.equal(served.tokens, expected.tokens) and not served.from_cache
+    assert tokenize_corpus([mine], cache_dir=tmp_path).from_cache
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt(), OSError(28, "No space left on device")])
+def test_an_interrupted_cache_write_leaves_no_temp_file(interruption, tmp_path, monkeypatch):
+    """A write killed by Ctrl-C or a full disk must not leave its temp file (gigabytes for a big corpus) behind."""
+    path = _one_file_corpus(tmp_path)
+
+    def save_then_fail(obj, f, *args, **kwargs):
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 the first bytes")
+        raise interruption
+
+    monkeypatch.setattr(torch, "save", save_then_fail)
+    with pytest.raises(type(interruption)):
+        tokenize_corpus([path], cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache" / "tokens").iterdir()) == []
+    monkeypatch.undo()
+    assert not tokenize_corpus([path], cache_dir=tmp_path / "cache").from_cache
+
+
+def test_stale_cache_temp_files_are_swept_when_the_cache_is_written(tmp_path):
+    """A kill -9 cannot remove its temp file: the next write removes those a day old, never another run's fresh one
+    or a file that is not a cache temp file."""
+    tokens_dir = tmp_path / "tokens"
+    tokens_dir.mkdir()
+    stale, fresh, unrelated = tokens_dir / f"{'a' * 24}.tmp41", tokens_dir / f"{'b' * 24}.tmp42", tokens_dir / "x.tmp1"
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for leftover in (stale, fresh, unrelated):
+        leftover.write_bytes(b"partial")
+    for old in (stale, unrelated):
+        os.utime(old, (two_days_ago, two_days_ago))
+    corpus = tokenize_corpus([_one_file_corpus(tmp_path)], cache_dir=tmp_path)
+    assert sorted(p.name for p in tokens_dir.iterdir()) == sorted([corpus.cache_path.name, fresh.name, "x.tmp1"])
+
+
+def test_the_cache_is_forced_to_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """A rename can reach the disk before the data it names: after a power cut the cache would be empty or torn."""
+    synced, renamed = [], {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        renamed[Path(dst)] = (os.stat(src).st_ino, list(synced))
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    corpus = tokenize_corpus([_one_file_corpus(tmp_path)], cache_dir=tmp_path)
+    inode, synced_before = renamed[corpus.cache_path]
+    assert inode in synced_before
 
 
 def test_random_truncation_keeps_min_length():

@@ -9,6 +9,7 @@ shape in that run. The conservative order, the nearest-length rule and what ``ex
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -114,3 +115,23 @@ def test_explain_says_which_row_decided(h200):
     assert "backend: sdpa-flash" in report
     assert "decided by: sm90.json row bfloat16 prefix-causal D<=128 keys<=16k no key bounds no grad" in report
     assert "measured on NVIDIA H200, 2026-11-27" in report
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [lambda text: text[: len(text) // 2], lambda text: "", lambda text: '{"device": "x"}'],
+    ids=["truncated", "empty", "no rows"],
+)
+def test_an_unreadable_table_raises_naming_it_and_how_to_restore_it(damage, tmp_path, monkeypatch):
+    """json's own error names no file: a table cut short by an interrupted write left no clue which one to fix."""
+    shipped = (dispatch.TABLE_DIR / "sm90.json").read_text()
+    (tmp_path / "sm90.json").write_text(damage(shipped))
+    monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
+    dispatch.load_table.cache_clear()  # read once per process: the shipped table may already be cached
+    try:
+        with pytest.raises(ValueError, match=re.escape(f"the dispatch table {tmp_path / 'sm90.json'} cannot be read")):
+            dispatch.load_table((9, 0))
+        with pytest.raises(ValueError, match=r"git checkout -- perceiver_fast/kernels/dispatch_tables/sm90\.json"):
+            dispatch.load_table((9, 0))
+    finally:
+        dispatch.load_table.cache_clear()  # the next test reads the shipped table again

@@ -1,19 +1,22 @@
 """Saving and loading our models as a directory: ``config.json`` + ``model.safetensors``.
 
-``config.json`` is ``{"format": "perceiver_fast", "model_class": ..., "config": {...}}`` where ``config`` holds every
-field of the model's config dataclass, nested ones included. Every version of this module has written every field
-(``dataclasses.asdict``), and no config field has been added or removed since the first one, so a file of our format
-that lacks a field is incomplete and loading it raises instead of giving the field its default: the default may not
-be what the weights were trained with (``num_self_attention_rotary_layers`` changes outputs, not weight shapes). A
-field added in a later version needs an explicit rule here for the files written before it (they are recognisable:
-they lack exactly that field).
+``config.json`` is ``{"format": "perceiver_fast", "model_class": ..., "save_id": ..., "config": {...}}`` where
+``save_id`` is also in the weights' metadata (see ``save_pretrained``; absent from both in directories saved before
+it) and ``config`` holds every field of the model's config dataclass, nested ones included. Every version of this
+module has written every field (``dataclasses.asdict``), and no config field has been added or removed since the first
+one, so a file of our format that lacks a field is incomplete and loading it raises instead of giving the field its
+default: the default may not be what the weights were trained with (``num_self_attention_rotary_layers`` changes
+outputs, not weight shapes). A field added in a later version needs an explicit rule here for the files written before
+it (they are recognisable: they lack exactly that field).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Mapping
+import os
+import secrets
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -35,6 +38,64 @@ __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "PretrainedMixin"]
 
 WEIGHTS_FILE = "model.safetensors"
 FORMAT = "perceiver_fast"
+# One random id per save_pretrained, in config.json and in the weights' safetensors metadata. Directories saved before
+# it existed have it in neither file, and still load.
+SAVE_ID_KEY = "save_id"
+
+
+def _write_replacing(path: Path, write: Callable[[Path], object]) -> None:
+    """Replace `path` with what `write` writes: into ``<name>.tmp<pid>`` beside it, forced to disk, then renamed.
+
+    A failure or an interrupt (Ctrl-C) removes the temp file and leaves the old `path` as it was.
+    """
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        _fsync(tmp)  # the data on disk before the rename that publishes it, or a power cut can leave it empty
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync(path: Path) -> None:
+    """Force a file, or a directory's renames, to disk where the platform allows it (not directories on Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync (some network mounts): nothing better to do
+        pass
+    finally:
+        os.close(fd)
+
+
+def _saved_id(weights_path: Path) -> str | None:
+    """The save id in a readable safetensors file's metadata, or None (saved before ids, or by another tool)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights_path), framework="pt") as f:
+        return (f.metadata() or {}).get(SAVE_ID_KEY)
+
+
+def _check_one_save(meta: Mapping[str, Any], config_path: Path, weights_path: Path) -> None:
+    """Raise if ``config.json`` and the weights come from two saves (see :meth:`PretrainedMixin.save_pretrained`).
+
+    Weights with an id next to a config without one are a new save over an old directory that was cut off before its
+    config; the reverse (a config with an id, weights without) is weights replaced by hand or by an older tool, and is
+    left to the key and shape checks.
+    """
+    config_id, weights_id = meta.get(SAVE_ID_KEY), _saved_id(weights_path)
+    if weights_id is None or config_id == weights_id:
+        return
+    ids = f"save ids {config_id} and {weights_id}" if config_id is not None else "only the weights have a save id"
+    raise ValueError(
+        f"{config_path} and {weights_path} were written by two different saves ({ids}): a save_pretrained into "
+        f"{config_path.parent} was interrupted between the two files, so the config may not describe these weights; "
+        "save the model again"
+    )
 
 
 class PretrainedMixin:
@@ -46,16 +107,31 @@ class PretrainedMixin:
     config_class: ClassVar[type]
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` and ``model.safetensors`` into ``directory`` (created if missing)."""
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (created if missing).
+
+        Each file goes to a temp file beside it, is forced to disk and renamed over the old one, so a save that is
+        interrupted never leaves a torn file. Both files record one random save id: a save killed between the two
+        renames (new weights, old config) makes :meth:`from_pretrained` raise instead of loading weights under a
+        config that may not describe them (``num_self_attention_rotary_layers`` changes outputs, not shapes).
+        """
         from safetensors.torch import save_file
 
         assert isinstance(self, nn.Module)
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "model_class": type(self).__name__, "config": dataclasses.asdict(self.config)}
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        save_id = secrets.token_hex(16)
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        meta = {
+            "format": FORMAT,
+            "model_class": type(self).__name__,
+            SAVE_ID_KEY: save_id,
+            "config": dataclasses.asdict(self.config),
+        }
+        # Weights first: until the config is replaced too, its save id (or the lack of one) disagrees with theirs.
+        weights_meta = {"format": "pt", SAVE_ID_KEY: save_id}
+        _write_replacing(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata=weights_meta))
+        _write_replacing(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+        _fsync(directory)
         return directory
 
     @classmethod
@@ -88,6 +164,8 @@ class PretrainedMixin:
 
         Raises:
             FileNotFoundError: no ``config.json``, or no ``model.safetensors`` next to it (the file is named).
+            ValueError: ``config.json`` and ``model.safetensors`` written by two different saves (their save ids
+                differ, or only the weights have one): a ``save_pretrained`` was interrupted between them.
             ValueError: naming the file at fault: ``config.json`` that is not a JSON object, not our format, of
                 another model class, or whose config has unknown, missing or mistyped fields; weights that are
                 truncated or corrupt, or whose keys, shapes or kinds (floating-point or integer) don't match the
@@ -108,6 +186,7 @@ class PretrainedMixin:
         model = cls(config)
         weights_path = directory / WEIGHTS_FILE
         weights = read_safetensors(weights_path)
+        _check_one_save(meta, config_path, weights_path)
         load_state_strict(model, weights, str(weights_path))
         set_loaded_dtype(model, weights, dtype)
         return model.to(map_location).eval()

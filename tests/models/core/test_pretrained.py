@@ -5,12 +5,13 @@ from deep inside, and never a model that loads with a value it was not saved wit
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from perceiver_fast.models.artifacts import from_pretrained
 from perceiver_fast.models.core.config import ClassificationDecoderConfig, PerceiverIOConfig
@@ -124,6 +125,139 @@ def test_missing_weights_file_raises_file_not_found_naming_it(tmp_path):
     (directory / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match=_naming(directory / "model.safetensors", " not found")):
         from_pretrained(directory)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+#  Interrupted saves
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Killed(BaseException):
+    """A process killed mid-save: no handler sees it (unlike an exception)."""
+
+
+def _rotary(layers: int) -> CausalLanguageModel:
+    """Models that differ in outputs, not in weight shapes: a mix of their files loads without a shape error."""
+    return CausalLanguageModel(CausalLanguageModelConfig(**{**AR, "num_self_attention_rotary_layers": layers}))
+
+
+def _kill_when_writing(monkeypatch, name: str) -> None:
+    """Make the next write of a file whose name starts with `name` leave half a file and die."""
+    from safetensors import torch as safetensors_torch
+
+    real_save_file, real_write_text = safetensors_torch.save_file, Path.write_text
+
+    def save_file(state, path, *args, **kwargs):
+        if Path(path).name.startswith(name):
+            Path(path).write_bytes(b"half a file")
+            raise Killed
+        return real_save_file(state, path, *args, **kwargs)
+
+    def write_text(self, *args, **kwargs):
+        if self.name.startswith(name):
+            real_write_text(self, '{"format": "perceiver_fast", ')
+            raise Killed
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors_torch, "save_file", save_file)
+    monkeypatch.setattr(Path, "write_text", write_text)
+
+
+def test_a_save_killed_while_writing_the_weights_leaves_the_previous_directory_whole(tmp_path, monkeypatch):
+    """Files were written in place, config first: a kill here left the new config.json over torn old weights."""
+    directory = _rotary(1).save_pretrained(tmp_path / "m")
+    before = {path.name: path.read_bytes() for path in directory.iterdir()}
+    _kill_when_writing(monkeypatch, "model.safetensors")
+    with pytest.raises(Killed):
+        _rotary(2).save_pretrained(directory)
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in directory.iterdir()} == before  # no temp file left either
+    assert CausalLanguageModel.from_pretrained(directory).config.num_self_attention_rotary_layers == 1
+
+
+def test_a_save_killed_while_writing_the_config_leaves_no_torn_file_and_the_mix_raises(tmp_path, monkeypatch):
+    """The new weights are in place by then: the old config.json must stay whole, and loading the two must raise."""
+    directory = _rotary(1).save_pretrained(tmp_path / "m")
+    config = (directory / "config.json").read_bytes()
+    _kill_when_writing(monkeypatch, "config.json")
+    with pytest.raises(Killed):
+        _rotary(2).save_pretrained(directory)
+    monkeypatch.undo()
+    assert sorted(path.name for path in directory.iterdir()) == ["config.json", "model.safetensors"]
+    assert (directory / "config.json").read_bytes() == config
+    with pytest.raises(ValueError, match="two different saves"):
+        CausalLanguageModel.from_pretrained(directory)
+
+
+def _kill_between_the_two_files(directory: Path, model: CausalLanguageModel, monkeypatch) -> None:
+    """Save `model` into `directory`, killed once the weights are in place and before the config is."""
+    real_replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if Path(dst).name == "config.json":
+            raise Killed
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(Killed):
+        model.save_pretrained(directory)
+    monkeypatch.undo()
+
+
+def test_files_of_two_saves_raise_naming_both_instead_of_loading_a_mix(tmp_path, monkeypatch):
+    """A mix of two saves with the same shapes loaded silently, with outputs neither model gives."""
+    directory = _rotary(1).save_pretrained(tmp_path / "m")
+    _kill_between_the_two_files(directory, _rotary(2), monkeypatch)
+    pattern = _naming(directory / "config.json", " and ") + re.escape(str(directory / "model.safetensors"))
+    pattern += r" were written by two different saves \(save ids \w+ and \w+\).*was interrupted"
+    for load in (CausalLanguageModel.from_pretrained, from_pretrained):
+        with pytest.raises(ValueError, match=pattern):
+            load(directory)
+    _rotary(2).save_pretrained(directory)  # saving again repairs it
+    assert CausalLanguageModel.from_pretrained(directory).config.num_self_attention_rotary_layers == 2
+
+
+def _without_save_ids(directory: Path) -> Path:
+    """`directory` as versions before save ids wrote it: no id in either file, which are otherwise the same."""
+    config = directory / "config.json"
+    meta = json.loads(config.read_text())
+    del meta["save_id"]
+    config.write_text(json.dumps(meta, indent=2) + "\n")
+    weights = load_file(str(directory / "model.safetensors"))
+    save_file(weights, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def test_a_directory_saved_before_save_ids_loads_and_a_cut_off_save_over_it_raises(tmp_path, monkeypatch):
+    model = _rotary(1).eval()
+    directory = _without_save_ids(model.save_pretrained(tmp_path / "m"))
+    loaded = CausalLanguageModel.from_pretrained(directory)
+    tokens = torch.randint(0, 50, (2, 10))
+    assert torch.equal(_logits(loaded, tokens), _logits(model, tokens))
+    _kill_between_the_two_files(directory, _rotary(2), monkeypatch)  # new weights with an id, the old config without
+    with pytest.raises(ValueError, match=r"only the weights have a save id\).*was interrupted"):
+        CausalLanguageModel.from_pretrained(directory)
+
+
+def test_each_file_is_on_disk_before_it_replaces_the_old_one_weights_first(tmp_path, monkeypatch):
+    """A rename can reach the disk before the data it names; and with the config renamed first, a kill between the
+    two renames would leave the new config over old weights in a directory saved before save ids."""
+    synced, replaced = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        replaced.append((Path(dst).name, os.stat(src).st_ino in synced))
+        real_replace(src, dst, *args, **kwargs)
+
+    directory = _rotary(1).save_pretrained(tmp_path / "m")  # replacing existing files, as a second save does
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    _rotary(2).save_pretrained(directory)
+    assert replaced == [("model.safetensors", True), ("config.json", True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
