@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import os
 import sys
 import time
@@ -143,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--cache-dir", default=None,
                       help="token cache; left out: $PERCEIVER_FAST_CACHE or ~/.cache/perceiver_fast")
     demo.add_argument("--out", default=DEMO_DEFAULTS["out_dir"],
-                      help="checkpoint directory (the demo replaces an earlier run there)")
+                      help="checkpoint directory (the demo replaces its own earlier run there, nothing else)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="replace the checkpoint in --out even if the demo did not write it (a run, a model)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     demo.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help="prompt of the sample printed at the end")
@@ -252,16 +255,66 @@ def print_generation(
 # ---------------------------------------------------------------------------------------------------- commands
 
 
+def _demo_warmup_steps(steps: int) -> int:
+    """The demo's warmup: a tenth of a short run, at most the recipe's 50 steps."""
+    return min(DEMO_DEFAULTS["warmup_steps"], max(steps // 10, 1))
+
+
+# The TrainConfig fields in which one demo run differs from another: its flags, the warmup they set, and where and
+# how it ran. In every other field a demo's train_config.json holds the demo's value.
+_DEMO_VARIABLE_FIELDS = {field for field, _ in _DEMO_FLAGS.values()} | {
+    "warmup_steps", "data", "cache_dir", "out_dir", "device", "seed", "progress", "resume", "overwrite",
+}  # fmt: skip
+
+
+def _is_demo_run(out: Path, config: Any) -> bool:
+    """Whether `out` holds a run the demo trained: its ``train_config.json`` is the demo's but for the demo's flags."""
+    from perceiver_fast.train import TRAIN_CONFIG_FILE
+
+    try:
+        saved = json.loads((out / TRAIN_CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(saved, dict) or not isinstance(saved.get("max_steps"), int):
+        return False
+    fixed = {k: v for k, v in dataclasses.asdict(config).items() if k not in _DEMO_VARIABLE_FIELDS and k in saved}
+    same = all(saved[k] == v for k, v in fixed.items())  # fields an older version did not save count as the same
+    return same and saved.get("warmup_steps") == _demo_warmup_steps(saved["max_steps"])
+
+
+def _demo_replaces(out: Path, config: Any, overwrite: bool) -> bool:
+    """The demo's ``overwrite``: True to replace an earlier demo run in `out` (or anything, with `overwrite`), False
+    where there is nothing to replace.
+
+    :raises ValueError: `out` holds something else (a run of ``train``, a model, other files), before anything in it
+        is touched. The lock file and a ``metrics.csv`` alone do not count: training moves the rows aside, keeping them.
+    """
+    from perceiver_fast.train import LOCK_FILE, METRICS_FILE
+
+    if overwrite or not out.is_dir():  # missing (or a file, which training refuses)
+        return overwrite
+    found = sorted(path.name for path in out.iterdir() if path.name not in (LOCK_FILE, METRICS_FILE))
+    if not found:
+        return False
+    if _is_demo_run(out, config):
+        return True  # the demo is a recipe run again and again into one folder: it replaces its own run (and says so)
+    shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+    raise ValueError(
+        f"{out} holds files the demo did not write ({shown}): --overwrite replaces its checkpoint, or choose another "
+        "--out"
+    )
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Train the demo model on the standard library's sources, report the loss, save, and print a sample."""
     from perceiver_fast.train import TrainConfig, resolve_device, train_clm
 
     start = time.perf_counter()
     values = {**DEMO_DEFAULTS, **{field: getattr(args, dest) for dest, (field, _) in _DEMO_FLAGS.items()}}
-    values["warmup_steps"] = min(DEMO_DEFAULTS["warmup_steps"], max(args.steps // 10, 1))
+    values["warmup_steps"] = _demo_warmup_steps(args.steps)
     values.update(data=args.data, cache_dir=args.cache_dir, out_dir=args.out, device=args.device, seed=args.seed)
-    # The demo is a recipe run again and again into the same folder: it replaces its earlier run (and says so).
-    config = TrainConfig(**values, progress=args.progress, overwrite=True)
+    config = TrainConfig(**values, progress=args.progress)
+    config = dataclasses.replace(config, overwrite=_demo_replaces(Path(args.out), config, args.overwrite))
     source = args.data or f"the Python standard library's sources (up to {args.stdlib_max_bytes:,} bytes)"
     print(f"perceiver-fast demo: training a byte-level Perceiver AR language model on {source}", flush=True)
     metrics = train_clm(config)
@@ -311,13 +364,18 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_generate(args: argparse.Namespace) -> str:
     """``generate``: load a checkpoint and stream a continuation of the prompt."""
+    from perceiver_fast.models.core.pretrained import CONFIG_FILE, WEIGHTS_FILE
     from perceiver_fast.models.text.clm import CausalLanguageModel
-    from perceiver_fast.train import autocast_dtype, resolve_device
+    from perceiver_fast.train import autocast_dtype, checkpoint_problem, resolve_device
 
     device = resolve_device(args.device)
     precision = autocast_dtype(args.precision, device)  # as training runs: generation keeps it for every step
     if not (Path(args.checkpoint) / "config.json").is_file():
         raise ValueError(f"{args.checkpoint} is not a checkpoint directory (no config.json)")
+    # A run directory's checkpoint.json holds the SHA-256 of each file: a damaged model.safetensors of the right size
+    # loads without an error and generates nonsense, so it is refused here as a resume refuses it.
+    if problem := checkpoint_problem(args.checkpoint, only=(CONFIG_FILE, WEIGHTS_FILE)):
+        raise ValueError(f"cannot generate: {problem}")
     model = CausalLanguageModel.from_pretrained(args.checkpoint).to(device)
     if model.config.vocab_size != BytesTokenizer().vocab_size:
         raise ValueError(

@@ -21,9 +21,10 @@ during a step's update, or during the final checkpoint, is held back until that 
 
 A run directory belongs to one run: training into one that holds a checkpoint needs ``resume=True`` (continue it) or
 ``overwrite=True`` (replace it), and resuming refuses a config that differs from the saved ``train_config.json`` in
-anything but `RESUMABLE_FIELDS`, or data of another size. A resume with another ``max_steps`` keeps the learning rate
-continuous: from the saved step on, a cosine from that step's rate down to ``min_lr`` at the new ``max_steps`` (see
-`lr_at`).
+anything but `RESUMABLE_FIELDS`, or data of another size. While a run goes on it holds a lock on ``out_dir/.lock``
+(`LOCK_FILE`): a second run into the same directory stops at once. A resume with another ``max_steps`` keeps the
+learning rate continuous: from the saved step on, a cosine from that step's rate down to ``min_lr`` at the new
+``max_steps`` (see `lr_at`).
 
 Under ``torchrun --nproc_per_node N`` the same code trains data-parallel (`perceiver_fast.distributed`): DDP, or FSDP
 with ``fsdp=True``. ``batch_size`` stays the global batch: every process draws the same global batch and trains on
@@ -36,14 +37,16 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
+import pickle
 import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -68,10 +71,19 @@ from perceiver_fast.distributed import DistributedContext
 from perceiver_fast.models.core.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, and runs go unlocked there
+    fcntl = None
+
 TRAINING_STATE_FILE = "training_state.pt"
 TRAIN_CONFIG_FILE = "train_config.json"
 CHECKPOINT_FILE = "checkpoint.json"  # the manifest: step + size and SHA-256 of every checkpoint file; written last
 STAGING_DIR = ".checkpoint-staging"  # a checkpoint being written, inside out_dir (a rename never crosses devices)
+# Locked (flock) by the process that writes out_dir for the whole run: a second run into the same directory would
+# delete the first one's staged checkpoint and interleave its rows in metrics.csv. The file itself stays behind and
+# means nothing: only a lock held on it does (the kernel releases it when its process ends, however it ends).
+LOCK_FILE = ".lock"
 # TrainConfig fields a resume may change: how long to train, what to evaluate and log, where and how to run. Every
 # other field shapes the data, the model or the optimisation, and changing it would silently make another run.
 RESUMABLE_FIELDS = frozenset(
@@ -698,8 +710,14 @@ def _finish_staged_checkpoint(out_dir: Path) -> bool:
     return True
 
 
-def _checkpoint_problem(out_dir: Path) -> str | None:
-    """Why the checkpoint in `out_dir` cannot be trusted (files that differ from its manifest), or None."""
+def checkpoint_problem(out_dir: str | Path, only: Collection[str] | None = None) -> str | None:
+    """Why the checkpoint in `out_dir` cannot be trusted (files that differ from its manifest), or None.
+
+    A directory without ``checkpoint.json`` (a checkpoint of an older version, or a ``save_pretrained`` model) has
+    nothing to check against and passes. `only` limits the check to these files of the manifest (to load the model
+    one needs ``config.json`` and ``model.safetensors``, not the optimizer state).
+    """
+    out_dir = Path(out_dir)
     manifest_path = out_dir / CHECKPOINT_FILE
     if not manifest_path.is_file():
         return None  # written before manifests existed: nothing to check against
@@ -707,7 +725,9 @@ def _checkpoint_problem(out_dir: Path) -> str | None:
         manifest = json.loads(manifest_path.read_text())
         expected_files = manifest["files"]
     except (ValueError, KeyError, TypeError) as e:
-        return f"its manifest {manifest_path} is unreadable ({e})"
+        return f"the checkpoint's manifest {manifest_path} is unreadable ({e})"
+    if only is not None:
+        expected_files = {name: expected for name, expected in expected_files.items() if name in only}
     problems = []
     for name, expected in expected_files.items():
         path = out_dir / name
@@ -734,6 +754,20 @@ def _holds_checkpoint(out_dir: Path) -> bool:
     debris, not a run to protect."""
     found = [path.name for path in _checkpoint_files(out_dir)]
     return any(name != STAGING_DIR for name in found) or (out_dir / STAGING_DIR / CHECKPOINT_FILE).is_file()
+
+
+def _load_training_state(path: Path) -> dict[str, Any]:
+    """``training_state.pt``, or a ValueError naming it and saying what to do when it cannot be read (torch tells of a
+    truncated file only ``[Errno 22] Invalid argument`` or a zip archive it cannot read, and names no file)."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # one line: the command line prints one
+        raise ValueError(
+            f"cannot resume: {path} is unreadable ({reason}): the checkpoint is damaged (cut short by a crash or a "
+            "full disk, or copied in part); restore the run directory from a copy, or start anew with overwrite=True "
+            "(--overwrite)"
+        ) from e
 
 
 def _make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -765,6 +799,52 @@ def _check_out_dir(out_dir: Path) -> None:
                 where = "" if path == out_dir else f" ({path} is a file)"
                 raise ValueError(f"out_dir {str(out_dir)!r} is not a directory{where}")
             return
+
+
+def _lock_run_dir(out_dir: Path, create: bool) -> tuple[int | None, str | None]:
+    """Take the exclusive lock on `out_dir` (its `LOCK_FILE`) without waiting: ``(fd, None)`` while this process holds
+    it (closing `fd` releases it), or ``(None, why not)`` when another run holds it.
+
+    ``(None, None)`` where there is nothing to lock: no ``fcntl`` (Windows), a file system without locks, or a missing
+    `out_dir` that is not to be created (a resume, which then stops on the missing checkpoint).
+    """
+    if fcntl is None or not (create or out_dir.is_dir()):
+        return None, None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip()  # its pid, written once it held the lock
+        os.close(fd)
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        return None, (
+            f"{out_dir} is in use by another run{who}: two runs in one directory would overwrite each other's "
+            "checkpoints and metrics.csv; wait for it to end, or choose another out_dir"
+        )
+    except OSError:  # the file system has no locks (some network mounts): better an unlocked run than none
+        os.close(fd)
+        return None, None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd, None
+
+
+@contextlib.contextmanager
+def _run_dir_locked(out_dir: Path, context: DistributedContext, create: bool) -> Iterator[None]:
+    """Hold `out_dir`'s lock while the block runs, or stop at once when another run holds it (see `LOCK_FILE`).
+
+    Only rank 0 writes the run directory, so only rank 0 locks it; every process stops if it could not.
+    """
+    fd, busy = _lock_run_dir(out_dir, create) if context.is_main else (None, None)
+    try:
+        (failed,) = distributed.all_reduce_sum([float(busy is not None)], context.device)
+        if failed:
+            raise ValueError(busy or f"rank 0 found {out_dir} in use by another run")
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock; the file stays (removing it would race with a run opening it)
 
 
 def _read_train_config(out_dir: Path) -> dict[str, Any] | None:
@@ -869,24 +949,110 @@ def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> 
     return CLMData(train, valid, vocab_size, tokens.numel(), num_bytes, len(documents))
 
 
-class MetricsLog:
-    """``metrics.csv`` (one row per step, evaluations in the same row) and, optionally, TensorBoard; rank 0 only."""
+def _metrics_step(row: dict[Any, Any]) -> int | None:
+    """The step of a ``metrics.csv`` row, or None when the row is cut short or garbled (a crash or a full disk
+    mid-row): every column present, the step an int and the other values numbers or empty."""
+    if None in row or any(row.get(column) is None for column in METRICS_COLUMNS):  # too many or too few fields
+        return None
+    try:
+        for column in METRICS_COLUMNS[1:]:
+            if row[column]:
+                float(row[column])
+        return int(row["step"])
+    except ValueError:
+        return None
 
-    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool, enabled: bool, log: Callable) -> None:
+
+def _keep_metrics_rows(path: Path, start_step: int, log: Callable) -> bool:
+    """Cut ``metrics.csv`` back to the rows of the steps up to `start_step`, for a run resumed there. Returns False,
+    touching nothing, when `path` is not a metrics file of this version (another header).
+
+    Only rows that parse and whose steps increase are kept; the others (a row cut short, the rows of another run
+    interleaved) are dropped with a warning. The kept rows are written to a temporary file that replaces `path` only
+    once it is on disk: a kill during the rewrite leaves the whole file as it was.
+    """
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames != METRICS_COLUMNS:
+            return False
+        kept: list[dict[str, str]] = []
+        dropped = 0
+        for row in reader:
+            step = _metrics_step(row)
+            if step is not None and step > start_step:
+                continue  # logged after the checkpoint: the resumed run logs these steps again
+            if step is None or (kept and step <= int(kept[-1]["step"])):
+                dropped += 1
+            else:
+                kept.append(row)
+    if dropped:
+        log(f"warning: {path}: dropped {dropped} of its rows (cut short, garbled or out of step order)")
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(temporary, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    _sync(path.parent)
+    return True
+
+
+def _holds_metrics_rows(path: Path) -> bool:
+    """Whether `path` is a file with more than our header line in it."""
+    if not path.is_file():
+        return False
+    with open(path, newline="") as fh:
+        lines = list(itertools.islice(fh, 2))
+    return len(lines) > 1 or (bool(lines) and lines[0].strip() != ",".join(METRICS_COLUMNS))
+
+
+def _utc_stamp() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+
+
+def _move_aside(path: Path) -> Path:
+    """Rename `path` (``metrics.csv``) to a free ``metrics.<UTC time>[-N].csv`` beside it; returns the new path.
+    (The run directory is locked, so the name found free stays free.)"""
+    stamp, n = _utc_stamp(), 0
+    aside = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+    os.replace(path, aside)
+    return aside
+
+
+class MetricsLog:
+    """``metrics.csv`` (one row per step, evaluations in the same row) and, optionally, TensorBoard; rank 0 only.
+
+    A resumed run keeps the rows up to its start step (`_keep_metrics_rows`). A new run moves the rows it finds (a run
+    stopped before its first checkpoint leaves nothing else) aside to ``metrics.<UTC time>.csv``, and says so, unless
+    it replaces that run (`replace`: ``overwrite=True``).
+    """
+
+    def __init__(
+        self, out_dir: Path, start_step: int, tensorboard: bool, enabled: bool, log: Callable, replace: bool = False
+    ) -> None:
         self.enabled = enabled
         self.writer = None
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / METRICS_FILE
-        kept = []
-        if start_step > 0 and path.is_file():  # a resumed run keeps the rows up to its start
-            with open(path, newline="") as fh:
-                kept = [row for row in csv.DictReader(fh) if int(row["step"]) <= start_step]
-        self.file = open(path, "w", newline="")
+        resumed = start_step > 0 and path.is_file() and _keep_metrics_rows(path, start_step, log)
+        if not resumed and not replace and _holds_metrics_rows(path):
+            aside = _move_aside(path)
+            log(f"{path} held the rows of an earlier run (stopped before its first checkpoint?): moved to {aside}")
+        self.file = open(path, "a" if resumed else "w", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=METRICS_COLUMNS)
-        self.csv.writeheader()
-        self.csv.writerows(kept)
+        if not resumed:
+            self.csv.writeheader()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -945,7 +1111,8 @@ def train(
 ) -> dict[str, Any]:
     """Train a model for `task` (`CLMTask` or `MLMTask`); returns the run's metrics.
 
-    Under ``torchrun`` the process group is joined here and left at the end.
+    Under ``torchrun`` the process group is joined here and left at the end. ``out_dir`` is locked for the whole run
+    (see `LOCK_FILE`): a run into a directory another run is using stops at once with a ValueError.
 
     :param config: the run's settings.
     :param task: what to train: the model, the batches, the loss.
@@ -960,7 +1127,14 @@ def train(
     joined = not distributed.is_initialized()
     context = distributed.init_distributed(resolve_device(config.device))
     try:
-        result = _train(config, task, data, tokenizer, model, context)
+        if config.fsdp and not context.distributed:
+            raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N (N >= 2)")
+        if model is not None and config.resume:
+            raise ValueError("give either a model or resume=True, not both")
+        out_dir = Path(config.out_dir)
+        _check_out_dir(out_dir)
+        with _run_dir_locked(out_dir, context, create=not config.resume):
+            result = _train(config, task, data, tokenizer, model, context)
         if joined:
             # Leave together: a process tearing down its gloo connections while another still writes its last files
             # and talks to it can abort at exit. Not after an error, where the others may never arrive.
@@ -987,19 +1161,14 @@ def _train(
         if context.is_main:
             tqdm.write(message)  # prints without breaking the progress bar
 
-    if config.fsdp and not context.distributed:
-        raise ValueError("--fsdp needs several processes: launch with torchrun --nproc_per_node N (N >= 2)")
-    if model is not None and config.resume:
-        raise ValueError("give either a model or resume=True, not both")
-
-    # ---- the run directory: continue the run in it (resume), replace it (overwrite), or refuse (before the data)
-    _check_out_dir(out_dir)
+    # ---- the run directory (locked by `train`): continue the run in it (resume), replace it (overwrite), or refuse
+    # (before the data)
     saved_config = None
     if config.resume:
         problem = None
         if context.is_main:  # only rank 0 writes checkpoints, so only rank 0 may finish an interrupted one
             _finish_staged_checkpoint(out_dir)
-            problem = _checkpoint_problem(out_dir)
+            problem = checkpoint_problem(out_dir)
         (failed,) = distributed.all_reduce_sum([float(problem is not None)], device)  # every process stops, or none
         if failed:
             raise ValueError(f"cannot resume: {problem or f'rank 0 found the checkpoint in {out_dir} inconsistent'}")
@@ -1069,7 +1238,7 @@ def _train(
         changed = _config_diff(asdict(model.config), asdict(task.model_config(config, data.vocab_size)))
         if changed:
             raise ValueError(f"cannot resume with a different model config (saved, given): {changed}")
-        state = torch.load(state_path, weights_only=True)
+        state = _load_training_state(state_path)
         expected_format = "fsdp" if config.fsdp else "plain"
         if state.get("optimizer_format", "plain") != expected_format:
             raise ValueError(
@@ -1126,7 +1295,7 @@ def _train(
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    logs = MetricsLog(out_dir, start_step, config.tensorboard, context.is_main, log)
+    logs = MetricsLog(out_dir, start_step, config.tensorboard, context.is_main, log, replace=config.overwrite)
 
     def run_eval(step: int) -> float | None:
         if len(data.valid) == 0:

@@ -366,3 +366,65 @@ def test_train_refuses_to_replace_a_run_without_overwrite(tmp_path, capsys):
     assert_one_line_error(exc, capsys.readouterr(), "train", "cannot resume", "lr: 0.001 saved, 0.01 given")
     assert main([*argv, "--max-steps", "1", "--lr", "0.01", "--overwrite"]) == 0
     assert "step=1" in capsys.readouterr().out
+
+
+def train_a_tiny_run(tmp_path, out, steps="2"):
+    data = tmp_path / "data.txt"
+    data.write_text("for i in range(10):\n    print(i)\n" * 100, encoding="utf-8")
+    argv = ["train", "clm", "--data", str(data), "--num-self-attention-layers", "1", *TINY_MODEL, "--batch-size", "4"]
+    argv += ["--eval-every", "0", "--eval-batches", "1", "--no-progress", "--out-dir", str(out)]
+    assert main([*argv, "--cache-dir", str(tmp_path / "cache"), "--max-steps", steps]) == 0
+    return data
+
+
+def test_demo_replaces_its_own_earlier_run_only(tmp_path, capsys):
+    # `demo --out DIR` replaced whatever checkpoint DIR held: a run of `train clm`, a saved model. It now replaces an
+    # earlier demo's run only, and anything else with --overwrite; otherwise it stops before touching anything.
+    run = tmp_path / "run"
+    data = train_a_tiny_run(tmp_path, run)
+    model_dir = tmp_path / "model"
+    config = TrainConfig(max_seq_len=32, max_latents=8, num_channels=32, num_heads=2, num_self_attention_layers=1)
+    clm.CausalLanguageModel(config.model_config(262)).save_pretrained(model_dir)
+    (model_dir / "README.md").write_text("my notes")
+    capsys.readouterr()
+    demo = ["demo", "--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--steps", "2", "--max-seq-len", "32"]
+    demo += ["--max-latents", "8", "--num-channels", "16", "--num-heads", "2", "--num-layers", "1", "--batch-size", "4"]
+    demo += ["--eval-batches", "1"]
+    demo += ["--max-new-tokens", "2", "--greedy", "--no-progress"]
+    for out in (run, model_dir):
+        files = {path.name: path.read_bytes() for path in out.iterdir()}
+        with pytest.raises(SystemExit) as exc:
+            main([*demo, "--out", str(out)])
+        refused = f"{out} holds files the demo did not write"
+        assert_one_line_error(exc, capsys.readouterr(), "demo", refused, "--overwrite")
+        assert {path.name: path.read_bytes() for path in out.iterdir()} == files
+
+    out = tmp_path / "demo"
+    assert main([*demo, "--out", str(out)]) == 0
+    assert main([*demo, "--steps", "3", "--out", str(out)]) == 0  # another demo's run: replaced, and said
+    printed = capsys.readouterr().out
+    assert f"overwrite: replacing the run in {out}" in printed and "after 3 steps" in printed
+    assert main([*demo, "--out", str(model_dir), "--overwrite"]) == 0
+    assert clm.CausalLanguageModel.from_pretrained(model_dir).config.num_channels == 16
+    assert (model_dir / "README.md").read_text() == "my notes"  # only the checkpoint is replaced
+
+
+def test_generate_refuses_a_checkpoint_that_differs_from_its_manifest(tmp_path, capsys):
+    # A damaged model.safetensors of the right size loads without error: generate used to print what it made of it,
+    # while a resume refused the same checkpoint. Only the files generate reads are checked.
+    out = tmp_path / "run"
+    train_a_tiny_run(tmp_path, out)
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(out), "--prompt", "for", "--max-new-tokens", "2"]
+    weights = out / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-64] + b"\x7f" * 64)
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    damaged = "model.safetensors is not the file saved at step 2"
+    assert_one_line_error(exc, capsys.readouterr(), "generate", f"cannot generate: the checkpoint in {out}", damaged)
+
+    weights.write_bytes(good)
+    state = out / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # the optimizer state: not needed to generate
+    assert main(argv) == 0

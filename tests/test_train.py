@@ -312,6 +312,61 @@ def test_resume_refuses_data_that_changed(text_file, tmp_path):
         train_clm(tiny_config(text_file, tmp_path, max_steps=3, resume=True))
 
 
+def test_a_second_run_into_a_busy_directory_stops_at_once(text_file, tmp_path, monkeypatch):
+    # Two runs into one directory deleted each other's staged checkpoints and interleaved their rows in metrics.csv.
+    # A run locks its directory while it goes on: a second one, even one told to overwrite, stops before any work.
+    out = tmp_path / "run"
+    second = []
+    real_write = train_module.MetricsLog.write
+
+    def write_then_start_another(self, step, **values):
+        real_write(self, step, **values)
+        if step == 2 and not second:
+            try:
+                train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0, lr=1e-2, overwrite=True))
+                second.append("it ran")
+            except ValueError as e:
+                second.append(str(e))
+
+    monkeypatch.setattr(train_module.MetricsLog, "write", write_then_start_another)
+    first = train_clm(tiny_config(text_file, tmp_path, max_steps=3, eval_every=0, checkpoint_every=1))
+    monkeypatch.undo()
+    assert len(second) == 1 and second[0].startswith(f"{out} is in use by another run (pid {os.getpid()}): ")
+    assert first["step"] == 3 and saved_step(out) == 3
+    with open(out / METRICS_FILE, newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [0, 1, 2, 3]
+
+    # The run is over: its lock with it. The lock file is no run (a new run needs no overwrite), survives an
+    # overwrite, and lets a resume through.
+    assert train_clm(tiny_config(text_file, tmp_path, max_steps=4, eval_every=0, resume=True))["start_step"] == 3
+    train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0, overwrite=True))
+    assert (out / train_module.LOCK_FILE).is_file()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    shutil.copy(out / train_module.LOCK_FILE, fresh / train_module.LOCK_FILE)
+    assert train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0, out_dir=str(fresh)))["step"] == 1
+
+
+def test_without_flock_a_run_goes_unlocked(text_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(train_module, "fcntl", None)  # Windows
+    assert train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0))["step"] == 1
+    assert not (tmp_path / "run" / train_module.LOCK_FILE).exists()
+
+
+def test_an_unreadable_training_state_is_named(text_file, tmp_path):
+    # Without a manifest to check it against (a checkpoint of an older version), a truncated training_state.pt made
+    # torch.load fail with a bare "[Errno 22] Invalid argument" that named no file.
+    train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0))
+    out = tmp_path / "run"
+    (out / train_module.CHECKPOINT_FILE).unlink()
+    state = out / TRAINING_STATE_FILE
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    with pytest.raises(ValueError, match="is unreadable") as error:
+        train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, resume=True))
+    message = str(error.value)
+    assert f"cannot resume: {state} is unreadable (" in message and "--overwrite" in message and "\n" not in message
+
+
 # ---------------------------------------------------------------------------------------------------- longer resumes
 
 
@@ -531,7 +586,7 @@ def test_ctrl_c_during_the_final_checkpoint_finishes_it_first(
     monkeypatch.setattr(clm.CausalLanguageModel, "save_pretrained", real_save)
     out = tmp_path / "run"
     assert saved_step(out) == 4 and not (out / train_module.STAGING_DIR).exists()
-    assert train_module._checkpoint_problem(out) is None  # whole: every file as its manifest says
+    assert train_module.checkpoint_problem(out) is None  # whole: every file as its manifest says
     assert_same_weights(straight_run, final_weights(out))
     assert train_clm(replace(config, resume=True))["start_step"] == 4
 
@@ -557,7 +612,7 @@ def test_a_second_ctrl_c_abandons_the_final_checkpoint(
     monkeypatch.setattr(clm.CausalLanguageModel, "save_pretrained", real_save)
     out = tmp_path / "run"
     assert len(saves) == 2 and saved_step(out) == 2 and not (out / train_module.STAGING_DIR).exists()
-    assert train_module._checkpoint_problem(out) is None
+    assert train_module.checkpoint_problem(out) is None
     train_clm(tiny_config(text_file, tmp_path, **CHECKPOINTED, resume=True))
     assert_same_weights(straight_run, final_weights(out))
 
@@ -586,6 +641,78 @@ def test_metrics_csv_has_one_row_per_step_and_survives_resume(text_file, tmp_pat
     train_clm(tiny_config(text_file, tmp_path, max_steps=6, eval_every=2, resume=True))
     with open(path, newline="") as fh:
         assert [int(r["step"]) for r in csv.DictReader(fh)] == [0, 1, 2, 3, 4, 5, 6]
+
+
+def metrics_steps(out_dir):
+    with open(out_dir / METRICS_FILE, newline="") as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh)]
+
+
+def test_a_kill_while_a_resume_rewrites_metrics_csv_keeps_its_rows(text_file, tmp_path, monkeypatch):
+    # A resume cuts metrics.csv back to the rows up to its start step. It used to reopen the file with "w" and write
+    # the kept rows back: killed in between, the whole history was gone.
+    train_clm(tiny_config(text_file, tmp_path, max_steps=4, eval_every=0, checkpoint_every=2))
+    out = tmp_path / "run"
+    before = (out / METRICS_FILE).read_text()
+
+    def killed(self, rows):
+        raise Killed  # the kill lands while the kept rows are written
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(Killed):
+        train_clm(tiny_config(text_file, tmp_path, max_steps=6, eval_every=0, resume=True))
+    monkeypatch.undo()
+    assert (out / METRICS_FILE).read_text() == before
+    assert not [path.name for path in out.iterdir() if path.name.endswith(".tmp")]
+    train_clm(tiny_config(text_file, tmp_path, max_steps=6, eval_every=0, resume=True))
+    assert metrics_steps(out) == [0, 1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_drops_metrics_rows_cut_short_or_out_of_order(text_file, tmp_path, capsys):
+    # A crash or a full disk mid-row leaves a cut-short last row: kept as a row of "step 1", or a ValueError of int()
+    # naming no file that stopped the resume. Only rows that parse and whose steps increase are kept, with a warning.
+    train_clm(tiny_config(text_file, tmp_path, max_steps=6, eval_every=0))
+    path = tmp_path / "run" / METRICS_FILE
+    rows = path.read_text().splitlines(keepends=True)[:7]  # the header and steps 0 to 5; the checkpoint is at step 6
+    cut_short = ["1", ",5.5", "6,5.5", "6,5.5,0.001,,,,,,", "3,5.5,0.001,100,,,"]  # ... and a step repeated
+    for tail in cut_short:
+        path.write_text("".join(rows) + tail)
+        capsys.readouterr()
+        train_clm(tiny_config(text_file, tmp_path, max_steps=6, eval_every=0, resume=True))
+        assert metrics_steps(tmp_path / "run") == [0, 1, 2, 3, 4, 5], tail
+        assert f"warning: {path}: dropped 1 of its rows" in capsys.readouterr().out, tail
+
+
+def test_a_new_run_keeps_the_rows_of_one_stopped_before_its_first_checkpoint(text_file, tmp_path, monkeypatch, capsys):
+    # A run killed before its first checkpoint leaves only metrics.csv, which the next run into the directory used to
+    # truncate. Its rows are moved aside under a name not taken yet, and the new run says where.
+    real_write = train_module.MetricsLog.write
+
+    def killed_at_step_2(self, step, **values):
+        real_write(self, step, **values)
+        if step == 2:
+            raise Killed
+
+    monkeypatch.setattr(train_module.MetricsLog, "write", killed_at_step_2)
+    with pytest.raises(Killed):
+        train_clm(tiny_config(text_file, tmp_path, max_steps=5, eval_every=0))
+    monkeypatch.undo()
+    out = tmp_path / "run"
+    old_rows = (out / METRICS_FILE).read_text()
+    assert metrics_steps(out) == [0, 1, 2] and not (out / TRAINING_STATE_FILE).exists()
+
+    monkeypatch.setattr(train_module, "_utc_stamp", lambda: "20260101T000000Z")
+    (out / "metrics.20260101T000000Z.csv").write_text("taken")
+    capsys.readouterr()
+    train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0, lr=1e-2))
+    aside = out / "metrics.20260101T000000Z-1.csv"
+    assert aside.read_text() == old_rows and (out / "metrics.20260101T000000Z.csv").read_text() == "taken"
+    assert f"moved to {aside}" in capsys.readouterr().out
+    assert metrics_steps(out) == [0, 1]
+
+    # overwrite=True replaces the run, its rows included (nothing is moved aside).
+    train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, overwrite=True))
+    assert metrics_steps(out) == [0, 1, 2] and len(list(out.glob("metrics.*.csv"))) == 2
 
 
 def test_precision():
