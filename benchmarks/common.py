@@ -1,15 +1,20 @@
-"""Shared helpers for the benchmark suites: timing, measured peaks, tables, JSON results and plots."""
+"""Shared helpers for the benchmark suites: timing, measured peaks, tables, JSON results and plots, and how they
+reach the disk (names that never replace an earlier run's file, writes that are never seen half done)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import re
+import secrets
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -27,10 +32,71 @@ def device_slug(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def utc_now() -> _dt.datetime:
+    """The one clock of result names and metadata: UTC, so that the date a file is named by does not depend on the
+    time zone of the machine that ran it (a GPU machine's and this one's may differ)."""
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def utc_date() -> str:
+    """Today in UTC, ``YYYY-MM-DD``: the date in every result file's name and every table's ``date``."""
+    return utc_now().date().isoformat()
+
+
+# A tag goes into a file name (never a path of its own): no separator, nothing a shell or a glob reads specially.
+_TAG = re.compile(r"[A-Za-z0-9._-]*")
+
+
+def file_tag(text: str) -> str:
+    """An argparse ``type`` for a tag of result file names: letters, digits, ``.``, ``_`` and ``-`` only, refused at
+    parsing rather than by a crash when the first file is written, after the first measurement."""
+    if not _TAG.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: a tag may hold only letters, digits, '.', '_' and '-'")
+    return text
+
+
 def results_path(device: torch.device, suite: str, out_dir: Path | None = None) -> Path:
     """``<out_dir or benchmarks/results>/<device>-<date>-<suite>.json``."""
-    date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
-    return (out_dir or RESULTS_DIR) / f"{device_slug(device)}-{date}-{suite}.json"
+    return (out_dir or RESULTS_DIR) / f"{device_slug(device)}-{utc_date()}-{suite}.json"
+
+
+def unused_path(path: Path) -> Path:
+    """``path`` when nothing is there, else the first free one of ``<stem>-2<suffix>``, ``<stem>-3<suffix>``, ..."""
+    candidate, number = path, 1
+    while candidate.exists():
+        number += 1
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+    return candidate
+
+
+def new_results_path(path: Path) -> Path:
+    """Where a run that is starting writes its results: ``path``, or a free name beside it when an earlier run (of
+    the same day, device and suite) left a file there, which is kept and named, never replaced."""
+    chosen = unused_path(path)
+    if chosen != path:
+        print(f"{path} exists (an earlier run's results): kept; this run writes {chosen.name}")
+    return chosen
+
+
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write in full, then renamed onto it (``os.replace``, atomic within one
+    folder): a run killed mid-write, or a reader, sees the old file or the new one, never a truncated one. The name is
+    hidden and ends in ``.tmp``, so no ``*.json`` glob picks it up; it is removed when the write fails."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> Path:
+    """``path.write_text(text)``, atomically (see :func:`replacing`); returns the path."""
+    with replacing(path) as temporary:
+        temporary.write_text(text)
+    return path
 
 
 def synchronize(device: torch.device) -> None:
@@ -120,9 +186,14 @@ def format_pivot(rows: Sequence[dict], *, index: Sequence[str], column: str, val
 
 
 def write_json(path: Path, meta: dict, rows: Sequence[dict]) -> Path:
-    """Write ``{"meta": ..., "rows": [...]}``; returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1, default=str) + "\n")
+    """Write ``{"meta": ..., "rows": [...]}`` atomically (a run rewrites it after each step); returns the path."""
+    return write_text(path, json.dumps({"meta": meta, "rows": list(rows)}, indent=1, default=str) + "\n")
+
+
+def save_figure(figure, path: Path) -> Path:
+    """``figure.savefig(path)`` atomically; the format is named by ``path``'s suffix, not the temporary's ``.tmp``."""
+    with replacing(path) as temporary:
+        figure.savefig(temporary, dpi=120, format=path.suffix.removeprefix(".") or "png")
     return path
 
 
@@ -153,7 +224,7 @@ def plot_bars(path: Path, rows: Sequence[dict], *, metric: str, group: str, seri
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)

@@ -17,7 +17,6 @@ bandwidth. On CPU a small preset runs the two methods that can (a smoke run, not
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import statistics
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks import common
 from benchmarks.common import copy_bandwidth_gbs, format_table, median, results_path, time_ms, write_json
 from perceiver_fast.kernels import dispatch
 from perceiver_fast.kernels.decode import decode_attention, explain_decode
@@ -192,12 +192,11 @@ def merge_into_table(table_rows: list[dict], directory: Path, device: torch.devi
     path = directory / dispatch.table_name(capability)
     table = json.loads(path.read_text()) if path.is_file() else {
         "device": torch.cuda.get_device_name(device), "capability": f"{capability[0]}.{capability[1]}",
-        "date": datetime.date.today().isoformat(), "torch": torch.__version__, "source": [], "rows": [],
+        "date": common.utc_date(), "torch": torch.__version__, "source": [], "rows": [],
     }  # fmt: skip
     table["rows"] = [r for r in table["rows"] if r["regime"] != dispatch.DECODE_STEP_REGIME] + table_rows
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=1) + "\n")
-    return path
+    # Atomically: `auto` dispatch reads this file, and a truncated one would break it for every later import.
+    return common.write_text(path, json.dumps(table, indent=1) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -208,8 +207,8 @@ def run(args: argparse.Namespace) -> int:
     shapes = PRESETS[preset]
     copy_gbs = copy_bandwidth_gbs(device)
     meta = dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                torch=torch.__version__, date=datetime.date.today().isoformat(), copy_gbs=copy_gbs)  # fmt: skip
-    path = results_path(device, "decode-step", Path(args.out) if args.out else None)
+                torch=torch.__version__, date=common.utc_date(), copy_gbs=copy_gbs)  # fmt: skip
+    path = common.new_results_path(results_path(device, "decode-step", Path(args.out) if args.out else None))
     rows = []
     for shape in shapes:
         rows += bench(shape, dtype, device, copy_gbs, args.repeats)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from benchmarks.shapes import Shape
 from perceiver_fast.kernels import dispatch
 from perceiver_fast.kernels.dispatch import ProblemClass
@@ -314,9 +315,8 @@ def write_table(table: dict, directory: Path | None = None) -> Path:
     """Write ``table`` as ``sm<major><minor>.json`` under ``directory`` (default: the package's tables)."""
     capability = parse_capability(table["capability"])
     path = Path(directory or dispatch.TABLE_DIR) / dispatch.table_name(capability)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dumps(table))
-    return path
+    # Atomically: `auto` dispatch reads this file, and a truncated one would break it for every later import.
+    return common.write_text(path, dumps(table))
 
 
 def format_orders(table: dict) -> str:
@@ -358,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         data = import_results(
             args.source, device_name=args.device_name, capability=args.capability, date=args.date, note=args.note
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        common.write_text(args.out, json.dumps(data, indent=1) + "\n")
         print(f"wrote {args.out} ({len(data['rows'])} rows)")
         return 0
     path, table = write_from_files(args.results, args.capability, args.table_dir)

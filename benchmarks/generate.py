@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
 import math
 import platform
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import common
 from perceiver_fast.generation import PerceiverARCache, WindowSchedule, release_decoding
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 
@@ -303,9 +303,10 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     ax.set_title("Perceiver AR greedy decoding")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    try:
+        return common.save_figure(fig, path)
+    finally:
+        plt.close(fig)
 
 
 def _payload(rows: list[dict], device: torch.device, args: argparse.Namespace) -> dict:
@@ -326,14 +327,19 @@ def _payload(rows: list[dict], device: torch.device, args: argparse.Namespace) -
     return payload
 
 
+def results_path(device: torch.device, args: argparse.Namespace) -> Path:
+    """``<out>/<device>-<UTC date>-generate[-<model>][-<dtype>][-<tag>].json``: the name before any ``-2`` that an
+    earlier run's file there calls for (``benchmarks/gpu_generate.sh`` globs these names)."""
+    tag = "-".join(t for t in (args.model if args.model != "reference" else "",
+                               args.dtype if args.dtype != "fp32" else "", args.tag) if t)  # fmt: skip
+    stem = f"{_device_name(device)}-{common.utc_date()}-generate{'-' + tag if tag else ''}"
+    return Path(args.out or RESULTS) / f"{stem}.json"
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
-    out_dir = Path(args.out or RESULTS)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "-".join(t for t in (args.model if args.model != "reference" else "",
-                               args.dtype if args.dtype != "fp32" else "", args.tag) if t)  # fmt: skip
-    stem = f"{_device_name(device)}-{datetime.date.today().isoformat()}-generate{'-' + tag if tag else ''}"
+    path = common.new_results_path(results_path(device, args))
     rows = []
     for context in args.contexts:
         for batch in args.batch_sizes:
@@ -347,13 +353,13 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows += block
             # Written after every block: a run cut short by a deadline (the GPU checks) keeps what it measured.
             payload = _payload(rows, device, args)
-            (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2) + "\n")
+            common.write_text(path, json.dumps(payload, indent=2) + "\n")
     if "gpu_targets" in payload:
         print("GPU targets of the generation issue:")
         for target, verdict in payload["gpu_targets"].items():
             print(f"  {target}: {verdict}")
-    picture = plot(rows, out_dir / f"{stem}.png")
-    print(f"wrote {out_dir / (stem + '.json')}" + (f" and {picture}" if picture else ""))
+    picture = plot(rows, path.with_suffix(".png"))  # named as its JSON, a -2 of a second run included
+    print(f"wrote {path}" + (f" and {picture}" if picture else ""))
     return rows
 
 
@@ -376,7 +382,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip", nargs="*", default=[], help="methods whose name contains any of these, e.g. uncached")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    parser.add_argument("--tag", default="", help="suffix of the result files' names (runs of one day and device)")
+    tag_help = "suffix of the result files' names: letters, digits, '.', '_' and '-'"
+    parser.add_argument("--tag", type=common.file_tag, default="", help=tag_help)
 
 
 if __name__ == "__main__":

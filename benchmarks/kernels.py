@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import math
 import os
 import platform
@@ -486,7 +485,7 @@ def run(args: argparse.Namespace) -> int:
         "capability": "{}.{}".format(*torch.cuda.get_device_capability(device)) if cuda else None,
         "dtype": str(dtype),
         "preset": preset,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": common.utc_now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "matmul_peak_tflops": peak,
         "copy_gbs": bandwidth,
@@ -502,7 +501,8 @@ def run(args: argparse.Namespace) -> int:
     ran = {row["backend"] for row in rows if "ms" in row}  # backends that ran nowhere would be columns of dashes
     print(common.format_pivot([r for r in rows if r["backend"] in ran], index=("shape", "mode"), column="backend",
                               value="rate"))
-    path = common.write_json(common.results_path(device, "kernels", args.out), meta, rows)
+    # Named when written, the one write of the run: a run that finished meanwhile under the same name is kept too.
+    path = common.write_json(common.new_results_path(common.results_path(device, "kernels", args.out)), meta, rows)
     print(f"\nwrote {path}")
     if args.write_dispatch_table:
         from benchmarks import dispatch_table

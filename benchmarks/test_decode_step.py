@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 
+import pytest
 import torch
 
-from benchmarks import decode_step
+from benchmarks import common, decode_step
 from perceiver_fast.kernels import dispatch
 
 
@@ -62,3 +63,31 @@ def test_table_rows_rank_by_graph_time_and_replace_only_decode_step_rows(tmp_pat
     path = decode_step.merge_into_table(rows, tmp_path, torch.device("cuda"))
     written = json.loads(path.read_text())["rows"]
     assert written[0] == other and written[1:] == rows
+
+
+def test_a_second_run_of_the_day_writes_beside_the_first_dated_utc(tmp_path, monkeypatch, capsys):
+    """Each run's file is named on its start: the second one's ``-2``, the first one's rows untouched."""
+    runs = iter([1.0, 2.0])
+    monkeypatch.setattr(decode_step, "copy_bandwidth_gbs", lambda device: next(runs))
+    monkeypatch.setattr(decode_step, "bench", lambda shape, *args: [dict(shape=shape.label, method="composite")])
+    monkeypatch.setattr(common, "utc_date", lambda: "1999-12-31")
+    args = argparse.Namespace(preset="cpu", dtype=None, device="cpu", repeats=1, out=str(tmp_path),
+                              write_dispatch_table=False, table_dir=str(tmp_path))  # fmt: skip
+    assert decode_step.run(args) == 0 and decode_step.run(args) == 0
+    first, second = sorted(tmp_path.glob("*.json"), key=lambda p: len(p.name))
+    assert first.name.endswith("-1999-12-31-decode-step.json") and second.name == f"{first.stem}-2.json"
+    assert [json.loads(p.read_text())["meta"]["copy_gbs"] for p in (first, second)] == [1.0, 2.0]
+    assert json.loads(first.read_text())["meta"]["date"] == "1999-12-31"
+    assert "exists (an earlier run's results): kept" in capsys.readouterr().out
+
+
+def test_a_table_merge_killed_mid_write_leaves_the_table_whole(tmp_path, monkeypatch, killed_mid_write):
+    """``auto`` dispatch reads this table: a truncated one would break every later import of the package."""
+    before = json.dumps({"device": "x", "date": "d", "rows": []}).encode()
+    (tmp_path / "sm90.json").write_bytes(before)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    row = dict(dtype="bfloat16", regime=dispatch.DECODE_STEP_REGIME, head_dim=128, keys=16384, bounds=True,
+               grad=False, order=["cuda"])  # fmt: skip
+    with pytest.raises(killed_mid_write):
+        decode_step.merge_into_table([row], tmp_path, torch.device("cuda"))
+    assert (tmp_path / "sm90.json").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sm90.json"]

@@ -254,3 +254,34 @@ def test_the_kernel_summary_names_no_wrong_backend_best():
     ]
     (summary,) = _auto_versus_sdpa(rows)
     assert summary["best backend"].startswith("triton") and summary["auto/best"] == 1.0
+
+
+def test_a_table_or_import_killed_mid_write_leaves_the_earlier_file_whole(tmp_path, killed_mid_write):
+    """``auto`` dispatch reads the table: a truncated one would break every later import of the package."""
+    before = SM90.read_bytes()
+    (tmp_path / "sm90.json").write_bytes(before)
+    table = {**json.loads(before), "rows": []}
+    with pytest.raises(killed_mid_write):
+        dispatch_table.write_table(table, tmp_path)
+    assert (tmp_path / "sm90.json").read_bytes() == before
+    out = tmp_path / "imported.json"
+    out.write_bytes(b"{}")
+    with pytest.raises(killed_mid_write):
+        dispatch_table.main(["import", str(PROBE_JSON), "--out", str(out)])
+    assert out.read_bytes() == b"{}" and sorted(p.name for p in tmp_path.iterdir()) == ["imported.json", "sm90.json"]
+
+
+def test_a_second_kernel_run_of_the_day_writes_beside_the_first(tmp_path, monkeypatch, capsys):
+    """One tiny shape and no peak measurements: only the names of the two runs' files are under test."""
+    shape = Shape("decode", 1, 1, 64, 2, 2, 16, 16, True)
+    monkeypatch.setitem(kernels.PRESETS, "quick", lambda: [shape])
+    monkeypatch.setattr(kernels.common, "matmul_peak_tflops", lambda device, dtype: 1.0)
+    monkeypatch.setattr(kernels.common, "copy_bandwidth_gbs", lambda device: 1.0)
+    argv = ["kernels", "--quick", "--backends", "eager", "--modes", "fwd", "--repeats", "1", "--warmup", "0"]
+    argv += ["--budget", "0.01", "--no-plot", "--out", str(tmp_path)]
+    assert bench_main(argv) == 0
+    (first,) = tmp_path.glob("*-kernels.json")
+    before = first.read_bytes()
+    assert bench_main(argv) == 0
+    assert first.read_bytes() == before and first.with_name(f"{first.stem}-2.json").is_file()
+    assert f"{first} exists (an earlier run's results): kept" in capsys.readouterr().out

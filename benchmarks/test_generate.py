@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 
 import pytest
+import torch
 
+from benchmarks import common, generate
 from benchmarks.generate import add_arguments, gpu_targets, ms_per_step
 
 
@@ -57,3 +61,57 @@ def test_new_tokens_must_leave_a_difference_to_time():
     add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--new-tokens", "1"])
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--device", "cpu", "--new-tokens", "2", *argv])
+
+
+def test_a_tag_that_is_not_a_file_name_part_is_refused_before_anything_runs(capsys):
+    """``--tag h100/run2`` went into the file name as a folder: FileNotFoundError after the first block measured."""
+    for tag in ("h100/run2", "../../escaped"):
+        with pytest.raises(SystemExit):
+            _args("--tag", tag)
+        assert "a tag may hold only" in capsys.readouterr().err
+    assert _args("--tag", "h100_run-2.b").tag == "h100_run-2.b" and _args().tag == ""
+
+
+def _fake_blocks(monkeypatch, stop_after: int | None = None) -> None:
+    """``bench_context`` without a model: one row per block; the run is killed after ``stop_after`` blocks."""
+    done = []
+
+    def bench_context(context, batch, *args):
+        if stop_after is not None and len(done) == stop_after:
+            raise KeyboardInterrupt  # a deadline or Ctrl-C, between two blocks
+        done.append(context)
+        return [dict(method="ours exact", context=context, batch=batch, prefill_ms=1.0, ms_per_token=2.0,
+                     tokens_per_s=500.0)]  # fmt: skip
+
+    monkeypatch.setattr(generate, "bench_context", bench_context)
+    monkeypatch.setattr(generate, "plot", lambda rows, path: None)
+
+
+def _contexts(path) -> list[int]:
+    return [row["context"] for row in json.loads(path.read_text())["rows"]]
+
+
+def test_a_second_run_cut_short_keeps_the_first_runs_complete_file(tmp_path, monkeypatch, capsys):
+    _fake_blocks(monkeypatch)
+    generate.run(_args("--contexts", "512", "1024", "--out", str(tmp_path)))
+    (first,) = tmp_path.glob("*.json")
+    _fake_blocks(monkeypatch, stop_after=1)
+    with pytest.raises(KeyboardInterrupt):
+        generate.run(_args("--contexts", "512", "8192", "--out", str(tmp_path)))
+    second = first.with_name(f"{first.stem}-2.json")
+    assert _contexts(first) == [512, 1024] and _contexts(second) == [512]
+    assert f"{first} exists (an earlier run's results): kept" in capsys.readouterr().out
+
+
+def test_generate_names_its_files_by_the_one_utc_date(tmp_path, monkeypatch):
+    _fake_blocks(monkeypatch)
+    monkeypatch.setattr(common, "utc_date", lambda: "1999-12-31")
+    generate.run(_args("--contexts", "512", "--tag", "t", "--out", str(tmp_path)))
+    (path,) = tmp_path.glob("*.json")
+    assert path.name == f"{generate._device_name(torch.device('cpu'))}-1999-12-31-generate-t.json"
