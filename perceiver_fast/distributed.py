@@ -203,9 +203,13 @@ def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimize
     return optimizer.state_dict()
 
 
-def load_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load what `full_optimizer_state` saved, sharding it again under FSDP."""
-    if is_fsdp(model):
+def load_optimizer_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict, saved_format: str = "plain"
+) -> None:
+    """Load what `full_optimizer_state` saved (`saved_format` ``"fsdp"`` or ``"plain"``), sharding it again under
+    FSDP. A state saved under FSDP is keyed by parameter name, so it also loads into a model that is not sharded (a
+    resume in one process or under DDP); a plain one is keyed by position and loads only into an unsharded model."""
+    if is_fsdp(model) or saved_format == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))

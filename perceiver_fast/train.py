@@ -1202,7 +1202,11 @@ def _train(
         raise ValueError(f"data chunks have {data.train.shape[1]} tokens, expected {task.chunk_len(config)}")
     global_batch_size = min(config.batch_size, len(data.train))  # as EpochSampler draws them
     if global_batch_size % world:
-        raise ValueError(f"the batch of {global_batch_size} chunks does not split evenly over {world} processes")
+        capped = "" if global_batch_size == config.batch_size else f" (batch_size {config.batch_size}, capped at the "
+        capped += f"{len(data.train)} training chunks)" if capped else ""
+        raise ValueError(
+            f"the batch of {global_batch_size} chunks{capped} does not split evenly over {world} processes"
+        )
     data_s = time.perf_counter() - t_start
     log(
         f"data: {data.num_documents} documents, {data.num_tokens:,} tokens ({data.num_bytes:,} bytes), "
@@ -1239,11 +1243,12 @@ def _train(
         if changed:
             raise ValueError(f"cannot resume with a different model config (saved, given): {changed}")
         state = _load_training_state(state_path)
-        expected_format = "fsdp" if config.fsdp else "plain"
-        if state.get("optimizer_format", "plain") != expected_format:
+        # An FSDP checkpoint's optimizer state is keyed by parameter name and loads into any run; the plain one
+        # (keyed by position) only into a run without FSDP.
+        if state.get("optimizer_format", "plain") == "plain" and config.fsdp:
             raise ValueError(
-                f"{state_path} holds a {state.get('optimizer_format')} optimizer state: resume with"
-                + (" --fsdp" if expected_format == "plain" else "out --fsdp")
+                f"{state_path} holds the optimizer state of a run without --fsdp (DDP or one process): resume it "
+                "without --fsdp"
             )
         saved_data = state.get("data", data_fingerprint)  # checkpoints of older versions did not record it
         if data_changed := {k: (saved_data[k], v) for k, v in data_fingerprint.items() if saved_data.get(k, v) != v}:
@@ -1278,7 +1283,7 @@ def _train(
     metrics: dict[str, Any] = {"history": [], "initial_val_loss": None, "first_train_loss": None}
     start_step = 0
     if state is not None:
-        distributed.load_optimizer_state(model, optimizer, state["optimizer"])
+        distributed.load_optimizer_state(model, optimizer, state["optimizer"], state.get("optimizer_format", "plain"))
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         start_step = int(state["step"])

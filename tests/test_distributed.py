@@ -11,6 +11,7 @@ draws its own dropout noise for its rows, which a single process cannot reproduc
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,14 @@ import torch
 
 pytest.importorskip("safetensors")
 clm = pytest.importorskip("perceiver_fast.models.text.clm")
-from perceiver_fast.train import CLM_ONLY_FIELDS, TRAINING_STATE_FILE, TrainConfig, train_clm, train_mlm  # noqa: E402
+from perceiver_fast.train import (  # noqa: E402
+    CLM_ONLY_FIELDS,
+    TRAINING_STATE_FILE,
+    TrainConfig,
+    prepare_data,
+    train_clm,
+    train_mlm,
+)
 
 TEXT = "".join(f"def f{i % 7}(x):\n    return x * {i % 5} + {i % 3}\n\n" for i in range(400))
 REPO = Path(__file__).resolve().parents[1]
@@ -158,6 +166,10 @@ def test_fsdp_matches_single_process_and_resumes(corpus, tmp_path):
     # Resume the step-3 checkpoint under FSDP: the run ends where the straight run ended.
     snapshot = tmp_path / "fsdp-snapshot"
     assert torch.load(snapshot / TRAINING_STATE_FILE, weights_only=True)["step"] == 3
+    # ... and in one process, without --fsdp: the optimizer state saved by parameter name loads unsharded too.
+    alone = shutil.copytree(snapshot, tmp_path / "fsdp-snapshot-alone")
+    single_process(corpus, tmp_path, alone, resume=True)
+    assert_same_weights(tmp_path / "single", alone)
     printed = torchrun(tmp_path, argv(corpus, tmp_path, snapshot, "--fsdp", "--resume"))
     assert "resumed from" in printed and "start_step=3" in printed
     assert_same_weights(tmp_path / "single", snapshot)
@@ -205,6 +217,13 @@ def test_a_batch_that_does_not_split_evenly_is_refused(corpus, tmp_path, monkeyp
     values = {**FLAGS, "data": str(corpus), "cache_dir": str(tmp_path / "cache"), "out_dir": str(tmp_path / "x")}
     with pytest.raises(ValueError, match="batch of 8 chunks does not split evenly over 3 processes"):
         train_clm(TrainConfig(**values, progress=False))
+    # A batch larger than the training set is capped at it: the message says where the number comes from.
+    chunks = len(prepare_data(TrainConfig(**values), FLAGS["max_seq_len"] + 1).train)
+    world = next(n for n in range(3, chunks) if chunks % n)
+    monkeypatch.setattr(train_module.distributed, "init_distributed", lambda device: DistributedContext(0, world))
+    expected = rf"batch of {chunks} chunks \(batch_size 4000, capped at the {chunks} training chunks\) does not split"
+    with pytest.raises(ValueError, match=expected):
+        train_clm(TrainConfig(**{**values, "batch_size": 4000}, progress=False))
 
 
 MODEL_PER_RANK_DRIVER = """
@@ -243,3 +262,16 @@ def test_models_built_apart_on_each_rank_train_as_rank_0s(corpus, tmp_path, mode
     assert any(not torch.equal(rank0[k], rank1[k]) for k in rank0)
     for name, tensor in saved.items():
         torch.testing.assert_close(tensor, rank0[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_checkpoint_of_a_run_without_fsdp_does_not_resume_under_fsdp(corpus, tmp_path):
+    """Its optimizer state is keyed by position, which FSDP's loader cannot map: refused, saying what to do."""
+    single_process(corpus, tmp_path, tmp_path / "single", max_steps=3)
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+    args = argv(corpus, tmp_path, tmp_path / "single", "--fsdp", "--resume", max_steps=6)
+    result = subprocess.run([*command, str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "optimizer state of a run without --fsdp (DDP or one process): resume it without --fsdp" in result.stderr
