@@ -140,3 +140,22 @@ def test_compiles_without_graph_breaks():
 
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(q), f(q))
+
+
+@pytest.mark.parametrize(
+    "k_shape, v_shape, message",
+    [
+        ((2, 64, 2, 32), (2, 16, 2, 32), "v must be"),  # fewer values than keys
+        ((2, 64, 2, 32), (2, 64, 1, 32), "v must be"),  # fewer value heads
+        ((2, 64, 2, 16), (2, 64, 2, 32), "k must be"),  # q and k head dims differ
+    ],
+)
+def test_the_op_refuses_keys_and_values_that_disagree_instead_of_reading_past_them(k_shape, v_shape, message):
+    """``cuda_attention`` takes validated arguments; the op itself still checks every size it reads (the kernels
+    take Nk and Hkv from k, Dv and strides from v), as its decode op does."""
+    q = torch.randn(2, 8, 4, 32, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(k_shape, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(v_shape, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=message):
+        cuda.cuda_attention(q, k, v, causal=False, kv_start=None, kv_len=None, scale=0.2)
+        torch.cuda.synchronize()
