@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from perceiver_fast.data.tokenizer import BytesTokenizer
-from perceiver_fast.generation import CACHE_MODES
+from perceiver_fast.generation import CACHE_MODES, DEFAULT_TOP_K
 
 DEMO_PROMPT = "def fibonacci(n):\n"
 
@@ -123,6 +123,14 @@ def _add_config_flags(parser: argparse.ArgumentParser, config_class: type, defau
             parser.add_argument(flag, type=kind, default=default, choices=choices, metavar=metavar, help=help_text)
 
 
+class _DefaultsUnlessUnsetFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default in its help, except ``None``: an unset ``generate`` flag means "as ``generate()`` does
+    without it", which its help says (``--top-k``: 50 when sampling); "(default: None)" would contradict it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``perceiver-fast`` argument parser."""
     from perceiver_fast.train import TrainConfig
@@ -172,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(mlm, TrainConfig, {"out_dir": "runs/mlm"})
 
     gen = commands.add_parser(
-        "generate", help="generate text from a checkpoint", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        "generate", help="generate text from a checkpoint", formatter_class=_DefaultsUnlessUnsetFormatter
     )
     gen.add_argument("--checkpoint", required=True, help="a directory written by training (save_pretrained)")
     gen.add_argument("--prompt", required=True, help="text to continue")
@@ -185,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sample instead of greedy decoding (implied by each of the four flags below)")
     gen.add_argument("--temperature", type=float, default=None,
                      help="sampling temperature (default 1.0 when sampling; 0 is greedy)")
-    gen.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest tokens")
+    gen.add_argument("--top-k", type=int, default=None,
+                     help=f"sample among the k likeliest tokens (default {DEFAULT_TOP_K} when sampling, as in "
+                          "generate() and transformers; 0: no top-k filter)")
     gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold")
     gen.add_argument("--threshold", type=float, default=None,
                      help="perceiver-io's sampling form: top (1 - threshold) * vocab_size tokens (implies sampling)")
@@ -393,7 +403,7 @@ def run_generate(args: argparse.Namespace) -> str:
                 # A sampling setting given on its own means sampling (generate() would ignore it in greedy mode).
                 do_sample=args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p)),
                 temperature=1.0 if args.temperature is None else args.temperature,
-                top_k=args.top_k,
+                top_k=DEFAULT_TOP_K if args.top_k is None else args.top_k,
                 top_p=args.top_p,
                 threshold=args.threshold,
                 generator=generator,

@@ -285,7 +285,7 @@ def test_a_mistyped_data_path_fails_at_once(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "bad", [["--top-p", "1.5"], ["--threshold", "1.5"], ["--top-k", "3", "--threshold", "0.5"], ["--top-k", "0"],
+    "bad", [["--top-p", "1.5"], ["--threshold", "1.5"], ["--top-k", "3", "--threshold", "0.5"], ["--top-k", "-1"],
             ["--max-new-tokens", "-1"], ["--cache-mode", "exact", "--stride", "2"]]
 )
 def test_generate_rejects_bad_sampling_arguments_before_printing(capsys, tiny_checkpoint, bad):
@@ -310,6 +310,27 @@ def test_generate_sampling_flags_imply_sampling(capsys, tiny_checkpoint, flags):
     main(common)
     greedy = capsys.readouterr().out.split("\n")
     assert greedy[0] == greedy[1]
+
+
+@pytest.mark.parametrize("flags, top_k", [(["--do-sample"], 50), (["--top-k", "0"], 0)])
+def test_generate_samples_with_generates_top_k_unless_told(capsys, tiny_checkpoint, flags, top_k):
+    """Sampling keeps generate()'s default top_k (transformers' 50); ``--top-k 0`` (no filter) implies sampling."""
+    prompt = "def f(x):"
+    main(["generate", "--checkpoint", tiny_checkpoint, "--prompt", prompt, "--max-new-tokens", "12", *flags,
+          "--seed", "3"])
+    model = clm.CausalLanguageModel.from_pretrained(tiny_checkpoint)
+    tokenizer = BytesTokenizer()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    expected = model.generate(ids, 12, do_sample=True, top_k=top_k, generator=torch.Generator().manual_seed(3))
+    assert capsys.readouterr().out == tokenizer.decode(expected[0].tolist()) + "\n"
+
+
+def test_generate_help_says_what_an_unset_sampling_flag_means(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--top-k TOP_K sample among the k likeliest tokens (default 50 when sampling" in help_text
+    assert "(default: None)" not in help_text  # an unset flag's help says what it means instead
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,12 @@ from perceiver_fast.generation.generate import (
     release_decoding,
     stream,
 )
-from perceiver_fast.generation.sampling import SamplingConfig, filter_logits, sample_next_token
+from perceiver_fast.generation.sampling import DEFAULT_TOP_K, SamplingConfig, filter_logits, sample_next_token
 from perceiver_fast.generation.schedule import Window, WindowSchedule
 
 __all__ = [
     "CACHE_MODES",
+    "DEFAULT_TOP_K",
     "CachedDecoder",
     "FullForwardDecoder",
     "GenerationMixin",

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, active_autocast_dtype
-from perceiver_fast.generation.sampling import SamplingConfig, sample_next_token
+from perceiver_fast.generation.sampling import DEFAULT_TOP_K, SamplingConfig, sample_next_token
 from perceiver_fast.generation.schedule import WindowSchedule
 from perceiver_fast.generation.weights import WeightsWatch
 
@@ -157,9 +157,7 @@ class PerceiverIODecoder:
         self.cache.close()
 
 
-def _check_prompt(
-    input_ids: torch.Tensor, pad_mask: torch.Tensor | None, device: torch.device, vocab_size: int
-) -> None:
+def _check_prompt(input_ids: torch.Tensor, device: torch.device, vocab_size: int) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError(f"input_ids must be a [batch, seq] tensor, got {getattr(input_ids, 'shape', input_ids)}")
     if input_ids.dtype not in (torch.int64, torch.int32):
@@ -173,15 +171,46 @@ def _check_prompt(
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids holds token id {bad}, outside the model's vocabulary [0, {vocab_size})")
-    if pad_mask is not None:
-        if not isinstance(pad_mask, torch.Tensor) or pad_mask.shape != input_ids.shape or pad_mask.dtype != torch.bool:
-            raise ValueError(f"pad_mask must be a bool tensor of shape {tuple(input_ids.shape)}")
-        if pad_mask.device != device:
-            raise ValueError(f"pad_mask is on {pad_mask.device} but the model is on {device}")
-        if bool(pad_mask.all(dim=1).any()):
-            raise ValueError("a prompt row is all padding: every row needs at least one real token")
-        if bool((pad_mask[:, 1:] & ~pad_mask[:, :-1]).any()):
-            raise ValueError("pad_mask must describe left padding (pads before the first real token of each row)")
+
+
+def _check_pad_mask(
+    pad_mask: torch.Tensor | None, input_ids: torch.Tensor, device: torch.device, inferred_from: int | None = None
+) -> None:
+    """A given ``pad_mask``, or one inferred from ``pad_token_id`` (``inferred_from``), which the errors then name:
+    the user passed no mask, and must learn where it came from and how to override it."""
+    if pad_mask is None:
+        return
+    if not isinstance(pad_mask, torch.Tensor) or pad_mask.shape != input_ids.shape or pad_mask.dtype != torch.bool:
+        raise ValueError(f"pad_mask must be a bool tensor of shape {tuple(input_ids.shape)}")
+    if pad_mask.device != device:
+        raise ValueError(f"pad_mask is on {pad_mask.device} but the model is on {device}")
+    source, remedy = "pad_mask", ""
+    if inferred_from is not None:
+        source = f"the pad_mask inferred from pad_token_id={inferred_from} (input_ids == {inferred_from})"
+        remedy = f"; pass pad_mask to say where the pads are (all False if token {inferred_from} is never a pad here)"
+    if bool(pad_mask.all(dim=1).any()):
+        raise ValueError(f"a prompt row is all padding in {source}: every row needs at least one real token{remedy}")
+    if bool((pad_mask[:, 1:] & ~pad_mask[:, :-1]).any()):
+        raise ValueError(f"{source} must describe left padding (pads before the first real token of each row){remedy}")
+
+
+def _infer_pad_mask(input_ids: torch.Tensor, pad_token_id: int | None, eos_ids: list[int]) -> torch.Tensor | None:
+    """transformers' ``_prepare_attention_mask_for_generation``: without a mask, the positions holding an explicitly
+    given ``pad_token_id`` are pads, if it occurs in the prompt and is no stop token (a pad id that is also the EOS id,
+    transformers' fallback, may be a real token of the prompt). perceiver-io's configs set no pad id, so this fires
+    exactly when the call passes one, as theirs does."""
+    if pad_token_id is None or pad_token_id in eos_ids:
+        return None
+    pads = input_ids == pad_token_id
+    return pads if bool(pads.any()) else None
+
+
+def _pad_token(pad_token_id: object, vocab_size: int) -> int | None:
+    """The one ``pad_token_id`` given (checked against the vocabulary), or None."""
+    ids = _token_ids("pad_token_id", pad_token_id, vocab_size)
+    if len(ids) > 1:
+        raise ValueError(f"pad_token_id must be one token id, got {ids}")
+    return ids[0] if ids else None
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
@@ -336,13 +365,13 @@ def stream(
     num_latents: int = 1,
     do_sample: bool = False,
     temperature: float = 1.0,
-    top_k: int | None = None,
+    top_k: int | None = DEFAULT_TOP_K,
     top_p: float | None = None,
     threshold: float | None = None,
     pad_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     eos_token_id: int | list[int] | torch.Tensor | None = None,
-    pad_token_id: int = 0,
+    pad_token_id: int | None = None,
     use_cache: bool = True,
     cache_mode: str = "exact",
     stride: int | None = None,
@@ -371,16 +400,24 @@ def _prepare(
     """Check every argument and build the decoder."""
     device = next(model.parameters()).device
     vocab_size = model.config.vocab_size
-    _check_prompt(input_ids, pad_mask, device, vocab_size)
+    _check_prompt(input_ids, device, vocab_size)
+    eos_ids = _token_ids("eos_token_id", eos_token_id, vocab_size)
+    pad_token_id = _pad_token(pad_token_id, vocab_size)
+    inferred_from = None
+    if pad_mask is None:
+        pad_mask = _infer_pad_mask(input_ids, pad_token_id, eos_ids)
+        inferred_from = None if pad_mask is None else pad_token_id
+    _check_pad_mask(pad_mask, input_ids, device, inferred_from)
+    if pad_token_id is None:  # transformers fills finished rows with the first EOS id; else our tokenizer's [PAD]
+        pad_token_id = eos_ids[0] if eos_ids else 0
     _check_count("max_new_tokens", max_new_tokens, 0)
     if threshold is not None:
-        if top_k is not None:
+        if top_k != DEFAULT_TOP_K:  # the default gives way to threshold; any other top_k is a second setting
             raise ValueError("give top_k or threshold, not both")
         top_k = _threshold_top_k(threshold, vocab_size)
         do_sample = True
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
-    stop = sorted(set(_token_ids("eos_token_id", eos_token_id, vocab_size)))
-    (pad_token_id,) = _token_ids("pad_token_id", pad_token_id, vocab_size)
+    stop = sorted(set(eos_ids))
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
     elif cuda_graph and device.type != "cuda":
@@ -515,12 +552,19 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
             Past ``max_seq_len`` the oldest tokens leave the window, as in perceiver-io: they stay in the returned
             sequence but no longer influence new tokens.
         do_sample, temperature, top_k, top_p: greedy by default (``temperature=0`` is greedy too); see
-            :class:`SamplingConfig`. ``threshold`` is the form perceiver-io's examples use: sample from the top
-            ``(1 - threshold) * vocab_size`` tokens.
+            :class:`SamplingConfig`. Sampling keeps the 50 likeliest tokens unless ``top_k`` says otherwise, as in
+            transformers (``top_k=0`` or ``None``: no top-k filter). ``threshold`` is the form perceiver-io's
+            examples use: sample from the top ``(1 - threshold) * vocab_size`` tokens (it replaces the default
+            ``top_k``; another ``top_k`` with it raises).
         pad_mask: ``[b, n]`` bool, True at left padding, so prompts of different lengths generate together.
+            Without it, as transformers infers ``attention_mask``, the prompt's positions holding ``pad_token_id``
+            are pads when that id was given, occurs in the prompt and is no ``eos_token_id``; such a mask must be
+            left padding too (else ``ValueError``: pass ``pad_mask`` to override).
         generator: a seeded ``torch.Generator`` for reproducible sampling.
         eos_token_id: stop token(s) (an int, a list of ints or an integer tensor): a row that produced one continues
             with ``pad_token_id``; generation ends when every row has stopped (the result is then shorter).
+        pad_token_id: what finished rows continue with; by default the first ``eos_token_id`` (as transformers),
+            or 0 (the byte tokenizer's ``[PAD]``) without one.
         use_cache: cache keys/values (default). ``False`` runs a full forward per token.
         cache_mode: ``"exact"`` (default; equal to a full forward at every step), ``"strided"`` (with ``stride``,
             default ``max_latents // 2``: the latent stack is recomputed once per ``stride`` tokens; exact for that

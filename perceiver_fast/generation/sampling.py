@@ -6,15 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
+# transformers' GenerationConfig default, so perceiver-io's HF ``generate`` samples among the 50 likeliest tokens unless
+# told otherwise: a migrated ``do_sample=True`` call must draw from the same set.
+DEFAULT_TOP_K = 50
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
     """How to pick a token. ``do_sample=False`` is greedy and ignores the other fields; so is ``temperature=0`` (the
-    limit of sampling as the temperature goes to zero)."""
+    limit of sampling as the temperature goes to zero). ``top_k`` defaults to 50 as in transformers; ``0`` or
+    ``None`` turns the top-k filter off (sampling from the whole vocabulary, or from ``top_p``'s nucleus)."""
 
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int | None = None
+    top_k: int | None = DEFAULT_TOP_K
     top_p: float | None = None
 
     def __post_init__(self) -> None:
@@ -22,8 +27,9 @@ class SamplingConfig:
             raise TypeError(f"temperature must be a float, got {type(self.temperature).__name__}")
         if not self.temperature >= 0 or self.temperature == float("inf"):
             raise ValueError(f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be a positive int, got {self.top_k!r}")
+        top_k = self.top_k
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k filter), got {top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -31,7 +37,7 @@ class SamplingConfig:
 def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """Temperature-scaled ``[b, vocab]`` logits with tokens outside top-k / top-p set to ``-inf``."""
     logits = logits.float() / config.temperature
-    if config.top_k is not None and config.top_k < logits.shape[-1]:
+    if config.top_k and config.top_k < logits.shape[-1]:  # 0 and None keep every token, as top_k=0 in transformers
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if config.top_p is not None and config.top_p < 1:

@@ -128,6 +128,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         (dict(num_latents=9), ValueError, "num_latents"),
         (dict(temperature=-1.0, do_sample=True), ValueError, "temperature"),
         (dict(top_p=1.5, do_sample=True), ValueError, "top_p"),
+        (dict(top_k=-1, do_sample=True), ValueError, "top_k must be an int >= 0"),
+        (dict(pad_token_id=[0, 1]), ValueError, "pad_token_id must be one token id"),
         (dict(max_new_tokens=-1), ValueError, "max_new_tokens"),
         (dict(pad_mask=torch.ones(1, 3, dtype=torch.bool)), ValueError, "all padding"),
         (dict(cache_mode="strided", stride=0), ValueError, "stride"),
@@ -397,3 +399,103 @@ def test_a_stream_whose_weights_stay_as_they_are_never_rebuilds(monkeypatch, cac
     prompt = torch.randint(6, 262, (2, 6))
     pad_mask = torch.arange(6).expand(2, 6) < torch.tensor([[0], [3]])
     assert len(list(model.stream(prompt, 12, num_latents=2, cache_mode=cache_mode, pad_mask=pad_mask))) == 12
+
+
+# ---------------------------------------------------------------- transformers' defaults, as perceiver-io's generate
+
+
+def _first_token_ranks(model, prompt, how, **sampling):
+    """Ranks (0 = likeliest) of the first token sampled for 2000 copies of the one-row ``prompt``."""
+    batch, generator = prompt.expand(2000, -1).contiguous(), torch.Generator().manual_seed(0)
+    if how == "generate":
+        tokens = model.generate(batch, 1, do_sample=True, generator=generator, **sampling)[:, -1]
+    else:
+        tokens = next(model.stream(batch, 1, do_sample=True, generator=generator, **sampling))
+    with torch.no_grad():
+        logits = model(prompt, prefix_len=prompt.shape[1] - 1).logits[0, -1]
+    return logits.argsort(descending=True).argsort()[tokens]
+
+
+@pytest.mark.parametrize("how", ["generate", "stream"])
+def test_sampling_keeps_the_50_likeliest_tokens_by_default_and_top_k_0_or_none_keeps_all(how):
+    """transformers' GenerationConfig has top_k=50: perceiver-io's do_sample=True never draws past the 50th token."""
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()  # near-uniform logits: every rank drawn
+    prompt = torch.randint(6, 262, (1, 5))
+    assert set(_first_token_ranks(model, prompt, how).tolist()) == set(range(50))
+    for no_filter in (0, None):
+        assert int(_first_token_ranks(model, prompt, how, top_k=no_filter).max()) >= 50
+    assert SamplingConfig().top_k == 50
+    assert torch.isfinite(filter_logits(torch.randn(2, 80), SamplingConfig(do_sample=True, top_k=0))).all()
+
+
+def test_finished_rows_continue_with_the_first_eos_id_unless_pad_token_id_is_given():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
+    prompt = torch.randint(6, 262, (2, 5))
+    eos = int(model.generate(prompt, 1)[0, -1])  # row 0 stops at once; row 1 goes on
+    stops = [eos, 3]  # the first, not the smallest, fills (as transformers' eos_token_id[0])
+    stopped = model.generate(prompt, 8, eos_token_id=stops)
+    assert stopped.shape[1] > 6 and (stopped[0, 5:] == eos).all()
+    assert (model.generate(prompt, 8, eos_token_id=stops, pad_token_id=1)[0, 6:] == 1).all()
+
+
+def test_pad_token_id_marks_the_prompts_pads_when_no_pad_mask_is_given():
+    """transformers' rule: pads where input_ids == pad_token_id, unless that id is a stop token or is absent."""
+    model = with_larger_weights(CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval())
+    x = torch.randint(6, 262, (2, 8))
+    x[1, :3] = 0
+    no_pads = torch.zeros_like(x, dtype=torch.bool)
+    masked = model.generate(x, 6, pad_mask=x == 0, pad_token_id=0)
+    assert not torch.equal(masked, model.generate(x, 6, pad_mask=no_pads, pad_token_id=0))  # the mask matters
+    assert torch.equal(model.generate(x, 6, pad_token_id=0), masked)
+    assert torch.equal(torch.stack(list(model.stream(x, 6, pad_token_id=0)), dim=1), masked[:, 8:])
+    assert torch.equal(model.generate(x, 6), model.generate(x, 6, pad_mask=no_pads))  # no pad id: no pads
+    stop_too = dict(pad_token_id=0, eos_token_id=[9, 0])  # a pad id that is a stop token may be a real token
+    assert torch.equal(model.generate(x, 6, **stop_too), model.generate(x, 6, pad_mask=no_pads, **stop_too))
+    x[0, 4] = 0  # not left padding: the error says where the mask came from and how to override it
+    with pytest.raises(ValueError, match=r"inferred from pad_token_id=0 .* left padding.*pass pad_mask"):
+        model.generate(x, 2, pad_token_id=0)
+    x[0] = 0
+    with pytest.raises(ValueError, match="all padding in the pad_mask inferred from pad_token_id=0"):
+        model.stream(x, 2, pad_token_id=0)
+
+
+def _with_their_hf_wrapper(larger_weights=False):
+    """Ours and perceiver-io's Hugging Face wrapper (whose generate is transformers') on the same weights."""
+    import_perceiver_io("model.text.clm")
+    hf = import_perceiver_io("model.text.clm.huggingface")
+    config = hf.PerceiverCausalLanguageModelConfig(hf.CausalLanguageModelConfig(**SMALL))
+    theirs = hf.PerceiverCausalLanguageModel(config)
+    theirs.config.is_decoder = True
+    if larger_weights:
+        with_larger_weights(theirs)
+    ours = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    ours.load_state_dict(theirs.backend_model.state_dict(), strict=True)
+    return ours.eval(), theirs.eval()
+
+
+@pytest.mark.parity
+def test_generate_without_top_k_or_pad_token_id_gives_perceiver_ios_tokens():
+    """Sampling with and without transformers' default top_k, seeded alike, and stop tokens without a pad id."""
+    ours, theirs = _with_their_hf_wrapper()
+    prompt = torch.randint(6, 262, (3, 5))
+    for sampling in (dict(do_sample=True), dict(do_sample=True, top_k=0), dict()):
+        torch.manual_seed(7)
+        expected = theirs.generate(prompt, max_new_tokens=6, num_latents=2, **sampling)
+        torch.manual_seed(7)
+        assert torch.equal(ours.generate(prompt, 6, num_latents=2, cache_mode="perceiver-io", **sampling), expected)
+    eos = int(ours.generate(prompt, 2)[0, -1])
+    expected = theirs.generate(prompt, max_new_tokens=8, num_latents=2, eos_token_id=[eos, 3])
+    assert torch.equal(ours.generate(prompt, 8, num_latents=2, cache_mode="perceiver-io", eos_token_id=[eos, 3]),
+                       expected)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("special", [dict(pad_token_id=0), dict(pad_token_id=0, eos_token_id=[9, 0]), dict()],
+                         ids=["pad-id", "pad-id-is-a-stop-token", "no-pad-id"])
+def test_a_prompt_with_pad_ids_and_no_mask_generates_as_perceiver_io(special):
+    """transformers infers attention_mask from pad_token_id exactly when ours infers pad_mask."""
+    ours, theirs = _with_their_hf_wrapper(larger_weights=True)  # pads attended to visibly change the tokens
+    x = torch.randint(6, 262, (2, 10))
+    x[1, :4] = 0
+    expected = theirs.generate(x, max_new_tokens=8, num_latents=2, **special)
+    assert torch.equal(ours.generate(x, 8, num_latents=2, cache_mode="perceiver-io", **special), expected)

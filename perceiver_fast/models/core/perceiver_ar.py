@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -18,10 +19,29 @@ from perceiver_fast.models.core.utils import init_parameters
 
 @dataclass
 class PerceiverAROutput:
-    """``last_hidden_state [b, num_latents, c]``; ``logits [b, num_latents, vocab]`` for sequence models."""
+    """``last_hidden_state [b, num_latents, c]``; ``logits [b, num_latents, vocab]`` for sequence models.
+
+    Read by attribute or by key (``out["logits"]``, ``out.keys()``), as perceiver-io's ``ModuleOutput``, a dict that
+    holds the fields its module set. Unlike theirs it has no ``kv_cache``: decoding state lives in the layers' caches
+    (``setup_caches``) that ``generate``/``stream`` drive, not in forward's inputs and outputs.
+    """
 
     last_hidden_state: torch.Tensor
     logits: torch.Tensor | None = None
+
+    def keys(self) -> list[str]:
+        """The names of the fields that are set (``logits`` only for sequence models), in order."""
+        return [f.name for f in fields(self) if getattr(self, f.name) is not None]
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.keys():
+            hint = ": forward keeps no cache here (see setup_caches, generate, stream)" if key == "kv_cache" else ""
+            raise KeyError(f"{key!r}{hint}; this output holds {self.keys()}")
+        return getattr(self, key)
+
+    def __iter__(self) -> Iterator[str]:
+        # As a dict's: over the keys (without it, ``in`` and ``for`` would fall back to ``out[0]``, ``out[1]``, ...).
+        return iter(self.keys())
 
 
 def check_token_input(x: torch.Tensor, pad_mask: torch.Tensor | None) -> None:

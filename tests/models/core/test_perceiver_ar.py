@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from perceiver_fast.models.core import PerceiverAROutput
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 
 SMALL = dict(num_channels=32, num_heads=2, num_self_attention_layers=2, max_latents=4, max_seq_len=16)
@@ -72,3 +73,16 @@ def test_model_compiles_without_graph_breaks():
     compiled = torch.compile(lambda x, m: model(x, prefix_len=6, pad_mask=m).logits, fullgraph=True, backend="eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, pad_mask), model(x, prefix_len=6, pad_mask=pad_mask).logits)
+
+
+def test_output_reads_by_key_as_perceiver_ios_module_output():
+    """perceiver-io's forward returns ``ModuleOutput``, a dict: code written for it reads ``out["logits"]``."""
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval()
+    with torch.no_grad():
+        out = model(torch.randint(0, 262, (2, 10)), prefix_len=6)
+    assert out["logits"] is out.logits and out["last_hidden_state"] is out.last_hidden_state
+    assert out.keys() == list(out) == ["last_hidden_state", "logits"] and "logits" in out
+    assert dict(out) == {"last_hidden_state": out.last_hidden_state, "logits": out.logits}
+    with pytest.raises(KeyError, match="no cache.*setup_caches"):
+        out["kv_cache"]  # theirs holds one; ours keeps decoding state in the layers' caches
+    assert PerceiverAROutput(last_hidden_state=out.last_hidden_state).keys() == ["last_hidden_state"]  # as theirs

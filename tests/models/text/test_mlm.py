@@ -7,7 +7,7 @@ from perceiver_fast.models.text import mlm as ours_mlm
 from perceiver_fast.models.text.mlm import MaskedLanguageModel, TextDecoderConfig, TextEncoderConfig
 from tests.models.core.io_parity import assert_round_trip, import_perceiver_io_backend, perturb_parameters
 from tests.oracle import max_rel_error
-from tests.parity import copy_into
+from tests.parity import copy_into, import_perceiver_io
 
 VOCAB, SEQ = 60, 20
 ENCODER = dict(
@@ -124,3 +124,21 @@ def test_longer_input_than_decoder_queries_raises():
     model = MaskedLanguageModel(_config(ours_mlm, decoder=dict(max_seq_len=SEQ - 5)))
     with pytest.raises(ValueError, match="decoder's max_seq_len"):
         model(torch.zeros(1, SEQ - 4, dtype=torch.long))
+
+
+def test_text_common_holds_the_shared_text_encoder():
+    """``perceiver.model.text.common`` (and its ``backend``) -> ``perceiver_fast.models.text.common``."""
+    from perceiver_fast.models.text import common
+    from perceiver_fast.models.text.common import backend
+
+    for module in (common, backend):
+        assert (module.TextEncoder, module.TextEncoderConfig) == (ours_mlm.TextEncoder, TextEncoderConfig)
+
+
+@pytest.mark.parity
+def test_text_common_has_every_name_perceiver_io_exports_there():
+    from perceiver_fast.models.text import common
+
+    theirs = import_perceiver_io("model.text.common")
+    exported = {name for name, value in vars(theirs).items() if isinstance(value, type)}
+    assert exported == {"TextEncoder", "TextEncoderConfig"} and exported <= set(common.__all__)
