@@ -11,7 +11,10 @@ clips the gradient norm and takes an AdamW step; the learning rate warms up line
 of each sequence); the masked task predicts the 15% of tokens its collator selects (`perceiver_fast.data.mlm`).
 
 Every ``eval_every`` steps the validation loss, perplexity and bits per byte are printed; every step goes to
-``metrics.csv`` in ``out_dir`` (and to TensorBoard with ``tensorboard=True``). At the end (and every
+``metrics.csv`` in ``out_dir`` (and to TensorBoard with ``tensorboard=True``). A loss (or gradient norm) that is no
+longer finite stops the run with a ValueError before the step's update, a validation loss that is not finite before
+the step's checkpoint: diverged weights never replace a checkpoint. A step whose batch holds no token to predict (a
+masked batch where masking selected none) makes no update and logs no loss. At the end (and every
 ``checkpoint_every`` steps) the model is saved with ``save_pretrained`` next to ``training_state.pt`` (optimizer,
 scheduler, data order, step), ``train_config.json`` and ``checkpoint.json`` (the step and a SHA-256 of each file).
 A checkpoint is written whole into ``out_dir/.checkpoint-staging`` first and only then moved into ``out_dir``, so a
@@ -46,6 +49,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -63,6 +67,7 @@ from perceiver_fast.data.text import (
     looks_like_local_path,
     pack_chunks,
     prepare_clm_data,
+    refuse_empty_corpus,
     split_train_valid,
     tokenize_documents,
 )
@@ -560,8 +565,9 @@ def evaluate(
     task: Task,
     config: TrainConfig,
     context: DistributedContext | None = None,
-) -> float:
-    """Mean validation loss (nats per predicted token) over the first ``eval_batches`` batches of `chunks`.
+) -> float | None:
+    """Mean validation loss (nats per predicted token) over the first ``eval_batches`` batches of `chunks`; None when
+    they hold no token to predict (a masked task whose masking selected none), which has no mean.
 
     Batches are formed as in a single process; each process scores its rows and the sums are added up, so the result
     does not depend on the number of processes. The masked task masks with a generator seeded by ``config.seed``, so
@@ -590,7 +596,50 @@ def evaluate(
     eval_model.train(was_training)
     distributed.reshard(model)
     total, count = distributed.all_reduce_sum([total, count], context.device)
-    return total / max(count, 1.0)
+    return total / count if count else None
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)`` of a mean loss in nats; ``math.inf`` where that passes the largest float (a loss above about
+    709.78, which a diverging run reaches), instead of the OverflowError of `math.exp`."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+def _norm_value(norm: torch.Tensor) -> float:
+    """The gradient norm `clip_grad_norm_` returns, as a float. Under FSDP it is a DTensor: `full_tensor` gives the
+    norm of the whole gradient (the same on every process), where a torch may leave it as partial norms per shard."""
+    full_tensor = getattr(norm, "full_tensor", None)
+    return float(full_tensor() if callable(full_tensor) else norm)
+
+
+def _not_finite(**values: float | None) -> str | None:
+    """``"loss nan, gradient norm inf"``: the given values that are not finite (None: not measured), or None."""
+    bad = [
+        f"{name.replace('_', ' ')} {value}"
+        for name, value in values.items()
+        if value is not None and not math.isfinite(value)
+    ]
+    return ", ".join(bad) or None
+
+
+def _divergence_error(
+    step: int, problem: str, last_saved: int | None, out_dir: Path, config: TrainConfig
+) -> ValueError:
+    """The error that stops a run whose loss (or gradient norm) is no longer finite: its weights (or, before the
+    update, its gradient) are NaN or inf from here on, and so would every later step and checkpoint be."""
+    if last_saved is None:
+        kept, new_run = "the run has no checkpoint, and none was written", "a new run"
+    else:
+        kept = f"the last checkpoint, of step {last_saved} in {out_dir}, was kept and nothing was written after it"
+        new_run = "a new run (overwrite=True, --overwrite; neither can change on resume)"
+    clip = f"a smaller grad_clip (now {config.grad_clip:g})" if config.grad_clip > 0 else "grad_clip (now off)"
+    return ValueError(
+        f"training diverged at step {step} ({problem}); {kept}. Try a lower lr (now {config.lr:g}) or {clip} in "
+        f"{new_run}"
+    )
 
 
 def save_checkpoint(
@@ -939,13 +988,14 @@ def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> 
         raise ValueError(f"could not load dataset {config.data!r} ({config.dataset_config}): {e}") from e
     rows = list(rows)
     documents = ["".join(rows)] if all(row.endswith("\n") for row in rows if row) else rows
+    num_bytes = sum(len(document.encode("utf-8")) for document in documents)
+    refuse_empty_corpus(num_bytes, len(documents))
     tokenizer = tokenizer if tokenizer is not None else BytesTokenizer()
     tokens = tokenize_documents(documents, tokenizer)
     train, valid = split_train_valid(pack_chunks(tokens, chunk_len), config.valid_fraction, config.seed)
     vocab_size = getattr(tokenizer, "vocab_size", None)
     if not isinstance(vocab_size, int):  # a tokenizers.Tokenizer
         vocab_size = tokenizer.get_vocab_size()
-    num_bytes = sum(len(document.encode("utf-8")) for document in documents)
     return CLMData(train, valid, vocab_size, tokens.numel(), num_bytes, len(documents))
 
 
@@ -1121,7 +1171,11 @@ def train(
     :param model: train this model in place (e.g. to fine-tune one) instead of a new one built from `config`.
     :return: ``step``, ``start_step``, ``num_params``, ``world_size``, ``first_train_loss``, ``train_loss`` (mean of
         the last 10 steps), ``initial_val_loss`` and ``val_loss``/``val_ppl``/``val_bpb`` (None without validation
-        data), ``tokens_per_s``, ``elapsed_s``, ``data_s``, ``out_dir`` and ``history`` (one ``(step, loss)`` per step).
+        data), ``tokens_per_s``, ``elapsed_s``, ``data_s``, ``out_dir`` and ``history`` (one ``(step, loss)`` per step;
+        the loss None for a step whose batch held no token to predict, which makes no update).
+    :raises ValueError: among others, when training diverges: a loss, or the gradient norm with ``grad_clip``, that
+        is not finite stops the run before that step's update (a validation loss, before that step's checkpoint), and
+        the checkpoint already in ``out_dir`` stays as it was.
     """
     _check_task_fields(config, task)
     joined = not distributed.is_initialized()
@@ -1302,22 +1356,38 @@ def _train(
                 path.unlink()
     logs = MetricsLog(out_dir, start_step, config.tensorboard, context.is_main, log, replace=config.overwrite)
 
+    last_saved = start_step if config.resume else None  # the step of the checkpoint in out_dir, for messages
+    nothing_to_score_said = False
+
     def run_eval(step: int) -> float | None:
+        nonlocal nothing_to_score_said
         if len(data.valid) == 0:
             return None
         val_loss = evaluate(model, data.valid, task, config, context)
+        if val_loss is None:
+            if not nothing_to_score_said:
+                log(
+                    f"warning: the validation batches hold no token to predict (mask_prob {config.mask_prob} selected "
+                    "none): no validation loss"
+                )
+                nothing_to_score_said = True
+            return None
+        if problem := _not_finite(validation_loss=val_loss):  # all-reduced: every process stops here, together
+            raise _divergence_error(step, problem, last_saved, out_dir, config)
+        bpb = data.bits_per_byte(val_loss)
         log(
-            f"step {step}: val loss {val_loss:.4f}, ppl {math.exp(val_loss):.2f}, "
-            f"bits/byte {data.bits_per_byte(val_loss):.3f}"
+            f"step {step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}, "
+            f"bits/byte {'n/a' if bpb is None else f'{bpb:.3f}'}"
         )
         return val_loss
 
     def eval_columns(val_loss: float | None) -> dict[str, float | None]:
         if val_loss is None:
             return {}
-        return dict(val_loss=val_loss, val_ppl=math.exp(val_loss), val_bpb=data.bits_per_byte(val_loss))
+        return dict(val_loss=val_loss, val_ppl=perplexity(val_loss), val_bpb=data.bits_per_byte(val_loss))
 
     def checkpoint(step: int) -> None:
+        nonlocal last_saved
         extra = {
             "max_steps": config.max_steps,
             "lr_decay_from": list(decay_from) if decay_from else None,
@@ -1326,6 +1396,7 @@ def _train(
         save_checkpoint(
             out_dir, model, optimizer, scheduler, sampler, step, config, metrics, context=context, extra_state=extra
         )
+        last_saved = step
 
     if start_step == 0:
         metrics["initial_val_loss"] = run_eval(0)
@@ -1356,36 +1427,54 @@ def _train(
                 batch_generator.manual_seed((config.seed * 1_000_003 + step) * config.grad_accum_steps + micro)
                 micro_batches.append(collate(data.train[sampler.next_indices()]))
             count_sum = float(sum(task.count(global_batch, config) for global_batch in micro_batches))
-            loss_sum = 0.0
-            for micro, global_batch in enumerate(micro_batches):
-                tokens_seen += global_batch[1].numel()
-                batch = tuple(t.to(device) for t in _shard(global_batch, context))
-                last = micro == config.grad_accum_steps - 1
-                with distributed.gradient_sync(model, sync=last):
-                    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                        loss = task.loss_sum(model, batch, config)
-                    # The mean over the step's global micro-batches; DDP/FSDP average gradients over processes,
-                    # hence * world.
-                    (loss * world / max(count_sum, 1.0)).backward()
-                loss_sum += loss.item()
-            (loss_sum,) = distributed.all_reduce_sum([loss_sum], device)
-            train_loss = loss_sum / max(count_sum, 1.0)  # tokens-weighted mean over the step's micro-batches
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            train_loss: float | None = None  # stays None when there is nothing to predict: no loss, no update
+            if count_sum:
+                loss_sum = 0.0
+                for micro, global_batch in enumerate(micro_batches):
+                    tokens_seen += global_batch[1].numel()
+                    batch = tuple(t.to(device) for t in _shard(global_batch, context))
+                    last = micro == config.grad_accum_steps - 1
+                    with distributed.gradient_sync(model, sync=last):
+                        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                            loss = task.loss_sum(model, batch, config)
+                        # The mean over the step's global micro-batches; DDP/FSDP average gradients over processes,
+                        # hence * world.
+                        (loss * world / count_sum).backward()
+                    loss_sum += loss.item()
+                (loss_sum,) = distributed.all_reduce_sum([loss_sum], device)
+                train_loss = loss_sum / count_sum  # tokens-weighted mean over the step's micro-batches
+                grad_norm = None
+                if config.grad_clip > 0:
+                    grad_norm = _norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+                if problem := _not_finite(loss=train_loss, gradient_norm=grad_norm):
+                    # Before the update: the weights are still those of the last step (and of any checkpoint). The
+                    # loss is all-reduced and the norm is the whole gradient's, so every process stops here.
+                    raise _divergence_error(step + 1, problem, last_saved, out_dir, config)
+            else:
+                log(
+                    f"warning: step {step + 1}: its batch holds no token to predict (mask_prob {config.mask_prob} "
+                    "selected none): no update this step"
+                )
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             # The update and the step's bookkeeping are one unit for Ctrl-C: landing in between, it would save the
             # updated weights and optimizer state under the previous step's number (and sampler state), and a resume
             # would train on this step's batches twice. Held back, it interrupts once the step is recorded.
             with _ctrl_c_held():
-                optimizer.step()
-                scheduler.step()
+                if train_loss is not None:
+                    optimizer.step()
+                # A skipped step still counts: the schedule and the data order stay those of its number, as a resume
+                # draws them. (torch warns of a schedule stepped without the optimizer: here that is meant.)
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 completed = step + 1
                 metrics["history"].append((completed, train_loss))
                 if metrics["first_train_loss"] is None:
                     metrics["first_train_loss"] = train_loss
             tok_s = tokens_seen / max(time.perf_counter() - t_loop - eval_s, 1e-9)
-            bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
+            shown = "n/a" if train_loss is None else f"{train_loss:.3f}"
+            bar.set_postfix(loss=shown, lr=f"{lr:.1e}", tok_s=f"{tok_s:,.0f}")
 
             columns: dict[str, float | None] = {}
             if completed == config.max_steps or (config.eval_every and completed % config.eval_every == 0):
@@ -1404,7 +1493,7 @@ def _train(
         loop_s = time.perf_counter() - t_loop - eval_s
         if evaluated_at != final_step:  # the loop did not run (resumed at or past max_steps)
             val_loss = run_eval(final_step)
-        recent = [loss for _, loss in metrics["history"][-10:]]
+        recent = [loss for _, loss in metrics["history"][-10:] if loss is not None]  # None: a step with no update
         metrics.update(
             step=final_step,
             start_step=start_step,
@@ -1412,7 +1501,7 @@ def _train(
             world_size=world,
             train_loss=sum(recent) / len(recent) if recent else None,
             val_loss=val_loss,
-            val_ppl=math.exp(val_loss) if val_loss is not None else None,
+            val_ppl=perplexity(val_loss) if val_loss is not None else None,
             val_bpb=data.bits_per_byte(val_loss) if val_loss is not None else None,
             tokens_per_s=tokens_seen / loop_s if loop_s > 0 and tokens_seen else None,
             data_s=data_s,

@@ -10,6 +10,7 @@ draws its own dropout noise for its rows, which a single process cannot reproduc
 """
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -275,3 +276,37 @@ def test_a_checkpoint_of_a_run_without_fsdp_does_not_resume_under_fsdp(corpus, t
     result = subprocess.run([*command, str(tmp_path), *args], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "optimizer state of a run without --fsdp (DDP or one process): resume it without --fsdp" in result.stderr
+
+
+NAN_ON_RANK_1_DRIVER = """
+import os, sys
+import perceiver_fast.train as train
+from perceiver_fast.cli import main
+
+real_loss_sum, calls = train.CLMTask.loss_sum, []
+
+def loss_sum(self, model, batch, config):  # rank 1's rows of step 2 (micro-batches 3 and 4) give a NaN loss
+    loss = real_loss_sum(self, model, batch, config)
+    calls.append(model.training)
+    return loss * float("nan") if os.environ["RANK"] == "1" and sum(calls) in (3, 4) and calls[-1] else loss
+
+train.CLMTask.loss_sum = loss_sum
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_nan_loss_on_one_process_stops_them_all(corpus, tmp_path, mode):
+    """The loss is all-reduced and the gradient norm is the whole gradient's: a NaN in one process's rows stops every
+    process at the same step (none waits forever for the others), before the update and without a checkpoint."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(NAN_ON_RANK_1_DRIVER)
+    out_dir = tmp_path / mode
+    args = argv(corpus, tmp_path, out_dir, *(["--fsdp"] if mode == "fsdp" else []), checkpoint_every=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(driver)]
+    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    message = "training diverged at step 2 (loss nan, gradient norm nan); the last checkpoint, of step 1"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]  # each process's command line says it
+    assert json.loads((out_dir / "checkpoint.json").read_text())["step"] == 1

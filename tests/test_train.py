@@ -970,3 +970,164 @@ def test_hub_dataset_rows_that_are_documents_stay_apart(monkeypatch):
     assert (data.num_documents, data.num_tokens, data.num_bytes) == (4, num_tokens, sum(map(len, rows)))
     stream = BytesTokenizer().decode(data.train.flatten(), skip_special_tokens=False)
     assert stream == "First article ends here.[EOS]Second article starts here.\n[EOS][EOS]Third one.[EOS]"
+
+
+# ------------------------------------------------------------------------- diverged runs, steps with nothing to predict
+
+
+def poison_training_loss(monkeypatch, at_call, poison):
+    """Pass the loss of the `at_call`-th training micro-batch (1-based; evaluation does not count) through `poison`."""
+    real = train_module.CLMTask.loss_sum
+    calls = []
+
+    def loss_sum(self, model, batch, config):
+        loss = real(self, model, batch, config)
+        if model.training:
+            calls.append(len(calls) + 1)
+            if calls[-1] == at_call:
+                loss = poison(loss)
+        return loss
+
+    monkeypatch.setattr(train_module.CLMTask, "loss_sum", loss_sum)
+
+
+def record_checkpoints(monkeypatch):
+    """The steps of the checkpoints the run writes, in order."""
+    steps, real_save = [], train_module.save_checkpoint
+
+    def save(out_dir, *args, **kwargs):
+        steps.append(args[4])  # the step
+        return real_save(out_dir, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    return steps
+
+
+@pytest.mark.parametrize("grad_clip, problem", [(1.0, "loss nan, gradient norm nan"), (0.0, "loss nan")])
+def test_a_nan_loss_stops_the_run_before_its_update_and_keeps_the_checkpoint(
+    text_file, tmp_path, monkeypatch, grad_clip, problem
+):
+    poison_training_loss(monkeypatch, at_call=5, poison=lambda loss: loss * float("nan"))  # step 5's loss
+    saved = record_checkpoints(monkeypatch)
+    updates = []
+    hook = register_optimizer_step_pre_hook(lambda *args: updates.append(1))
+    config = tiny_config(text_file, tmp_path, max_steps=8, checkpoint_every=2, eval_every=2, grad_clip=grad_clip)
+    try:
+        with pytest.raises(ValueError) as raised:
+            train_clm(config)
+    finally:
+        hook.remove()
+    out = tmp_path / "run"
+    assert str(raised.value).startswith(
+        f"training diverged at step 5 ({problem}); the last checkpoint, of step 4 in {out}, was kept and nothing was "
+        "written after it. Try a lower lr (now 0.003)"
+    )
+    assert len(updates) == 4 and saved == [2, 4]  # no update at step 5, no checkpoint after it (nor on the way out)
+    assert saved_step(out) == 4 and all(torch.isfinite(w).all() for w in final_weights(out).values())
+    assert metrics_steps(out) == [0, 1, 2, 3, 4]
+
+
+def test_a_non_finite_gradient_norm_stops_the_run(text_file, tmp_path, monkeypatch):
+    def infinite_gradient(loss):  # the loss stays finite; its gradient, and so every weight's, does not
+        loss.register_hook(lambda grad: grad * float("inf"))
+        return loss
+
+    poison_training_loss(monkeypatch, at_call=2, poison=infinite_gradient)
+    saved = record_checkpoints(monkeypatch)
+    with pytest.raises(ValueError, match=r"at step 2 \(gradient norm (inf|nan)\); the run has no checkpoint, and none"):
+        train_clm(tiny_config(text_file, tmp_path, max_steps=4, eval_every=0, grad_clip=1.0))
+    assert saved == [] and not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_non_finite_validation_loss_stops_the_run_before_its_checkpoint(text_file, tmp_path, monkeypatch):
+    real_evaluate, calls = train_module.evaluate, []
+
+    def evaluate(*args, **kwargs):
+        calls.append(1)
+        return float("inf") if len(calls) == 3 else real_evaluate(*args, **kwargs)  # steps 0, 2, 4: at step 4
+
+    monkeypatch.setattr(train_module, "evaluate", evaluate)
+    saved = record_checkpoints(monkeypatch)
+    config = tiny_config(text_file, tmp_path, max_steps=6, checkpoint_every=2, eval_every=2)
+    with pytest.raises(ValueError, match=r"diverged at step 4 \(validation loss inf\); the last checkpoint, of step 2"):
+        train_clm(config)
+    assert saved == [2] and saved_step(tmp_path / "run") == 2
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
+    assert train_clm(replace(config, resume=True))["step"] == 6  # the checkpoint kept is one to resume from
+
+
+def test_a_loss_past_exps_range_has_an_infinite_perplexity(text_file, tmp_path, monkeypatch):
+    assert train_module.perplexity(1.0) == pytest.approx(math.e) and train_module.perplexity(710.0) == math.inf
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: 800.0)  # finite, but exp() overflows
+    metrics = train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=1))
+    assert metrics["val_loss"] == 800.0 and metrics["val_ppl"] == math.inf
+    with open(tmp_path / "run" / METRICS_FILE, newline="") as fh:
+        assert [row["val_ppl"] for row in csv.DictReader(fh)] == ["inf"] * 3
+
+
+def test_mlm_validation_without_a_masked_token_has_no_loss(text_file, tmp_path, capsys):
+    # mask_prob 1e-4 selects none of the 64 tokens scored (the masks are seeded): no mean, so no loss, not 0.
+    config = tiny_config(text_file, tmp_path, mask_prob=1e-4, batch_size=2, max_steps=2, eval_every=1, eval_batches=1)
+    metrics = train_mlm(config)
+    assert metrics["initial_val_loss"] is None and metrics["val_loss"] is None and metrics["val_ppl"] is None
+    assert capsys.readouterr().out.count("validation batches hold no token to predict") == 1  # said once
+
+
+def blank_steps(monkeypatch, blank):
+    """Drop every masked label of the training steps in `blank` (0-based), as if masking had selected none."""
+    real = train_module.MLMTask.collator
+
+    def collator(self, config, generator, train):
+        collate = real(self, config, generator, train)
+
+        def blanked(chunks):
+            labels, x, pad_mask = collate(chunks)
+            if train and generator.initial_seed() in blank:  # the step's seed: the step itself with seed 0, 1 micro
+                labels = torch.full_like(labels, -100)
+            return labels, x, pad_mask
+
+        return blanked
+
+    monkeypatch.setattr(train_module.MLMTask, "collator", collator)
+
+
+def test_an_mlm_step_without_a_masked_token_skips_its_update_and_resumes_exactly(
+    text_file, tmp_path, monkeypatch, capsys
+):
+    from perceiver_fast.models.text.mlm import MaskedLanguageModel
+
+    blank_steps(monkeypatch, {1, 2})  # steps 2 and 3
+    snapshot = tmp_path / "at_step_2"
+    copy_checkpoints(monkeypatch, {2: snapshot})
+    updates = []
+    hook = register_optimizer_step_pre_hook(lambda *args: updates.append(1))
+    common = dict(max_steps=4, checkpoint_every=2, eval_every=0, warmup_steps=1)
+    try:
+        straight = train_mlm(tiny_config(text_file, tmp_path, **common))
+    finally:
+        hook.remove()
+    assert len(updates) == 2  # AdamW steps only where there is a loss: no weight decay or momentum on nothing
+    assert [loss is None for _, loss in straight["history"]] == [False, True, True, False]
+    assert "warning: step 2: its batch holds no token to predict" in capsys.readouterr().out
+    assert straight["train_loss"] == pytest.approx((straight["history"][0][1] + straight["history"][3][1]) / 2)
+    with open(tmp_path / "run" / METRICS_FILE, newline="") as fh:
+        rows = list(csv.DictReader(fh))[1:]
+    assert [row["train_loss"] == "" for row in rows] == [False, True, True, False]
+    config = tiny_config(text_file, tmp_path, **common)
+    assert [float(row["lr"]) for row in rows] == pytest.approx([lr_at(step, config) for step in range(4)])
+
+    resumed = train_mlm(tiny_config(text_file, tmp_path, **common, out_dir=str(snapshot), resume=True))
+    assert resumed["start_step"] == 2 and resumed["history"][:3] == straight["history"][:3]  # (2, None) saved, loaded
+    assert resumed["history"][3] == pytest.approx(straight["history"][3])
+    a = MaskedLanguageModel.from_pretrained(tmp_path / "run").state_dict()
+    b = MaskedLanguageModel.from_pretrained(snapshot).state_dict()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_hub_dataset_rows_of_no_text_are_refused(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config_name, split: {"text": ["", "", ""]})
+    config = TrainConfig(data="empty", dataset_config="en", max_seq_len=1, max_latents=1)
+    with pytest.raises(ValueError, match="the corpus has no text: its only document is empty"):
+        train_module.prepare_data(config, chunk_len=2)

@@ -342,6 +342,7 @@ def tokenize_documents(
     :param tokenizer: a `BytesTokenizer` (default), `tokenizers.Tokenizer`, transformers tokenizer, or any object
         with ``encode(text)`` returning ids.
     :return: a 1-D `torch.long` tensor.
+    :raises ValueError: the tokenizer gave an id outside ``[0, vocab_size)``.
     """
     info = _tokenizer_info(tokenizer if tokenizer is not None else BytesTokenizer())
     separator = _separator(info, separator_id)
@@ -351,7 +352,24 @@ def tokenize_documents(
         if not isinstance(doc, str):
             raise TypeError(f"documents must be str, got {type(doc).__name__}")
         pieces += [info.encode(doc), sep]
-    return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+    tokens = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.long)
+    _check_token_range(tokens, info.vocab_size, tokenizer if tokenizer is not None else BytesTokenizer())
+    return tokens
+
+
+def _check_token_range(tokens: torch.Tensor, vocab_size: int, tokenizer: Any) -> None:
+    """Refuse ids outside ``[0, vocab_size)``: the model's embedding has `vocab_size` rows, so such an id fails deep
+    in the first step (or, past 32767 in an int16 cache, silently wraps to another token and trains on it)."""
+    if not tokens.numel():
+        return
+    low, high = int(tokens.min()), int(tokens.max())
+    if low >= 0 and high < vocab_size:
+        return
+    bad = high if high >= vocab_size else low
+    raise ValueError(
+        f"the tokenizer ({type(tokenizer).__qualname__}) gave token id {bad}, outside its vocabulary [0, {vocab_size}) "
+        f"(vocab_size {vocab_size}): its vocab_size must count every id its encode returns"
+    )
 
 
 def _separator(info: _TokenizerInfo, separator_id: int | None) -> int:
@@ -423,6 +441,7 @@ def tokenize_corpus(
     documents = read_documents(files) if files is not None else load_hub_documents(dataset_name)
     tokens = tokenize_documents(documents, tokenizer, separator)
     # int16 holds any vocabulary below 32768 ids (the bytes tokenizer's 262): a quarter of int64 on disk and in memory.
+    # No id wraps: tokenize_documents has checked that each is below vocab_size.
     tokens = tokens.to(torch.int16 if info.vocab_size <= torch.iinfo(torch.int16).max + 1 else torch.int32)
     num_bytes = sum(len(d.encode("utf-8")) for d in documents)
     if use_cache:
@@ -636,9 +655,26 @@ class CLMData:
         """UTF-8 bytes per token over the corpus, to turn a loss per token into bits per byte."""
         return self.num_bytes / max(1, self.num_tokens)
 
-    def bits_per_byte(self, loss: float) -> float:
-        """Convert a mean cross-entropy in nats per token into bits per byte of text."""
+    def bits_per_byte(self, loss: float) -> float | None:
+        """Convert a mean cross-entropy in nats per token into bits per byte of text; None for a corpus of no bytes.
+
+        An approximation: the loss is divided by the bytes per token of the whole corpus (`bytes_per_token`), not of
+        the tokens it was scored on. It is exact, up to the separators (one token of no bytes per document), when
+        every token is one byte (the bytes tokenizer). With tokens of varying length (BPE, a character tokenizer on
+        mixed scripts) the scored tokens can hold more or fewer bytes each than the corpus's mean: a validation
+        split of 3-byte characters in a mostly 1-byte corpus is off by as much as their ratio.
+        """
+        if self.num_bytes == 0:
+            return None
         return loss / math.log(2) / self.bytes_per_token
+
+
+def refuse_empty_corpus(num_bytes: int, num_documents: int) -> None:
+    """Refuse a corpus with no text: its tokens are only separators, which teach nothing, and it has no bytes to
+    measure bits per byte against."""
+    if num_bytes == 0:
+        which = "its only document is" if num_documents == 1 else f"all {num_documents} documents are"
+        raise ValueError(f"the corpus has no text: {which} empty")
 
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "wikitext", "owner/name"
@@ -696,6 +732,7 @@ def prepare_clm_data(
         if dataset_name is None:
             raise
         raise ValueError(f"no local files match {data!r}, and {e}") from None
+    refuse_empty_corpus(corpus.num_bytes, corpus.num_documents)
     chunks = pack_chunks(corpus.tokens, max_seq_len + 1)
     train, valid = split_train_valid(chunks, valid_fraction, seed)
     return CLMData(

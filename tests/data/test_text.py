@@ -455,3 +455,42 @@ def test_read_documents_checks_what_datasets_returns(tmp_path, monkeypatch):
     swapped = datasets.Dataset.from_dict({"text": ["a longer text\n\n", "short\n"]})
     monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: swapped)
     assert read_documents(files) == ["short\n", "a longer text\n\n"]
+
+
+def test_a_corpus_of_empty_documents_is_refused(tmp_path):
+    # Only separators, no byte of text: nothing to learn, and bits per byte would divide by zero.
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    for name in ["a.txt", "b.txt", "c.txt"]:
+        (folder / name).write_text("")
+    with pytest.raises(ValueError, match="the corpus has no text: all 3 documents are empty"):
+        prepare_clm_data(str(folder), max_seq_len=1, cache_dir=tmp_path / "cache")  # 3 separators: one chunk of 2
+    data = text_module.CLMData(torch.ones(1, 2, dtype=torch.long), torch.ones(0, 2, dtype=torch.long), 262, 3, 0, 3)
+    assert data.bits_per_byte(1.0) is None
+
+
+class OffsetTokenizer:
+    """Ids ``ord(char) % 50 + offset``: past its `vocab_size` (or below 0) for the offsets the test gives."""
+
+    eos_token_id = 1
+
+    def __init__(self, vocab_size, offset):
+        self.vocab_size, self.offset = vocab_size, offset
+
+    def encode(self, text):
+        return [ord(char) % 50 + self.offset for char in text]
+
+
+@pytest.mark.parametrize(
+    "vocab_size, offset, bad",
+    [(100, 60, 109), (1000, 65536, 65585), (100, -60, -13)],  # "abc" -> 47..49 + offset
+    ids=["past vocab_size", "past int16 (wrapped silently in the cache's dtype)", "negative"],
+)
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path, vocab_size, offset, bad):
+    tokenizer = OffsetTokenizer(vocab_size, offset)
+    message = rf"\(OffsetTokenizer\) gave token id {bad}, outside its vocabulary \[0, {vocab_size}\)"
+    with pytest.raises(ValueError, match=message):
+        tokenize_documents(["abc"], tokenizer)
+    (tmp_path / "doc.txt").write_text("abc" * 20)
+    with pytest.warns(UserWarning, match="not cached"), pytest.raises(ValueError, match=message):
+        tokenize_corpus([tmp_path / "doc.txt"], tokenizer, cache_dir=tmp_path / "cache")
