@@ -885,6 +885,7 @@ def _run_dir_locked(out_dir: Path, context: DistributedContext, create: bool) ->
 
     Only rank 0 writes the run directory, so only rank 0 locks it; every process stops if it could not.
     """
+    created = _missing_dirs(out_dir) if context.is_main and create else []
     fd, busy = _lock_run_dir(out_dir, create) if context.is_main else (None, None)
     try:
         (failed,) = distributed.all_reduce_sum([float(busy is not None)], context.device)
@@ -894,6 +895,31 @@ def _run_dir_locked(out_dir: Path, context: DistributedContext, create: bool) ->
     finally:
         if fd is not None:
             os.close(fd)  # releases the lock; the file stays (removing it would race with a run opening it)
+            if created:
+                _remove_unused_run_dir(out_dir, created)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_unused_run_dir(out_dir: Path, created: list[Path]) -> None:
+    """Take back the directories a run created for its lock when it wrote nothing else there (it stopped on bad
+    data or settings): a failed start must not leave an empty run directory behind. Nobody can hold the lock of a
+    directory this run made: another run that opened it since found it locked and left."""
+    if {p.name for p in out_dir.iterdir()} != {LOCK_FILE}:
+        return
+    (out_dir / LOCK_FILE).unlink(missing_ok=True)
+    for directory in created:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty (something else was written there meanwhile): leave it and its parents
+            return
 
 
 def _read_train_config(out_dir: Path) -> dict[str, Any] | None:

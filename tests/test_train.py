@@ -347,6 +347,20 @@ def test_a_second_run_into_a_busy_directory_stops_at_once(text_file, tmp_path, m
     assert train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0, out_dir=str(fresh)))["step"] == 1
 
 
+def test_a_run_that_fails_to_start_leaves_no_directory_behind(text_file, tmp_path):
+    """The lock needs the directory, which a new run creates first: a start that then fails (bad data here) must
+    take it back, parents it created included, and leave a directory that was there as it was."""
+    missing = tmp_path / "runs" / "clm"
+    with pytest.raises(FileNotFoundError):
+        train_clm(tiny_config(text_file, tmp_path, data=str(tmp_path / "nowhere.txt"), out_dir=str(missing)))
+    assert not (tmp_path / "runs").exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    with pytest.raises(FileNotFoundError):
+        train_clm(tiny_config(text_file, tmp_path, data=str(tmp_path / "nowhere.txt"), out_dir=str(existing)))
+    assert existing.is_dir()
+
+
 def test_without_flock_a_run_goes_unlocked(text_file, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "fcntl", None)  # Windows
     assert train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0))["step"] == 1
