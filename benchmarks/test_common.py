@@ -56,7 +56,7 @@ def test_a_results_file_rewritten_by_a_killed_run_stays_whole(tmp_path, killed_m
 
 
 def test_a_plot_rewritten_by_a_killed_run_stays_whole(tmp_path, monkeypatch):
-    from matplotlib.figure import Figure
+    Figure = pytest.importorskip("matplotlib.figure", reason="plots need the bench extra (matplotlib)").Figure
 
     rows = [dict(shape="s", backend="eager", tflops=1.0)]
     path = common.plot_bars(tmp_path / "x.png", rows, metric="tflops", group="shape", series="backend", title="t")

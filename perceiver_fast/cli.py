@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import sys
 import time
 import types
@@ -87,13 +88,15 @@ _FIELD_HELP = {
     "eval_every": "evaluate every N steps (0: only at the start and the end)",
     "checkpoint_every": "also checkpoint every N steps (0: only at the end)",
     "out_dir": "run directory: checkpoint (config.json, model.safetensors, training_state.pt, ...) and metrics.csv",
-    "resume": "continue the run in --out-dir up to --max-steps (the other flags must match the run's, see README)",
+    "resume": "continue the run in --out-dir up to --max-steps (only the flags listed in the README's resume table may "
+    "differ)",
     "overwrite": "replace the run in --out-dir (without it, training into a directory with a checkpoint stops)",
     "device": "cpu, cuda, cuda:1, ... or auto",
     "dataset_config": "configuration of a hub dataset given as --data, e.g. wikitext-103-raw-v1 (network needed)",
     "num_input_channels": "mlm only: token embedding width; left out: num_channels",
     "mask_prob": "mlm only: fraction of tokens selected for prediction (80%% masked, 10%% random, 10%% kept)",
-    "whole_word_masking": "mlm only: select whole words (runs of non-whitespace bytes) instead of single bytes",
+    "whole_word_masking": "mlm only: select whole words (perceiver-io's: a word with the whitespace before it) instead "
+    "of single bytes",
     "batch_size": "global batch of one micro-step, split over the processes under torchrun",
     "tensorboard": "also log to OUT_DIR/tensorboard (needs the tensorboard package)",
     "precision": "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (no-op on CPU)",
@@ -297,13 +300,11 @@ def _demo_replaces(out: Path, config: Any, overwrite: bool) -> bool:
     where there is nothing to replace.
 
     :raises ValueError: `out` holds something else (a run of ``train``, a model, other files), before anything in it
-        is touched. The lock file and a ``metrics.csv`` alone do not count: training moves the rows aside, keeping them.
+        is touched. What runs stopped before their first checkpoint leave does not count (`_left_by_a_stopped_run`).
     """
-    from perceiver_fast.train import LOCK_FILE, METRICS_FILE
-
     if overwrite or not out.is_dir():  # missing (or a file, which training refuses)
         return overwrite
-    found = sorted(path.name for path in out.iterdir() if path.name not in (LOCK_FILE, METRICS_FILE))
+    found = sorted(path.name for path in out.iterdir() if not _left_by_a_stopped_run(path))
     if not found:
         return False
     if _is_demo_run(out, config):
@@ -313,6 +314,18 @@ def _demo_replaces(out: Path, config: Any, overwrite: bool) -> bool:
         f"{out} holds files the demo did not write ({shown}): --overwrite replaces its checkpoint, or choose another "
         "--out"
     )
+
+
+def _left_by_a_stopped_run(path: Path) -> bool:
+    """Whether `path`, inside a run directory, is what a run stopped before its first checkpoint leaves there: the lock
+    file, ``metrics.csv`` (training moves its rows aside, keeping them), rows moved aside so
+    (``metrics.<UTC time>.csv``), or a checkpoint staged without its manifest (never complete; training removes it)."""
+    from perceiver_fast.train import CHECKPOINT_FILE, LOCK_FILE, METRICS_FILE, STAGING_DIR
+
+    name = path.name
+    if name in (LOCK_FILE, METRICS_FILE) or re.fullmatch(r"metrics\.\d{8}T\d{6}Z(-\d+)?\.csv", name):
+        return True
+    return name == STAGING_DIR and not (path / CHECKPOINT_FILE).is_file()
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:

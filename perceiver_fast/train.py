@@ -809,7 +809,8 @@ def _load_training_state(path: Path) -> dict[str, Any]:
     """``training_state.pt``, or a ValueError naming it and saying what to do when it cannot be read (torch tells of a
     truncated file only ``[Errno 22] Invalid argument`` or a zip archive it cannot read, and names no file)."""
     try:
-        return torch.load(path, weights_only=True)
+        # On the CPU first: a GPU run's optimizer state resumes on another device (load_state_dict moves it).
+        return torch.load(path, weights_only=True, map_location="cpu")
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]  # one line: the command line prints one
         raise ValueError(
@@ -859,8 +860,11 @@ def _lock_run_dir(out_dir: Path, create: bool) -> tuple[int | None, str | None]:
     """
     if fcntl is None or not (create or out_dir.is_dir()):
         return None, None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:  # returned, not raised: the other processes wait for rank 0's verdict in a collective
+        return None, f"cannot use {out_dir} as the run directory: {e}"
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -890,13 +894,13 @@ def _run_dir_locked(out_dir: Path, context: DistributedContext, create: bool) ->
     try:
         (failed,) = distributed.all_reduce_sum([float(busy is not None)], context.device)
         if failed:
-            raise ValueError(busy or f"rank 0 found {out_dir} in use by another run")
+            raise ValueError(busy or f"rank 0 cannot lock {out_dir} (its error says why)")
         yield
     finally:
         if fd is not None:
-            os.close(fd)  # releases the lock; the file stays (removing it would race with a run opening it)
-            if created:
+            if created:  # while still holding the lock, so that no other run can hold it when the file goes
                 _remove_unused_run_dir(out_dir, created)
+            os.close(fd)  # releases the lock; the file stays (removing it would race with a run opening it)
 
 
 def _missing_dirs(path: Path) -> list[Path]:
@@ -910,8 +914,9 @@ def _missing_dirs(path: Path) -> list[Path]:
 
 def _remove_unused_run_dir(out_dir: Path, created: list[Path]) -> None:
     """Take back the directories a run created for its lock when it wrote nothing else there (it stopped on bad
-    data or settings): a failed start must not leave an empty run directory behind. Nobody can hold the lock of a
-    directory this run made: another run that opened it since found it locked and left."""
+    data or settings): a failed start must not leave an empty run directory behind. Called with the lock held: a run
+    that opened the file meanwhile found it locked and left, and one that creates it anew after the unlink makes the
+    directory non-empty, which stops the removal."""
     if {p.name for p in out_dir.iterdir()} != {LOCK_FILE}:
         return
     (out_dir / LOCK_FILE).unlink(missing_ok=True)
@@ -1047,7 +1052,7 @@ def _keep_metrics_rows(path: Path, start_step: int, log: Callable) -> bool:
     interleaved) are dropped with a warning. The kept rows are written to a temporary file that replaces `path` only
     once it is on disk: a kill during the rewrite leaves the whole file as it was.
     """
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:  # garbled bytes: a row that won't parse
         reader = csv.DictReader(fh)
         if reader.fieldnames != METRICS_COLUMNS:
             return False
@@ -1083,7 +1088,7 @@ def _holds_metrics_rows(path: Path) -> bool:
     """Whether `path` is a file with more than our header line in it."""
     if not path.is_file():
         return False
-    with open(path, newline="") as fh:
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
         lines = list(itertools.islice(fh, 2))
     return len(lines) > 1 or (bool(lines) and lines[0].strip() != ",".join(METRICS_COLUMNS))
 
@@ -1113,7 +1118,14 @@ class MetricsLog:
     """
 
     def __init__(
-        self, out_dir: Path, start_step: int, tensorboard: bool, enabled: bool, log: Callable, replace: bool = False
+        self,
+        out_dir: Path,
+        start_step: int,
+        tensorboard: bool,
+        enabled: bool,
+        log: Callable,
+        replace: bool = False,
+        resume: bool = False,
     ) -> None:
         self.enabled = enabled
         self.writer = None
@@ -1121,7 +1133,9 @@ class MetricsLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / METRICS_FILE
-        resumed = start_step > 0 and path.is_file() and _keep_metrics_rows(path, start_step, log)
+        # A run resumed at step 0 (one saved with max_steps=0) logs its step 0 again: it keeps no row of it.
+        keep_through = start_step if start_step > 0 else -1
+        resumed = resume and path.is_file() and _keep_metrics_rows(path, keep_through, log)
         if not resumed and not replace and _holds_metrics_rows(path):
             aside = _move_aside(path)
             log(f"{path} held the rows of an earlier run (stopped before its first checkpoint?): moved to {aside}")
@@ -1380,7 +1394,9 @@ def _train(
                 shutil.rmtree(path)
             else:
                 path.unlink()
-    logs = MetricsLog(out_dir, start_step, config.tensorboard, context.is_main, log, replace=config.overwrite)
+    logs = MetricsLog(
+        out_dir, start_step, config.tensorboard, context.is_main, log, replace=config.overwrite, resume=config.resume
+    )
 
     last_saved = start_step if config.resume else None  # the step of the checkpoint in out_dir, for messages
     nothing_to_score_said = False
@@ -1469,9 +1485,10 @@ def _train(
                     loss_sum += loss.item()
                 (loss_sum,) = distributed.all_reduce_sum([loss_sum], device)
                 train_loss = loss_sum / count_sum  # tokens-weighted mean over the step's micro-batches
-                grad_norm = None
-                if config.grad_clip > 0:
-                    grad_norm = _norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip))
+                # Measured without clipping too (max_norm inf scales by 1): a finite loss can come with a NaN
+                # gradient, whose update would make the weights NaN before any loss shows it.
+                max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
+                grad_norm = _norm_value(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm))
                 if problem := _not_finite(loss=train_loss, gradient_norm=grad_norm):
                     # Before the update: the weights are still those of the last step (and of any checkpoint). The
                     # loss is all-reduced and the norm is the whole gradient's, so every process stops here.
@@ -1488,11 +1505,15 @@ def _train(
             with _ctrl_c_held():
                 if train_loss is not None:
                     optimizer.step()
-                # A skipped step still counts: the schedule and the data order stay those of its number, as a resume
-                # draws them. (torch warns of a schedule stepped without the optimizer: here that is meant.)
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
                     scheduler.step()
+                else:
+                    # A skipped step still counts: the schedule and the data order stay those of its number, as a
+                    # resume draws them. torch warns of a schedule stepped without the optimizer: here that is meant.
+                    # (Only here: catch_warnings resets which warnings were shown once, so around every step it
+                    # would repeat any once-only warning of the model at every step.)
+                    with warnings.catch_warnings():
+                        warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                        scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 completed = step + 1
                 metrics["history"].append((completed, train_loss))

@@ -429,6 +429,14 @@ def test_demo_replaces_its_own_earlier_run_only(tmp_path, capsys):
     assert clm.CausalLanguageModel.from_pretrained(model_dir).config.num_channels == 16
     assert (model_dir / "README.md").read_text() == "my notes"  # only the checkpoint is replaced
 
+    # What demos stopped before their first checkpoint leave behind is the demo's too: it writes over it.
+    stopped = tmp_path / "stopped"
+    (stopped / ".checkpoint-staging").mkdir(parents=True)  # a first checkpoint cut off before its manifest
+    for name in (".lock", "metrics.csv", "metrics.20261127T213000Z.csv", "metrics.20261127T213000Z-1.csv"):
+        (stopped / name).write_text("step\n0\n")
+    assert main([*demo, "--out", str(stopped)]) == 0
+    assert clm.CausalLanguageModel.from_pretrained(stopped).config.num_channels == 16
+
 
 def test_generate_refuses_a_checkpoint_that_differs_from_its_manifest(tmp_path, capsys):
     # A damaged model.safetensors of the right size loads without error: generate used to print what it made of it,

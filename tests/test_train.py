@@ -1017,10 +1017,11 @@ def record_checkpoints(monkeypatch):
     return steps
 
 
-@pytest.mark.parametrize("grad_clip, problem", [(1.0, "loss nan, gradient norm nan"), (0.0, "loss nan")])
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0], ids=["clipping", "no clipping"])
 def test_a_nan_loss_stops_the_run_before_its_update_and_keeps_the_checkpoint(
-    text_file, tmp_path, monkeypatch, grad_clip, problem
+    text_file, tmp_path, monkeypatch, grad_clip
 ):
+    problem = "loss nan, gradient norm nan"  # the norm is measured without clipping too
     poison_training_loss(monkeypatch, at_call=5, poison=lambda loss: loss * float("nan"))  # step 5's loss
     saved = record_checkpoints(monkeypatch)
     updates = []
@@ -1041,7 +1042,10 @@ def test_a_nan_loss_stops_the_run_before_its_update_and_keeps_the_checkpoint(
     assert metrics_steps(out) == [0, 1, 2, 3, 4]
 
 
-def test_a_non_finite_gradient_norm_stops_the_run(text_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0], ids=["clipping", "no clipping"])
+def test_a_non_finite_gradient_norm_stops_the_run(text_file, tmp_path, monkeypatch, grad_clip):
+    """Without clipping too: a NaN gradient under a finite loss would make the weights NaN before any loss shows it,
+    and a checkpoint of that step would save them."""
     def infinite_gradient(loss):  # the loss stays finite; its gradient, and so every weight's, does not
         loss.register_hook(lambda grad: grad * float("inf"))
         return loss
@@ -1049,7 +1053,7 @@ def test_a_non_finite_gradient_norm_stops_the_run(text_file, tmp_path, monkeypat
     poison_training_loss(monkeypatch, at_call=2, poison=infinite_gradient)
     saved = record_checkpoints(monkeypatch)
     with pytest.raises(ValueError, match=r"at step 2 \(gradient norm (inf|nan)\); the run has no checkpoint, and none"):
-        train_clm(tiny_config(text_file, tmp_path, max_steps=4, eval_every=0, grad_clip=1.0))
+        train_clm(tiny_config(text_file, tmp_path, max_steps=4, eval_every=0, grad_clip=grad_clip))
     assert saved == [] and not (tmp_path / "run" / "model.safetensors").exists()
 
 
@@ -1068,6 +1072,58 @@ def test_a_non_finite_validation_loss_stops_the_run_before_its_checkpoint(text_f
     assert saved == [2] and saved_step(tmp_path / "run") == 2
     monkeypatch.setattr(train_module, "evaluate", real_evaluate)
     assert train_clm(replace(config, resume=True))["step"] == 6  # the checkpoint kept is one to resume from
+
+
+def test_a_gpu_runs_training_state_loads_on_the_cpu_first(tmp_path, monkeypatch):
+    """A GPU run's optimizer state holds CUDA tensors: read onto the CPU (load_state_dict moves them), a resume on a
+    CPU-only machine works instead of calling the checkpoint damaged."""
+    seen = {}
+    real_load = torch.load
+
+    def load(*args, **kwargs):
+        seen.update(kwargs)
+        return real_load(*args, **kwargs)
+
+    torch.save({"step": 3}, tmp_path / "training_state.pt")
+    monkeypatch.setattr(torch, "load", load)
+    assert train_module._load_training_state(tmp_path / "training_state.pt") == {"step": 3}
+    assert seen["map_location"] == "cpu" and seen["weights_only"] is True
+
+
+def test_a_resume_at_step_0_keeps_its_metrics_file(text_file, tmp_path):
+    """A run saved at step 0 (max_steps=0) and resumed logs into its own metrics.csv, not moved aside as another's."""
+    train_clm(tiny_config(text_file, tmp_path, max_steps=0, eval_every=0))
+    train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, resume=True))
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.glob("metrics*.csv")) == [METRICS_FILE]
+    with open(out / METRICS_FILE, newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [0, 1, 2]
+
+
+def test_undecodable_bytes_in_metrics_csv_are_dropped_as_a_garbled_row(text_file, tmp_path, capsys):
+    config = tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, checkpoint_every=1)
+    train_clm(config)
+    with open(tmp_path / "run" / METRICS_FILE, "ab") as fh:
+        fh.write(b"\xff\xfe3,4.1\n")  # a crash mid-write on a disk that returned junk
+    assert train_clm(replace(config, max_steps=3, resume=True))["step"] == 3
+    assert "dropped 1 of its rows" in capsys.readouterr().out
+    with open(tmp_path / "run" / METRICS_FILE, newline="") as fh:
+        assert [int(r["step"]) for r in csv.DictReader(fh)] == [0, 1, 2, 3]
+
+
+def test_a_lock_file_that_cannot_be_opened_is_a_clear_error(text_file, tmp_path, monkeypatch):
+    """Refused through the collective that tells every process, not raised on rank 0 alone (the others would wait
+    for it in that collective until their timeout)."""
+    real_open = os.open
+
+    def open_refusing_the_lock(path, *args, **kwargs):
+        if str(path).endswith(train_module.LOCK_FILE):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_refusing_the_lock)
+    with pytest.raises(ValueError, match=r"cannot use .*run as the run directory: \[Errno 13\] Permission denied"):
+        train_clm(tiny_config(text_file, tmp_path))
 
 
 def test_a_loss_past_exps_range_has_an_infinite_perplexity(text_file, tmp_path, monkeypatch):

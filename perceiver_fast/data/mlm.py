@@ -35,7 +35,8 @@ class MLMCollator:
         the bytes tokenizer has 6.
     :param mask_prob: probability that a real token is selected for prediction.
     :param generator: random source (seed it to make the masking reproducible).
-    :param whole_word: select whole words (runs of non-whitespace bytes) instead of single tokens.
+    :param whole_word: select whole words (perceiver-io's: a word with the whitespace before it) instead of single
+        tokens.
     """
 
     def __init__(

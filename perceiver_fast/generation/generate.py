@@ -412,7 +412,9 @@ def _prepare(
         pad_token_id = eos_ids[0] if eos_ids else 0
     _check_count("max_new_tokens", max_new_tokens, 0)
     if threshold is not None:
-        if top_k != DEFAULT_TOP_K:  # the default gives way to threshold; any other top_k is a second setting
+        # The default gives way to threshold, as does None (the default before it was 50); a top_k the caller
+        # chose, 50 included, is a second setting.
+        if top_k is not None and top_k is not DEFAULT_TOP_K:
             raise ValueError("give top_k or threshold, not both")
         top_k = _threshold_top_k(threshold, vocab_size)
         do_sample = True

@@ -6,9 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
+
+class _DefaultTopK(int):
+    """The default ``top_k``, an int that is told apart from the same number passed by a caller (``is``): the
+    default gives way to ``threshold``, a ``top_k`` the caller chose does not."""
+
+
 # transformers' GenerationConfig default, so perceiver-io's HF ``generate`` samples among the 50 likeliest tokens unless
 # told otherwise: a migrated ``do_sample=True`` call must draw from the same set.
-DEFAULT_TOP_K = 50
+DEFAULT_TOP_K: int = _DefaultTopK(50)
 
 
 @dataclass(frozen=True)

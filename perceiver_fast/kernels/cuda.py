@@ -266,9 +266,12 @@ def cuda_decode_attention(
     if isinstance(position, int):
         position = torch.full((batch,), position, device=device, dtype=torch.int32)
     position = position.reshape(-1).expand(batch)
-    # The kernel writes the new row where 0 <= position < capacity. An int64 position past int32 (unchecked on a GPU)
-    # would wrap into that range and overwrite a live row: such positions become -1, which writes nothing.
-    position = torch.where((position >= 0) & (position < capacity), position, -1).to(torch.int32)
+    if position.dtype == torch.int64:
+        # The kernel writes the new row where 0 <= position < capacity. An int64 position past int32 (unchecked on a
+        # GPU) would wrap into that range and overwrite a live row: such positions become -1, which writes nothing.
+        # (int32 ones reach the kernel as they are: no ops added to a decoding step for them.)
+        position = torch.where((position >= 0) & (position < capacity), position, -1)
+    position = position.to(torch.int32)
     if kv_start is None:
         kv_start = torch.zeros(batch, device=device, dtype=torch.int32)
     if kv_len is None:

@@ -322,6 +322,12 @@ def test_stop_tokens_streaming_and_threshold():
     assert sampled.shape == (2, prompt.shape[1] + 5)
     with pytest.raises(ValueError, match="threshold"):
         model.generate(prompt, 2, threshold=1.0)
+    # threshold replaces the default top_k, and None (the default before it was 50); a chosen top_k is refused.
+    assert torch.equal(model.generate(prompt, 5, threshold=0.9, top_k=None, generator=torch.Generator().manual_seed(0)),
+                       sampled)  # fmt: skip
+    for chosen in (50, 0, 10):
+        with pytest.raises(ValueError, match="give top_k or threshold, not both"):
+            model.generate(prompt, 2, threshold=0.9, top_k=chosen)
     with pytest.raises(ValueError, match="cache_mode"):
         model.generate(prompt, 2, cache_mode="fast")
     with pytest.raises(ValueError, match="stride"):

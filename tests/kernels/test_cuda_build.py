@@ -232,18 +232,36 @@ def test_setup_reports_a_bad_toolkit(tmp_path):
     assert "CUDA build failed" in result.stderr and "has no bin/nvcc" in result.stderr
 
 
-def test_a_wheel_ships_the_built_library_and_the_dispatch_tables(tmp_path):
-    """What ``PERCEIVER_FAST_BUILD_CUDA=1 pip install .`` builds goes into the wheel: pyproject.toml's package-data
-    table replaces setup()'s, so the library must be named there (a placeholder stands in for the nvcc output)."""
+_STUB_BUILD = """
+from pathlib import Path
+from types import SimpleNamespace
+
+
+class BuildError(Exception):
+    pass
+
+
+def build():  # nvcc's place: the library it would write
+    output = Path(__file__).resolve().parents[1] / "perceiver_fast" / "_C.so"
+    output.write_bytes(b"a library built for this wheel")
+    return SimpleNamespace(output=output, seconds=0.0)
+"""
+
+
+def _wheel_names(tmp_path: Path, build_cuda: bool) -> set[str]:
+    """The files of a wheel built from a copy of the package whose CUDA build is a stub (``_STUB_BUILD``), with a
+    library left in the tree by an earlier build."""
     source = tmp_path / "src"
-    source.mkdir()
+    (source / "csrc").mkdir(parents=True)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         (source / name).write_bytes((REPO / name).read_bytes())
-    shutil.copytree(
-        REPO / "perceiver_fast", source / "perceiver_fast", ignore=shutil.ignore_patterns("__pycache__", "*.so")
-    )
-    (source / "perceiver_fast" / "_C.so").write_bytes(b"placeholder for the built library")
+    (source / "csrc" / "build.py").write_text(_STUB_BUILD)
+    ignore = shutil.ignore_patterns("__pycache__", "*.so")
+    shutil.copytree(REPO / "perceiver_fast", source / "perceiver_fast", ignore=ignore)
+    (source / "perceiver_fast" / "_C.so").write_bytes(b"a library an earlier build left behind")
     env = {k: v for k, v in os.environ.items() if k != "PERCEIVER_FAST_BUILD_CUDA"}
+    if build_cuda:
+        env["PERCEIVER_FAST_BUILD_CUDA"] = "1"
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-w",
          str(tmp_path / "wheel"), str(source)],
@@ -251,6 +269,17 @@ def test_a_wheel_ships_the_built_library_and_the_dispatch_tables(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "wheel").glob("*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
-    assert "perceiver_fast/_C.so" in names
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        if "perceiver_fast/_C.so" in names:
+            assert archive.read("perceiver_fast/_C.so") == b"a library built for this wheel"
+    return names
+
+
+@pytest.mark.parametrize("build_cuda", [True, False], ids=["built", "plain"])
+def test_a_wheel_ships_the_library_it_built_and_the_dispatch_tables(tmp_path, build_cuda):
+    """``PERCEIVER_FAST_BUILD_CUDA=1 pip wheel .`` puts the library it built into the wheel; a plain wheel leaves out
+    one that an earlier build left in the tree. Both carry the dispatch tables."""
+    names = _wheel_names(tmp_path, build_cuda)
+    assert ("perceiver_fast/_C.so" in names) == build_cuda
     assert "perceiver_fast/kernels/dispatch_tables/sm90.json" in names

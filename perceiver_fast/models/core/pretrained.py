@@ -60,8 +60,10 @@ def _write_replacing(path: Path, write: Callable[[Path], object]) -> None:
 
 def _fsync(path: Path) -> None:
     """Force a file, or a directory's renames, to disk where the platform allows it (not directories on Windows)."""
+    # A file through a writable handle: Windows syncs nothing through a read-only one (EBADF, swallowed below).
+    flags = os.O_RDONLY if path.is_dir() else os.O_RDWR
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, flags)
     except OSError:
         return
     try:
