@@ -4,7 +4,6 @@ reach the disk (names that never replace an earlier run's file, writes that are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import math
@@ -14,10 +13,12 @@ import re
 import secrets
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from perceiver_fast.durable import replace_atomically
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -78,25 +79,18 @@ def new_results_path(path: Path) -> Path:
     return chosen
 
 
-@contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` to write in full, then renamed onto it (``os.replace``, atomic within one
-    folder): a run killed mid-write, or a reader, sees the old file or the new one, never a truncated one. The name is
-    hidden and ends in ``.tmp``, so no ``*.json`` glob picks it up; it is removed when the write fails."""
+def replacing(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write ``path`` with ``write`` through a temporary file renamed onto it (``durable.replace_atomically``): a run
+    killed mid-write, or a reader, sees the old file or the new one, never a truncated one. The temporary name is
+    hidden and ends in ``.tmp``, so no ``*.json`` glob picks it up."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    return replace_atomically(path, write, temporary)
 
 
 def write_text(path: Path, text: str) -> Path:
     """``path.write_text(text)``, atomically (see :func:`replacing`); returns the path."""
-    with replacing(path) as temporary:
-        temporary.write_text(text)
-    return path
+    return replacing(path, lambda temporary: temporary.write_text(text))
 
 
 def synchronize(device: torch.device) -> None:
@@ -192,9 +186,8 @@ def write_json(path: Path, meta: dict, rows: Sequence[dict]) -> Path:
 
 def save_figure(figure, path: Path) -> Path:
     """``figure.savefig(path)`` atomically; the format is named by ``path``'s suffix, not the temporary's ``.tmp``."""
-    with replacing(path) as temporary:
-        figure.savefig(temporary, dpi=120, format=path.suffix.removeprefix(".") or "png")
-    return path
+    image_format = path.suffix.removeprefix(".") or "png"
+    return replacing(path, lambda temporary: figure.savefig(temporary, dpi=120, format=image_format))
 
 
 def plot_bars(path: Path, rows: Sequence[dict], *, metric: str, group: str, series: str, title: str) -> Path | None:

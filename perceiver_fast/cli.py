@@ -15,7 +15,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import sys
 import time
 import types
@@ -320,10 +319,10 @@ def _left_by_a_stopped_run(path: Path) -> bool:
     """Whether `path`, inside a run directory, is what a run stopped before its first checkpoint leaves there: the lock
     file, ``metrics.csv`` (training moves its rows aside, keeping them), rows moved aside so
     (``metrics.<UTC time>.csv``), or a checkpoint staged without its manifest (never complete; training removes it)."""
-    from perceiver_fast.train import CHECKPOINT_FILE, LOCK_FILE, METRICS_FILE, STAGING_DIR
+    from perceiver_fast.train import CHECKPOINT_FILE, LOCK_FILE, METRICS_ASIDE, METRICS_FILE, STAGING_DIR
 
     name = path.name
-    if name in (LOCK_FILE, METRICS_FILE) or re.fullmatch(r"metrics\.\d{8}T\d{6}Z(-\d+)?\.csv", name):
+    if name in (LOCK_FILE, METRICS_FILE) or METRICS_ASIDE.fullmatch(name):
         return True
     return name == STAGING_DIR and not (path / CHECKPOINT_FILE).is_file()
 

@@ -45,6 +45,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import threading
@@ -73,6 +74,7 @@ from perceiver_fast.data.text import (
 )
 from perceiver_fast.data.tokenizer import BytesTokenizer
 from perceiver_fast.distributed import DistributedContext
+from perceiver_fast.durable import replace_atomically, sync
 from perceiver_fast.models.core.pretrained import CONFIG_FILE, WEIGHTS_FILE
 from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
 
@@ -702,9 +704,9 @@ def save_checkpoint(
         files = {path.name: _describe_file(path, sync=True) for path in sorted(staging.iterdir())}
         manifest = staging / (CHECKPOINT_FILE + ".tmp")
         manifest.write_text(json.dumps({"step": step, "files": files}, indent=2) + "\n")
-        _sync(manifest)
+        sync(manifest)
         os.replace(manifest, staging / CHECKPOINT_FILE)  # from here on the staged checkpoint is complete
-        _sync(staging)
+        sync(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -721,20 +723,6 @@ def _describe_file(path: Path, sync: bool = False) -> dict[str, Any]:
         if sync:
             os.fsync(fh.fileno())
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
-
-
-def _sync(path: Path) -> None:
-    """Force a file, or a directory's entries (renames), to disk where the platform allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on Windows; their renames are durable there anyway
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _finish_staged_checkpoint(out_dir: Path) -> bool:
@@ -754,7 +742,7 @@ def _finish_staged_checkpoint(out_dir: Path) -> bool:
         if (staging / name).is_file():
             os.replace(staging / name, out_dir / name)
     os.replace(manifest, out_dir / CHECKPOINT_FILE)
-    _sync(out_dir)
+    sync(out_dir)
     shutil.rmtree(staging)
     return True
 
@@ -1068,19 +1056,15 @@ def _keep_metrics_rows(path: Path, start_step: int, log: Callable) -> bool:
                 kept.append(row)
     if dropped:
         log(f"warning: {path}: dropped {dropped} of its rows (cut short, garbled or out of step order)")
-    temporary = path.with_name(f".{path.name}.tmp")
-    try:
+
+    def write_kept(temporary: Path) -> None:
         with open(temporary, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=METRICS_COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    _sync(path.parent)
+
+    replace_atomically(path, write_kept, path.with_name(f".{path.name}.tmp"))
+    sync(path.parent)
     return True
 
 
@@ -1091,6 +1075,10 @@ def _holds_metrics_rows(path: Path) -> bool:
     with open(path, newline="", encoding="utf-8", errors="replace") as fh:
         lines = list(itertools.islice(fh, 2))
     return len(lines) > 1 or (bool(lines) and lines[0].strip() != ",".join(METRICS_COLUMNS))
+
+
+# What `_move_aside` names the rows of an earlier run: metrics.<UTC time>[-N].csv.
+METRICS_ASIDE = re.compile(r"metrics\.\d{8}T\d{6}Z(-\d+)?\.csv")
 
 
 def _utc_stamp() -> str:

@@ -723,6 +723,8 @@ def test_a_new_run_keeps_the_rows_of_one_stopped_before_its_first_checkpoint(tex
     assert aside.read_text() == old_rows and (out / "metrics.20260101T000000Z.csv").read_text() == "taken"
     assert f"moved to {aside}" in capsys.readouterr().out
     assert metrics_steps(out) == [0, 1]
+    # The names given to moved rows are the ones the demo knows as a stopped run's (it writes over them).
+    assert train_module.METRICS_ASIDE.fullmatch(aside.name)
 
     # overwrite=True replaces the run, its rows included (nothing is moved aside).
     train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0, overwrite=True))

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from perceiver_fast.data.tokenizer import BytesTokenizer
+from perceiver_fast.durable import replace_atomically
 
 DEFAULT_STDLIB_MAX_BYTES = 4_000_000
 
@@ -507,21 +508,8 @@ def _write_token_cache(cache_path: Path, payload: dict[str, Any]) -> None:
     """
     cache_path.parent.mkdir(parents=True, exist_ok=True)
     _sweep_stale_temp_files(cache_path.parent)
-    tmp = cache_path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        _fsync_file(tmp)  # on disk before the rename, or a power cut can leave an empty file under the cache's name
-        os.replace(tmp, cache_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_file(path: Path) -> None:
-    """Force a written file's contents to disk (opened for writing: Windows flushes nothing through a read-only
-    handle)."""
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
+    temporary = cache_path.with_suffix(f".tmp{os.getpid()}")  # the name the sweep recognises (_TOKEN_CACHE_TEMP)
+    replace_atomically(cache_path, lambda tmp: torch.save(payload, tmp), temporary)
 
 
 def _sweep_stale_temp_files(directory: Path) -> None:

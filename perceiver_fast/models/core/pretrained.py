@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
 
+from perceiver_fast.durable import replace_atomically, sync
 from perceiver_fast.models.core import perceiver_io_artifacts
 from perceiver_fast.models.core.loading import (
     CONFIG_FILE,
@@ -41,37 +41,6 @@ FORMAT = "perceiver_fast"
 # One random id per save_pretrained, in config.json and in the weights' safetensors metadata. Directories saved before
 # it existed have it in neither file, and still load.
 SAVE_ID_KEY = "save_id"
-
-
-def _write_replacing(path: Path, write: Callable[[Path], object]) -> None:
-    """Replace `path` with what `write` writes: into ``<name>.tmp<pid>`` beside it, forced to disk, then renamed.
-
-    A failure or an interrupt (Ctrl-C) removes the temp file and leaves the old `path` as it was.
-    """
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        _fsync(tmp)  # the data on disk before the rename that publishes it, or a power cut can leave it empty
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync(path: Path) -> None:
-    """Force a file, or a directory's renames, to disk where the platform allows it (not directories on Windows)."""
-    # A file through a writable handle: Windows syncs nothing through a read-only one (EBADF, swallowed below).
-    flags = os.O_RDONLY if path.is_dir() else os.O_RDWR
-    try:
-        fd = os.open(path, flags)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # a file system that cannot sync (some network mounts): nothing better to do
-        pass
-    finally:
-        os.close(fd)
 
 
 def _saved_id(weights_path: Path) -> str | None:
@@ -131,9 +100,9 @@ class PretrainedMixin:
         }
         # Weights first: until the config is replaced too, its save id (or the lack of one) disagrees with theirs.
         weights_meta = {"format": "pt", SAVE_ID_KEY: save_id}
-        _write_replacing(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata=weights_meta))
-        _write_replacing(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
-        _fsync(directory)
+        replace_atomically(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp), metadata=weights_meta))
+        replace_atomically(directory / CONFIG_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2) + "\n"))
+        sync(directory)
         return directory
 
     @classmethod
