@@ -29,3 +29,23 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def renames(monkeypatch):
+    """Every ``os.replace`` from here on, as ``(destination name, whether its source was fsynced first)``: a rename
+    can reach the disk before the data it names, so a durable write syncs the file before publishing it."""
+    synced, seen = set(), []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    def replace(src, dst, *args, **kwargs):
+        seen.append((os.path.basename(dst), os.stat(src).st_ino in synced))
+        real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return seen

@@ -22,22 +22,11 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary(tmp_path):
     assert path.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
 
 
-def test_the_temporary_is_synced_before_it_is_renamed(tmp_path, monkeypatch):
-    synced, renamed = [], []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        synced.append(os.fstat(fd).st_ino)
-        real_fsync(fd)
-
-    def replace(src, dst, *args, **kwargs):
-        renamed.append(os.stat(src).st_ino in synced)
-        real_replace(src, dst, *args, **kwargs)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+def test_the_temporary_is_synced_before_it_is_renamed(tmp_path, renames, monkeypatch):
     replace_atomically(tmp_path / "f.txt", lambda temporary: temporary.write_text("x"), tmp_path / ".f.tmp")
-    assert renamed == [True]
+    assert renames == [("f.txt", True)]
+    synced, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or real_fsync(fd))
     sync(tmp_path)  # a directory (its renames)
     sync(tmp_path / "missing")  # nothing to sync: no error
-    assert os.stat(tmp_path).st_ino in synced
+    assert synced == [os.stat(tmp_path).st_ino]

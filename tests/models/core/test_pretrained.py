@@ -239,25 +239,13 @@ def test_a_directory_saved_before_save_ids_loads_and_a_cut_off_save_over_it_rais
         CausalLanguageModel.from_pretrained(directory)
 
 
-def test_each_file_is_on_disk_before_it_replaces_the_old_one_weights_first(tmp_path, monkeypatch):
+def test_each_file_is_on_disk_before_it_replaces_the_old_one_weights_first(tmp_path, request):
     """A rename can reach the disk before the data it names; and with the config renamed first, a kill between the
     two renames would leave the new config over old weights in a directory saved before save ids."""
-    synced, replaced = [], []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        synced.append(os.fstat(fd).st_ino)
-        real_fsync(fd)
-
-    def replace(src, dst, *args, **kwargs):
-        replaced.append((Path(dst).name, os.stat(src).st_ino in synced))
-        real_replace(src, dst, *args, **kwargs)
-
     directory = _rotary(1).save_pretrained(tmp_path / "m")  # replacing existing files, as a second save does
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
+    renames = request.getfixturevalue("renames")
     _rotary(2).save_pretrained(directory)
-    assert replaced == [("model.safetensors", True), ("config.json", True)]
+    assert renames == [("model.safetensors", True), ("config.json", True)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
