@@ -71,7 +71,9 @@ from perceiver_fast.data.text import (
     refuse_empty_corpus,
     split_train_valid,
     tokenize_documents,
+    tokenizer_vocab_size,
 )
+from perceiver_fast.data.tokenizer import VOCAB_SIZE as BYTES_VOCAB_SIZE
 from perceiver_fast.data.tokenizer import BytesTokenizer
 from perceiver_fast.distributed import DistributedContext
 from perceiver_fast.durable import replace_atomically, sync
@@ -389,6 +391,7 @@ class CLMTask:
     name = "clm"
     model_class = CausalLanguageModel
     unused_fields = MLM_ONLY_FIELDS  # TrainConfig fields this task ignores (refused unless default)
+    vocab_size: int | None = None  # the only vocabulary the task can train on (None: any)
 
     def chunk_len(self, config: TrainConfig) -> int:
         return config.max_seq_len + 1
@@ -399,10 +402,14 @@ class CLMTask:
     def check_model(self, model: torch.nn.Module, config: TrainConfig, vocab_size: int) -> None:
         if model.config.vocab_size != vocab_size:
             raise ValueError(f"model vocab_size {model.config.vocab_size} != the data's {vocab_size}")
-        if model.max_seq_len < config.max_seq_len or model.max_latents < config.max_latents:
+        # A chunk of max_seq_len tokens has max_latents latents and the rest as prefix: the model needs room for both.
+        prefix_len = config.max_seq_len - config.max_latents
+        if model.max_latents < config.max_latents or model.max_prefix_len < prefix_len:
             raise ValueError(
-                f"the model (max_seq_len {model.max_seq_len}, max_latents {model.max_latents}) is smaller than the "
-                f"config (max_seq_len {config.max_seq_len}, max_latents {config.max_latents})"
+                f"the model (max_seq_len {model.max_seq_len}, max_latents {model.max_latents}: a prefix of at most "
+                f"{model.max_prefix_len}) cannot take the config's chunks (max_seq_len {config.max_seq_len}, "
+                f"max_latents {config.max_latents}: a prefix of {prefix_len}); give the model's max_latents and "
+                "max_seq_len, or ones within them"
             )
 
     def collator(self, config: TrainConfig, generator: torch.Generator, train: bool) -> Callable[[Any], Batch]:
@@ -427,6 +434,7 @@ class MLMTask:
 
     name = "mlm"
     unused_fields = CLM_ONLY_FIELDS
+    vocab_size = BYTES_VOCAB_SIZE  # MLMCollator masks with the bytes tokenizer's [MASK] and special ids
 
     @property
     def model_class(self) -> type:
@@ -1012,10 +1020,7 @@ def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> 
     tokenizer = tokenizer if tokenizer is not None else BytesTokenizer()
     tokens = tokenize_documents(documents, tokenizer)
     train, valid = split_train_valid(pack_chunks(tokens, chunk_len), config.valid_fraction, config.seed)
-    vocab_size = getattr(tokenizer, "vocab_size", None)
-    if not isinstance(vocab_size, int):  # a tokenizers.Tokenizer
-        vocab_size = tokenizer.get_vocab_size()
-    return CLMData(train, valid, vocab_size, tokens.numel(), num_bytes, len(documents))
+    return CLMData(train, valid, tokenizer_vocab_size(tokenizer), tokens.numel(), num_bytes, len(documents))
 
 
 def _metrics_step(row: dict[Any, Any]) -> int | None:
@@ -1282,6 +1287,11 @@ def _train(
             distributed.barrier()
     if data.train.shape[1] != task.chunk_len(config):
         raise ValueError(f"data chunks have {data.train.shape[1]} tokens, expected {task.chunk_len(config)}")
+    if task.vocab_size is not None and data.vocab_size != task.vocab_size:
+        raise ValueError(
+            f"{task.name} trains on the bytes tokenizer's ids (vocab_size {task.vocab_size}): the data has a "
+            f"vocabulary of {data.vocab_size}; prepare it with tokenizer=None"
+        )
     global_batch_size = min(config.batch_size, len(data.train))  # as EpochSampler draws them
     if global_batch_size % world:
         capped = "" if global_batch_size == config.batch_size else f" (batch_size {config.batch_size}, capped at the "

@@ -16,6 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 pytest.importorskip("safetensors")
 clm = pytest.importorskip("perceiver_fast.models.text.clm")
 import perceiver_fast.train as train_module  # noqa: E402
+from perceiver_fast.data.text import prepare_clm_data  # noqa: E402
 from perceiver_fast.data.tokenizer import BytesTokenizer  # noqa: E402
 from perceiver_fast.train import (  # noqa: E402
     METRICS_COLUMNS,
@@ -986,6 +987,55 @@ def test_hub_dataset_rows_that_are_documents_stay_apart(monkeypatch):
     assert (data.num_documents, data.num_tokens, data.num_bytes) == (4, num_tokens, sum(map(len, rows)))
     stream = BytesTokenizer().decode(data.train.flatten(), skip_special_tokens=False)
     assert stream == "First article ends here.[EOS]Second article starts here.\n[EOS][EOS]Third one.[EOS]"
+
+
+def test_a_hub_dataset_sizes_the_model_for_the_tokenizers_added_tokens(monkeypatch, tmp_path):
+    # A transformers tokenizer's vocab_size leaves out its added tokens (Llama-3's and Qwen2's EOS are added ones):
+    # a model sized by it has no embedding row for the separator.
+    datasets = pytest.importorskip("datasets")
+    tokenizers = pytest.importorskip("tokenizers")
+    transformers = pytest.importorskip("transformers")
+    vocab = {c: i for i, c in enumerate("abcdefghijklmnopqrstuvwxyz ")}
+    vocab["[UNK]"] = len(vocab)
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Split("", "isolated")
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    tokenizer.add_special_tokens({"eos_token": "<eos>"})
+    assert tokenizer.eos_token_id == tokenizer.vocab_size == len(vocab)  # the separator is past vocab_size
+    rows = [f"row {'abc' * (i % 5)} of text" for i in range(200)]
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config_name, split: {"text": rows})
+    config = tiny_config(None, tmp_path, data="rows", dataset_config="en", max_steps=2, eval_every=0, cache_dir=None)
+    data = train_module.prepare_data(config, chunk_len=33, tokenizer=tokenizer)
+    assert data.vocab_size == len(tokenizer) and int(data.train.max()) == tokenizer.eos_token_id
+    metrics = train_clm(config, tokenizer=tokenizer)
+    assert math.isfinite(metrics["train_loss"])
+
+
+def test_mlm_refuses_data_of_another_tokenizer(text_file, tmp_path):
+    # MLM masks with the bytes tokenizer's [MASK] and special ids: in another vocabulary they are ordinary tokens.
+    class Letters:
+        vocab_size, eos_token_id = 1000, 0
+
+        def encode(self, text):
+            return [1 + ord(c) % 999 for c in text]
+
+    data = prepare_clm_data(str(text_file), max_seq_len=31, tokenizer=Letters(), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="mlm trains on the bytes tokenizer's ids .*a vocabulary of 1000"):
+        train_mlm(tiny_config(text_file, tmp_path, max_steps=1), data=data)
+    assert not (tmp_path / "run" / METRICS_FILE).exists()
+
+
+def test_a_model_with_more_latents_than_the_config_needs_room_for_its_prefix(text_file, tmp_path):
+    config = tiny_config(text_file, tmp_path, max_steps=1)  # max_seq_len 32, max_latents 8: a prefix of 24
+    model = clm.CausalLanguageModel(
+        clm.CausalLanguageModelConfig(
+            vocab_size=262, max_seq_len=32, max_latents=16, num_channels=32, num_heads=2, num_self_attention_layers=1
+        )
+    )
+    with pytest.raises(ValueError, match="a prefix of at most 16.*max_latents 8: a prefix of 24"):
+        train_clm(config, model=model)
+    roomy = clm.CausalLanguageModel(replace(model.config, max_seq_len=48))  # prefix up to 32, 16 latents
+    assert math.isfinite(train_clm(config, model=roomy)["train_loss"])
 
 
 # ------------------------------------------------------------------------- diverged runs, steps with nothing to predict

@@ -334,6 +334,12 @@ def _slow_tokenizer_rules(tokenizer: Any) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_vocab_size(tokenizer: Any = None) -> int:
+    """The number of ids `tokenizer` can give, added tokens included (a transformers tokenizer's ``vocab_size``
+    leaves them out: ``len(tokenizer)`` counts them). This is the vocabulary a model for its ids needs."""
+    return _tokenizer_info(tokenizer if tokenizer is not None else BytesTokenizer()).vocab_size
+
+
 def tokenize_documents(
     documents: Sequence[str], tokenizer: Any = None, separator_id: int | None = None
 ) -> torch.Tensor:
