@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -132,8 +133,9 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 def _check_flag(name: str, value: object) -> bool:
-    if not isinstance(value, (bool, numbers.Integral)):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    numpy = sys.modules.get("numpy")  # NumPy's bool is no numbers.Integral; a flag given as one can only be NumPy's
+    if not isinstance(value, (bool, numbers.Integral)) and not (numpy is not None and isinstance(value, numpy.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__qualname__} {value!r}")
     return bool(value)
 
 
@@ -141,7 +143,8 @@ def _check_real(name: str, value: object, *, optional: bool) -> float | None:
     """A plain float from a Python or NumPy real number (bools and tensors are refused)."""
     if value is None and optional:
         return None
-    if isinstance(value, (torch.SymFloat, torch.SymInt)):  # traced by torch.compile: no value to check
+    # Traced by torch.compile: no value to check (inside Dynamo a symbolic float is no torch.SymFloat).
+    if isinstance(value, (torch.SymFloat, torch.SymInt)) or (torch.compiler.is_compiling() and value is not None):
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a float or None" if optional else "a float"
@@ -205,24 +208,29 @@ def checks_values(t: torch.Tensor) -> bool:
     return debug and not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend):
-    q, k, v = (_check_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_lse, backend, names=("q", "k", "v")):
+    """Check the op's arguments into an :class:`AttentionProblem`. ``names``: what the caller calls q, k and v (the
+    decoding step passes its caches as the keys), for the error messages."""
+    nq, nk, nv = names
+    q, k, v = (_check_tensor(n, t) for n, t in ((nq, q), (nk, k), (nv, v)))
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise TypeError(f"{nq}, {nk}, {nv} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
     batch, num_queries, num_q_heads, qk_dim = q.shape
     _, num_keys, num_kv_heads, _ = k.shape
     if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
+        raise ValueError(f"batch sizes differ: {nq} {batch}, {nk} {k.shape[0]}, {nv} {v.shape[0]}")
     if v.shape[1] != num_keys or v.shape[2] != num_kv_heads:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must agree in seq and heads")
+        raise ValueError(f"{nk} {tuple(k.shape)} and {nv} {tuple(v.shape)} must agree in seq and heads")
     if k.shape[3] != qk_dim:
-        raise ValueError(f"q and k head dims differ: {qk_dim} vs {k.shape[3]}")
+        raise ValueError(f"{nq} and {nk} head dims differ: {qk_dim} vs {k.shape[3]}")
     if num_queries == 0 or num_keys == 0 or qk_dim == 0 or v.shape[3] == 0 or num_q_heads == 0 or num_kv_heads == 0:
-        raise ValueError(f"empty attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(
+            f"empty attention: {nq} {tuple(q.shape)}, {nk} {tuple(k.shape)}, {nv} {tuple(v.shape)}"
+        )
     if num_q_heads % num_kv_heads != 0:
-        raise ValueError(f"q heads ({num_q_heads}) must be a multiple of k/v heads ({num_kv_heads})")
+        raise ValueError(f"{nq} heads ({num_q_heads}) must be a multiple of {nk}/{nv} heads ({num_kv_heads})")
     causal, return_lse = _check_flag("causal", causal), _check_flag("return_lse", return_lse)
     scale = _check_real("scale", scale, optional=True)
     dropout_p = _check_real("dropout_p", dropout_p, optional=False)

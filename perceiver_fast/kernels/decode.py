@@ -84,7 +84,7 @@ def _check_step(q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len,
         api._check_tensor(name, t)
     # The attention part is checked by the op's own checks, on the cache as its keys.
     problem, kv_start, kv_len, scale = api._check_problem(
-        q, k_cache, v_cache, False, kv_start, kv_len, scale, 0.0, return_lse, None
+        q, k_cache, v_cache, False, kv_start, kv_len, scale, 0.0, return_lse, None, names=("q", "k_cache", "v_cache")
     )
     batch, capacity = problem.batch, problem.num_keys
     if problem.num_queries != 1:

@@ -91,8 +91,10 @@ class SdpaBackend:
         if self.kernel == SDPBackend.FLASH_ATTENTION:
             # The flash kernel's causal flag is bottom-right for every Nq <= Nk (causal_lower_right calls it so), and
             # the op traces under torch.compile and fake tensors, where the CausalBias subclass does not.
+            # A branch, not is_causal=(causal and Nq > 1): a SymBool under dynamic shapes, which the op refuses.
+            causal_flag = True if causal and q.shape[1] > 1 else False
             out = torch.ops.aten._scaled_dot_product_flash_attention(
-                qt, kt, vt, dropout_p, is_causal=causal and q.shape[1] > 1, scale=scale
+                qt, kt, vt, dropout_p, is_causal=causal_flag, scale=scale
             )[0]
             return out.transpose(1, 2), None
         # cuDNN takes no causal bias; neither does tracing (fake tensors, torch.compile) take the CausalBias subclass.

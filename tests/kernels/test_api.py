@@ -120,6 +120,30 @@ def test_compiles_without_graph_breaks_when_the_head_counts_change():
         assert max_rel_error(compiled(q, k, v), ref) < 1e-5
 
 
+@pytest.mark.parametrize("num_keys", [None, 20], ids=["causal", "prefix-causal"])
+def test_compiles_without_graph_breaks_when_the_sequence_length_changes(num_keys):
+    """The second length recompiles with dynamic shapes: whether a call is causal past one query is symbolic then,
+    and SDPA's causal flag must stay a bool."""
+    compiled = torch.compile(
+        lambda q, k, v: attention(q, k, v, causal=True, backend="eager"), fullgraph=True, backend="aot_eager"
+    )
+    for num_queries in (8, 12, 14):
+        q, k, v = _inputs(1, num_queries, num_keys or num_queries, 2, 2, 8, 8)
+        ref, _ = attention_oracle(q, k, v, causal=True)
+        assert max_rel_error(compiled(q, k, v), ref) < 1e-5
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_compiles_with_a_scale_that_changes_or_is_symbolic(dynamic):
+    compiled = torch.compile(
+        lambda q, scale: attention(q, q, q, scale=scale, backend="eager"), fullgraph=True, dynamic=dynamic
+    )
+    q, _, _ = _inputs(1, 3, 3, 2, 2, 8, 8)
+    for scale in (0.5, 0.25):
+        ref, _ = attention_oracle(q, q, q, scale=scale)
+        assert max_rel_error(compiled(q, scale), ref) < 1e-5
+
+
 def test_the_first_call_of_a_process_may_be_a_compiled_one():
     """A model compiled before it ever ran: the op's first call is traced, and tracing cannot import the backends."""
     import subprocess
@@ -133,6 +157,31 @@ def test_the_first_call_of_a_process_may_be_a_compiled_one():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5])
+@pytest.mark.parametrize("num_keys", [6, 10], ids=["causal", "prefix-causal"])
+@pytest.mark.parametrize("forward_only", [False, True], ids=["grad", "no_grad"])
+def test_a_scale_of_zero_or_below_is_exact_under_a_causal_mask(scale, num_keys, forward_only):
+    """SDPA's CPU flash kernel gives NaN under its own causal flag when the scale is not positive."""
+    q, k, v = _inputs(2, 6, num_keys, 2, 2, 8, 8)
+    with torch.set_grad_enabled(not forward_only):
+        for return_lse in (False, True):
+            result = attention(q, k, v, causal=True, scale=scale, return_lse=return_lse, backend="eager")
+            out, lse = result if return_lse else (result, None)
+            ref, ref_lse = attention_oracle(q, k, v, causal=True, scale=scale)
+            assert max_rel_error(out, ref) < 1e-5
+            if lse is not None:
+                assert torch.allclose(lse.double(), ref_lse, atol=1e-5)
+
+
+def test_numpy_bools_are_accepted_as_flags():
+    q, k, v = _inputs(1, 3, 5, 2, 2, 8, 8)
+    out, lse = attention(q, k, v, causal=np.True_, return_lse=np.True_)
+    ref, _ = attention_oracle(q, k, v, causal=True)
+    assert max_rel_error(out, ref) < 1e-5 and lse.shape == (1, 2, 3)
+    with pytest.raises(TypeError, match="causal must be a bool, got str 'yes'"):
+        attention(q, k, v, causal="yes")
 
 
 def test_numpy_scalars_are_accepted_as_scale():
@@ -209,21 +258,26 @@ def test_eager_cuts_a_preallocated_cache_to_its_longest_row():
 
 
 @pytest.mark.parametrize("fill", [float("nan"), float("inf")])
-def test_eager_keeps_a_causally_hidden_bad_value_out_of_earlier_rows(fill):
+@pytest.mark.parametrize("num_keys", [6, 10], ids=["square", "prefix"])
+@pytest.mark.parametrize("forward_only", [False, True], ids=["grad", "no_grad"])
+def test_eager_keeps_a_causally_hidden_bad_value_out_of_earlier_rows(fill, num_keys, forward_only):
     """A key inside the bounds that the causal mask hides from earlier rows is a real key: a later row that sees a
-    non-finite value in it is non-finite, the earlier rows are not."""
-    q, k, v = _inputs(1, 6, 6, 2, 2, 8, 8)
-    v = v.detach().clone()
-    v[0, 4] = fill
-    out = attention(q, k, v, causal=True, backend="eager")
-    assert torch.isfinite(out[0, :4]).all()
-    assert not torch.isfinite(out[0, 4:]).any()
-    ref, _ = attention_oracle(q[:, :4], k[:, :4], v[:, :4], causal=True)
-    assert max_rel_error(out[:, :4], ref) < 1e-5
-    k = k.detach().clone()
-    k[0, 5] = float("nan")
-    out = attention(q, k, v.nan_to_num(0.0, 0.0, 0.0), causal=True, backend="eager")
-    assert torch.isfinite(out[0, :5]).all() and torch.isnan(out[0, 5]).all()
+    non-finite value in it is non-finite, the earlier rows are not (forward-only prefix-causal calls take a path of
+    their own)."""
+    q, k, v = _inputs(1, 6, num_keys, 2, 2, 8, 8)
+    last = num_keys - 1  # the key of the last query's own position
+    with torch.set_grad_enabled(not forward_only):
+        v = v.detach().clone()
+        v[0, last - 1] = fill
+        out = attention(q, k, v, causal=True, backend="eager")
+        assert torch.isfinite(out[0, :4]).all()
+        assert not torch.isfinite(out[0, 4:]).any()
+        ref, _ = attention_oracle(q[:, :4], k[:, : last - 1], v[:, : last - 1], causal=True)
+        assert max_rel_error(out[:, :4], ref) < 1e-5
+        k = k.detach().clone()
+        k[0, last] = float("nan")
+        out = attention(q, k, v.nan_to_num(0.0, 0.0, 0.0), causal=True, backend="eager")
+        assert torch.isfinite(out[0, :5]).all() and torch.isnan(out[0, 5]).all()
 
 
 @pytest.mark.parametrize("fill", [float("nan"), float("inf")])

@@ -86,13 +86,17 @@ def _low_precision_bound(ours, ref64, lowprec, dtype):
     return float((ours.double() - ref64).abs().max()), float(2 * torch.maximum(rounding, eager) + atol)
 
 
-def check_against_oracle(backend, case, bounds, dtype, device):
-    """Run ``backend`` on one case and compare out, lse and grads (as far as it takes them) with the oracle."""
+def check_against_oracle(backend, case, bounds, dtype, device, grad=True):
+    """Run ``backend`` on one case and compare out, lse and grads (as far as it takes them) with the oracle.
+    ``grad=False``: inputs that need no gradient (inference), which may take forward-only paths."""
     batch, nq, nk, *_, causal = case
     q, k, v = _inputs(case, dtype, device)
+    if not grad:
+        q, k, v = (t.detach() for t in (q, k, v))
     kv_start, kv_len = _bounds(batch, nk, bounds, device)
     kwargs = dict(causal=causal, kv_start=kv_start, kv_len=kv_len)
     with_grad, with_lse = strongest_call(backend, q, k, v, **kwargs)
+    with_grad = with_grad and grad
     with torch.set_grad_enabled(with_grad):
         result = attention(q, k, v, return_lse=with_lse, backend=backend, **kwargs)
     out, lse = result if with_lse else (result, None)
@@ -119,7 +123,10 @@ def check_against_oracle(backend, case, bounds, dtype, device):
         for name, g, w in zip("qkv", got, want):
             assert max_rel_error(g, w) < FP32_TOL["grad"], f"d{name}"
         return
-    eager = attention(q, k, v, backend="eager", **kwargs)
+    if grad:
+        eager = attention(q, k, v, backend="eager", **kwargs)
+    else:  # eager's rounding from its differentiable path: a forward-only call may be the path under test
+        eager = attention(q.detach().requires_grad_(), k, v, backend="eager", **kwargs)
     err, bound = _low_precision_bound(out, ref, eager, dtype)
     assert err <= bound, f"out: {err} > {bound}"
     assert lse_err < 1e-2  # the lse is fp32 from low-precision scores
@@ -150,6 +157,18 @@ def test_low_precision_within_twice_its_own_rounding(case, dtype, device, backen
     check_against_oracle(backend, case, "both" if device == "cpu" else "none", dtype, device)
     if device == "cuda":
         check_against_oracle(backend, case, "both", dtype, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_only_calls_match_oracle(case, dtype, device, backend):
+    """Inference calls (no input needs a gradient) may take paths of their own: the eager backend splits
+    prefix-causal attention in two parts without a mask."""
+    _skip_unless_available(device)
+    for bounds in ("none", "both"):
+        check_against_oracle(backend, case, bounds, dtype, device, grad=False)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
