@@ -9,8 +9,10 @@ the op would build for its shape (:meth:`benchmarks.shapes.Shape.problem_class`)
 and mode of one result file, so every ratio is of times taken in the same run) each backend's time is divided by
 the best registry backend's time. A backend's score for a class is the geometric mean of those ratios over the
 class's measurements where it ran; the order is by score, fastest first. Rows that did not run (a note, no time)
-and rows whose ``max_err``/``grad_err`` lie far beyond the dtype's rounding are left out: a fast wrong kernel must
-not win. Only registry backends enter (``auto``, ``flex`` and ``sdpa-math`` are peers, never dispatch targets).
+are left out, and a backend with a row whose ``max_err``/``grad_err`` lies far beyond the dtype's rounding is left
+out of that row's whole class (``left_out`` says why): a fast wrong kernel must not win, not even on the class's
+other shapes, since ``auto`` sends every shape of a class to one backend. Only registry backends enter (``auto``,
+``flex`` and ``sdpa-math`` are peers, never dispatch targets).
 
 The table is written to ``perceiver_fast/kernels/dispatch_tables/sm<major><minor>.json``, which
 :func:`perceiver_fast.kernels.dispatch.load_table` reads; ``--table-dir`` writes it elsewhere for review first.
@@ -214,17 +216,20 @@ def rank(results: Sequence[Results], backends: Iterable[str] | None = None) -> d
             measured[row["backend"]] = min(row["ms"], measured.get(row["backend"], math.inf))
     rankings = {}
     for problem_class, measurements in times.items():
+        # A backend wrong on one shape of the class is left out of the whole class, its times too: auto would send
+        # that shape to it.
+        left_out = wrong.get(problem_class, {})
         logs: dict[str, list[float]] = defaultdict(list)
         for measured in measurements.values():
-            best = min(measured.values())
-            for name, ms in measured.items():
-                logs[name].append(math.log(ms / best))
+            kept = {name: ms for name, ms in measured.items() if name not in left_out}
+            for name, ms in kept.items():
+                logs[name].append(math.log(ms / min(kept.values())))
         score = {name: math.exp(sum(values) / len(values)) for name, values in logs.items()}
         # Ties (a backend alone on its shapes scores 1.0) go to the one measured on more shapes, then by name.
         order = sorted(score, key=lambda name: (score[name], -len(logs[name]), name))
         keys = list(measurements)
         ms = {name: [measurements[key].get(name) for key in keys] for name in order}
-        rankings[problem_class] = Ranking(order, score, keys, ms, wrong.get(problem_class, {}))
+        rankings[problem_class] = Ranking(order, score, keys, ms, left_out)
     return rankings
 
 

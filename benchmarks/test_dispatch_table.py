@@ -84,6 +84,7 @@ def test_ranking_rule_on_a_synthetic_result_set():
             _row(s1, "sdpa-cudnn", 0.5, max_err=1.0),  # fast but wrong: left out
             _row(s1, "auto", 0.1), _row(s1, "flex", 0.1), _row(s1, "sdpa-math", 0.1),  # peers: never ranked
             _row(s2, "sdpa-flash", 2.0), _row(s2, "triton", 3.0), _row(s2, "cuda", 1.0),
+            _row(s2, "sdpa-cudnn", 0.25),  # right here, but wrong on s1 of its class: left out of it all the same
             _row(s2, "eager", None, note="RuntimeError: boom"),  # erred on this shape
             _row(s3, "sdpa-flash", 4.0), _row(s3, "triton", 2.0), _row(s3, "eager", 3.0),
             _row(s1, "sdpa-flash", 3.0, mode="fwd+bwd"), _row(s1, "triton", 6.0, mode="fwd+bwd", grad_err=math.nan),

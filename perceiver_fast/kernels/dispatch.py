@@ -146,6 +146,11 @@ def policy_for(problem: AttentionProblem) -> Policy:
         return Policy(DEFAULT_ORDER_CUDA, f"{source}: the conservative order")
     # The conservative order follows the row's backends, for calls none of them can run.
     order = tuple(row["order"]) + tuple(name for name in DEFAULT_ORDER_CUDA if name not in row["order"])
+    if problem.return_lse and order[-1] != "eager":
+        # Rows are measured without the log-sum-exp. Eager returns it from a dense float32 pass over the whole score
+        # matrix (1 GiB for 16 heads of 1024 queries over 16k keys), nothing like the SDPA call its row timed.
+        order = tuple(name for name in order if name != "eager") + ("eager",)
+        source += "; eager last: its log-sum-exp is a dense pass the row did not measure"
     return Policy(order, source)
 
 

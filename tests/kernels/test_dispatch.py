@@ -117,6 +117,22 @@ def test_explain_says_which_row_decided(h200):
     assert "measured on NVIDIA H200, 2026-11-27" in report
 
 
+def test_a_call_for_the_lse_does_not_follow_eager_up_a_row_measured_without_it(h200):
+    """Rows are measured without the log-sum-exp; eager returns it from a dense float32 pass over all scores."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(1, 1024, 16, 128, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(1, 16384, 16, 128, dtype=torch.bfloat16, device="cuda")
+        plain = api.explain(q, k, k, causal=True)
+        with_lse = api.explain(q, k, k, causal=True, return_lse=True)
+    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
+    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in plain.decided_by)
+    assert row["order"].index("eager") < row["order"].index("triton")  # the case: eager ranks above triton
+    assert with_lse.backend == "triton" and "eager last" in with_lse.decided_by
+    assert plain.backend == row["order"][0]
+
+
 @pytest.mark.parametrize(
     "damage",
     [lambda text: text[: len(text) // 2], lambda text: "", lambda text: '{"device": "x"}'],
