@@ -78,6 +78,9 @@ class MultiHeadAttention(nn.Module):
         q = self.project_queries(x_q, rot_pos_emb_q)
         k, v = self.project_keys_values(x_kv, rot_pos_emb_k)
 
+        dropout_p = self.dropout.p if self.training else 0.0
+        if dropout_p >= 1.0:  # nn.Dropout(1.0) drops every probability: perceiver-io's attention gives zeros
+            return self.project_output(q.new_zeros(*q.shape[:-1], v.shape[-1]))
         kv_start = kv_len = None
         if pad_mask is not None:
             kv_start, kv_len = padding_bounds(pad_mask, left_only=self.causal_attention)
@@ -89,7 +92,7 @@ class MultiHeadAttention(nn.Module):
             kv_start=kv_start,
             kv_len=kv_len,
             scale=self.dp_scale,
-            dropout_p=self.dropout.p if self.training else 0.0,
+            dropout_p=dropout_p,
         )
         if pad_mask is not None:
             empty = rows_without_keys(n, m, kv_start, kv_len, causal=self.causal_attention)

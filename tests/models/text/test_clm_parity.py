@@ -55,6 +55,21 @@ def test_left_padded_batch_logits_equal(prefix_len):
 
 
 @pytest.mark.parity
+def test_a_dropout_of_one_trains_as_perceiver_ios():
+    """nn.Dropout(1.0) drops every attention probability (and every residual): perceiver-io's layers then give
+    their output biases, where the op refuses dropout_p = 1."""
+    ours, theirs = _pair(post_attention_dropout=1.0, cross_attention_dropout=0.0)
+    ours.train()
+    theirs.train()
+    x, pad_mask = _left_padded(2, 30, [0, 4])
+    expected = theirs(x, prefix_len=20, pad_mask=pad_mask).logits
+    got = ours(x, prefix_len=20, pad_mask=pad_mask).logits
+    assert max_rel_error(got, expected) <= 1e-5
+    got.sum().backward()
+    assert torch.isfinite(ours.input_adapter.txt_embedding.weight.grad).all()
+
+
+@pytest.mark.parity
 def test_train_mode_prefix_dropout_draws_the_same_positions():
     ours, theirs = _pair(cross_attention_dropout=0.5)
     ours.train()

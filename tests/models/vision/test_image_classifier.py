@@ -33,6 +33,20 @@ def _config(module, **encoder):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_images_into_a_float32_model_as_perceiver_io(dtype):
+    """perceiver-io concatenates the images with its float32 position features, which promotes them."""
+    theirs_module = import_perceiver_io_backend("model.vision.image_classifier")
+    theirs = perturb_parameters(theirs_module.ImageClassifier(_config(theirs_module)))
+    ours, theirs = copy_into(ImageClassifier(_config(ours_module)), theirs)
+    x = torch.randn(2, *IMAGE_SHAPE).to(dtype)
+    with torch.no_grad():
+        expected, got = theirs(x), ours(x)
+    assert got.dtype == expected.dtype == torch.float32
+    assert max_rel_error(got, expected) <= 1e-5
+
+
+@pytest.mark.parity
 @pytest.mark.parametrize("encoder", [dict(), dict(num_cross_attention_qk_channels=16, num_self_attention_blocks=2)])
 def test_logits_equal(encoder):
     theirs_module = import_perceiver_io_backend("model.vision.image_classifier")

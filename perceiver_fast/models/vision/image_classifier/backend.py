@@ -49,7 +49,9 @@ class ImageInputAdapter(InputAdapter):
         if not x.is_floating_point():
             raise TypeError(f"images must be a floating point tensor, got {x.dtype}")
         b = x.shape[0]
-        x_pos = self.position_encoding(b).to(x.dtype)
+        # No cast: torch.cat promotes fp16/bf16 images to the position features' fp32, as in perceiver-io (a model
+        # with fp32 weights takes them), and a bf16 model's bf16 features leave bf16 images as they are.
+        x_pos = self.position_encoding(b)
         return torch.cat([x.reshape(b, -1, self.image_shape[-1]), x_pos], dim=-1)
 
 
