@@ -251,6 +251,12 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
     schedule = WindowSchedule(max_seq_len=model.max_seq_len, max_latents=model.max_latents, stride=stride)
     if cache_mode == "perceiver-io" and not use_cache:
         raise ValueError("cache_mode='perceiver-io' is perceiver-io's cache: it needs use_cache=True")
+    if cache_mode == "perceiver-io" and model.max_latents == 1:
+        raise ValueError(
+            "cache_mode='perceiver-io' needs max_latents >= 2: with one latent perceiver-io's cache trims its "
+            "self-attention keys to the last max_latents - 1 = 0 with [:, -0:], which keeps them all, and grows "
+            "without bound (not reproduced here); use cache_mode='exact'"
+        )
     if not use_cache:
         return FullForwardDecoder(model, schedule), schedule
     if cuda_graph:
@@ -425,9 +431,17 @@ def _prepare(
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
     decoder, schedule = _make_decoder(model, input_ids.shape[0], use_cache, cache_mode, stride, bool(cuda_graph))
-    schedule.initial(input_ids.shape[1], _check_count("num_latents", num_latents, 1))  # raises for a bad window
-    if isinstance(decoder, PerceiverIODecoder):  # the last new token is never fed back
-        decoder.cache.check_length(input_ids.shape[1] + max_new_tokens - 1)
+    try:
+        schedule.initial(input_ids.shape[1], _check_count("num_latents", num_latents, 1))  # raises for a bad window
+        if isinstance(decoder, PerceiverIODecoder):  # the last new token is never fed back
+            decoder.cache.check_length(input_ids.shape[1] + max_new_tokens - 1)
+    except BaseException:
+        # A refused call keeps nothing: the caches just set up in the model's layers are freed before the error.
+        if _is_held(model, decoder):
+            release_decoding(model)
+        else:
+            decoder.close()
+        raise
     return _Generation(
         model=model,
         decoder=decoder,

@@ -151,6 +151,34 @@ def test_bad_generate_arguments_raise(kwargs, error, match):
         model.generate(**args)
 
 
+def _layer_caches(model):
+    attentions = [model.cross_attention.attention_module.attention]
+    attentions += [layer.attention_module.attention for layer in model.self_attention]
+    return [attention.kv_cache for attention in attentions]
+
+
+@pytest.mark.parametrize("cache_mode", ["exact", "strided", "perceiver-io"])
+@pytest.mark.parametrize("stream", [False, True], ids=["generate", "stream"])
+def test_a_refused_call_leaves_no_decoding_buffers_in_the_model(cache_mode, stream):
+    """A bad window is found after the decoder set up the layers' caches: they are freed before the error (a large
+    batch or context would otherwise hold the memory, on a GPU until the next generation)."""
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    call = model.stream if stream else model.generate
+    with pytest.raises(ValueError, match="num_latents"):
+        call(torch.zeros(2, 5, dtype=torch.long), 4, num_latents=9, cache_mode=cache_mode)
+    assert _layer_caches(model) == [None] * 3
+
+
+def test_perceiver_io_mode_refuses_a_single_latent():
+    """perceiver-io trims its self-attention cache to the last max_latents - 1 keys with [:, -0:], which keeps them
+    all: with one latent its cache grows without bound, which this mode does not reproduce."""
+    model = CausalLanguageModel(CausalLanguageModelConfig(**{**SMALL, "max_latents": 1}))
+    with pytest.raises(ValueError, match="max_latents >= 2"):
+        model.generate(torch.zeros(1, 3, dtype=torch.long), 2, num_latents=1, cache_mode="perceiver-io")
+    assert _layer_caches(model) == [None] * 3
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 2, num_latents=1, cache_mode="exact")
+
+
 def test_stream_checks_its_arguments_when_called():
     model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
     with pytest.raises(ValueError, match="num_latents"):
