@@ -14,15 +14,19 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip
 CONSTRAINTS := $(VENV)/constraints.txt
 
-.PHONY: test demo lint clean venv
+.PHONY: test demo lint clean venv FORCE
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(CONSTRAINTS): $(BIN)/python Makefile
-	$(PIP) install --quiet "$(TORCH)"
-	printf '%s\n%s\n' "$(TORCH)" "$(TRITON)" > $(CONSTRAINTS)
+# Checked on every run (FORCE) but rewritten only when the pins differ from the ones installed: `make test
+# TORCH=...` on an existing .venv installs that torch, and the installs below it follow (their stamps are older).
+$(CONSTRAINTS): $(BIN)/python FORCE
+	@if [ "$$(cat $@ 2>/dev/null)" != "$$(printf '%s\n%s' '$(TORCH)' '$(TRITON)')" ]; then \
+		echo "$(PIP) install --quiet \"$(TORCH)\""; \
+		$(PIP) install --quiet "$(TORCH)" && printf '%s\n%s\n' '$(TORCH)' '$(TRITON)' > $@; \
+	fi
 
 # Runtime install: the package with the data extra (datasets, tokenizers) for the demo.
 $(VENV)/.base-installed: $(CONSTRAINTS) pyproject.toml setup.py

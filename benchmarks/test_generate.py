@@ -115,3 +115,14 @@ def test_generate_names_its_files_by_the_one_utc_date(tmp_path, monkeypatch):
     generate.run(_args("--contexts", "512", "--tag", "t", "--out", str(tmp_path)))
     (path,) = tmp_path.glob("*.json")
     assert path.name == f"{generate._device_name(torch.device('cpu'))}-1999-12-31-generate-t.json"
+
+
+def test_skip_leaves_out_the_floor_too(monkeypatch):
+    """The floor (a pass of the latent stack over all latents) is the slowest row on a CPU: --skip floor drops it."""
+    monkeypatch.setitem(generate.MODELS, "tiny", dict(num_channels=16, num_heads=2, num_self_attention_layers=1,
+                                                      max_latents=8))  # fmt: skip
+    skip = {"pio", "exact", "uncached", "perceiver-io"}
+    rows = generate.bench_context(64, 1, 2, torch.device("cpu"), 1, skip, "tiny")
+    assert [row["method"] for row in rows] == ["ours strided", "floor (latent stack)"]
+    rows = generate.bench_context(64, 1, 2, torch.device("cpu"), 1, skip | {"floor"}, "tiny")
+    assert [row["method"] for row in rows] == ["ours strided"]
