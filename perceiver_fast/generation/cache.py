@@ -46,7 +46,8 @@ def merge_partial_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention over the union of two disjoint key sets from each set's output and log-sum-exp.
 
-    ``out [b, n, h, d]``, ``lse [b, h, n]`` (``-inf`` where a set is empty). Returns float32 ``(out, lse)``.
+    ``out [b, n, h, d]``, ``lse [b, h, n]`` (``-inf`` where a set is empty). Returns ``(out, lse)`` in the lse's
+    dtype: float32, or float64 where the parts are float64 (the attention op's lse of float64 inputs).
     """
     lse = torch.logaddexp(lse_a, lse_b)
     # Weights are taken against the lowest finite lse where a row sees no key at all (its lse is -inf): both are then
@@ -55,7 +56,7 @@ def merge_partial_attention(
     reference = lse.clamp(min=torch.finfo(lse.dtype).min)
     weight_a = torch.exp(lse_a - reference).transpose(1, 2).unsqueeze(-1)
     weight_b = torch.exp(lse_b - reference).transpose(1, 2).unsqueeze(-1)
-    return out_a.float() * weight_a + out_b.float() * weight_b, lse
+    return out_a.to(lse.dtype) * weight_a + out_b.to(lse.dtype) * weight_b, lse
 
 
 class _DecodingBase:
@@ -183,8 +184,11 @@ class PerceiverARCache(_DecodingBase):
         qk_dim = attn.num_qk_channels // heads
         self.latent_q = torch.empty(b, slots, heads, qk_dim, dtype=self.compute_dtype, device=self.device)
         v_dim = attn.num_v_channels // heads
-        self.prefix_out = torch.empty(b, slots, heads, v_dim, dtype=torch.float32, device=self.device)
-        self.prefix_lse = torch.empty(b, heads, slots, dtype=torch.float32, device=self.device)
+        # The partial softmax results are kept in float32, the op's lse dtype (float64 in a float64 model, whose
+        # attention runs in float64 throughout).
+        partial_dtype = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
+        self.prefix_out = torch.empty(b, slots, heads, v_dim, dtype=partial_dtype, device=self.device)
+        self.prefix_lse = torch.empty(b, heads, slots, dtype=partial_dtype, device=self.device)
         # The window's geometry on the device (read by the kernels of a step, updated in place by it)...
         self.offset_t, self.prefix_t, self.latents_t = self._counter(), self._counter(), self._counter()
         self.pads_t = self._counter(b)  # pads inside the window, per row
@@ -350,7 +354,7 @@ class PerceiverARCache(_DecodingBase):
                 h, position, rot, kv_start=kv_start, kv_len=kv_len, return_lse=True, return_query=True
             )
             prefix_out, prefix_lse = self._prefix_part(q)
-            self.prefix_out.index_copy_(1, row, prefix_out.float())
+            self.prefix_out.index_copy_(1, row, prefix_out.to(self.prefix_out.dtype))
             self.prefix_lse.index_copy_(2, row, prefix_lse)
             out = merge_partial_attention(prefix_out, prefix_lse, latent_out, latent_lse)[0].to(self.compute_dtype)
         else:

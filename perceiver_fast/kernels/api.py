@@ -41,7 +41,8 @@ __all__ = [
     "register_backend",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 runs on the eager backend only (every other backend passes it over): for gradcheck and float64 references.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 BACKEND_ENV_VAR = "PERCEIVER_FAST_BACKEND"
 CHECK_BOUNDS_ENV_VAR = "PERCEIVER_FAST_CHECK_BOUNDS"
 
@@ -128,7 +129,7 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     if t.dim() != 4:
         raise ValueError(f"{name} must have shape [batch, seq, heads, head_dim], got {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16")
+        raise TypeError(f"{name} has dtype {t.dtype}; supported: float32, float16, bfloat16, float64")
     return t
 
 
@@ -308,16 +309,17 @@ def attention(
         kv_start: ``[B]`` int32; keys ``j < kv_start[b]`` are masked (left padding). Default 0.
         kv_len: ``[B]`` int32; keys ``j >= kv_len[b]`` do not exist (ragged rows, a preallocated cache). Default Nk.
         scale: multiplies ``q·k``; default ``Dqk ** -0.5``.
-        return_lse: also return the log-sum-exp of the scaled, masked scores, ``[B, Hq, Nq]`` float32 (``-inf`` for
-            rows that see no key). The lse is not differentiable.
+        return_lse: also return the log-sum-exp of the scaled, masked scores, ``[B, Hq, Nq]`` float32 (float64 for
+            float64 inputs; ``-inf`` for rows that see no key). The lse is not differentiable.
         dropout_p: dropout on the attention probabilities (training only; backends without it are passed over).
         backend: ``"auto"`` (default; or the ``PERCEIVER_FAST_BACKEND`` environment variable), or a registered
             backend name (see :func:`available_backends`). A forced backend that cannot run the call raises
             ``RuntimeError`` with the reason; ``auto`` falls back and :func:`explain` says why.
 
     Returns:
-        ``[B, Nq, Hq, Dv]`` in the input dtype (softmax in float32), and the lse when ``return_lse``. A query row
-        that sees no key returns zeros, never NaN, in forward and backward.
+        ``[B, Nq, Hq, Dv]`` in the input dtype (softmax in float32, in float64 for float64 inputs), and the lse when
+        ``return_lse``. A query row that sees no key returns zeros, never NaN, in forward and backward. float64
+        inputs run on the eager backend only (every other backend passes them over).
 
     Raises:
         TypeError / ValueError naming the argument at fault, before any kernel runs.

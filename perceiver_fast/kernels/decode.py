@@ -34,19 +34,23 @@ def _requested(backend: str | None) -> str:
     return requested
 
 
-def _check_rotary(cos, sin, batch: int, qk_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _check_rotary(
+    cos, sin, batch: int, qk_dim: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``cos``/``sin`` as ``[B, 1, 1, R]`` (broadcasting over the heads), or ``None`` without rotary.
 
-    Float32 normally; a model whose buffers were converted (``model.to(torch.bfloat16)``) has angles in its dtype,
-    and the composite step rotates with them as the model does."""
+    Float32 normally; a model whose buffers were converted (``model.to(torch.bfloat16)``, ``model.double()``) has
+    angles in its dtype, and the composite step rotates with them as the model does. Float64 angles come with
+    float64 inputs (``dtype``, q's) only: they are what a float64 model has."""
     if cos is None and sin is None:
         return None
     if cos is None or sin is None:
         raise ValueError("cos and sin come together (both None: no rotary)")
     for name, t in (("cos", cos), ("sin", sin)):
-        if not isinstance(t, torch.Tensor) or t.dtype not in api.SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16), got "
-                            f"{getattr(t, 'dtype', type(t).__name__)}")
+        dtype_ok = isinstance(t, torch.Tensor) and t.dtype in api.SUPPORTED_DTYPES
+        if not dtype_ok or (t.dtype == torch.float64 and dtype != torch.float64):
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16; float64 with float64 "
+                            f"q, k, v), got {getattr(t, 'dtype', type(t).__name__)}")
         if t.device != device:
             raise ValueError(f"{name} is on {t.device} but q is on {device}")
     if cos.dtype != sin.dtype:
@@ -101,7 +105,7 @@ def _check_step(q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len,
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("decode_attention writes into the cache and has no backward: call it under torch.no_grad()")
-    rotary = _check_rotary(cos, sin, batch, problem.qk_head_dim, q.device)
+    rotary = _check_rotary(cos, sin, batch, problem.qk_head_dim, q.device, q.dtype)
     position = _check_position(position, batch, capacity, q.device)
     return problem, position, rotary, kv_start, kv_len, scale, _requested(backend)
 
@@ -185,7 +189,8 @@ def decode_attention(
             ``None``: none. The fused kernel rotates in float32 (angles in a 16-bit dtype are widened first, which
             rounds once where the composite step rounds after each product).
         scale: multiplies ``q·k``; default ``Dqk ** -0.5``.
-        return_lse: also return the float32 log-sum-exp ``[B, Hq, 1]``.
+        return_lse: also return the float32 log-sum-exp ``[B, Hq, 1]`` (float64 for float64 inputs, which only the
+            composite step runs: the fused kernel passes them over).
         backend: ``"auto"`` (default, or the ``PERCEIVER_FAST_DECODE_BACKEND`` environment variable),
             ``"composite"`` or ``"cuda"`` (the fused kernel; raises ``RuntimeError`` with the reason where it
             cannot run). :func:`explain_decode` says which runs and why.

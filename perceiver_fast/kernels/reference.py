@@ -7,7 +7,10 @@ are taken care of (they are given a visible key, computed and zeroed, so no NaN 
 Calls without key bounds skip the mask entirely (SDPA's own causal flag, or none for a single query; prefix-causal
 calls that need no gradient run as two unmasked parts, see :func:`_prefix_causal_in_two_parts`). Calls that
 ask for the log-sum-exp take SDPA's CPU flash kernel (which returns it) on CPU, and one dense float32 pass elsewhere
-or where that kernel cannot run (dropout, unequal head dims or head counts).
+or where that kernel cannot run (dropout, unequal head dims or head counts, float64).
+
+float64 inputs (which only this backend runs) are computed in float64 throughout, their lse included: every path
+either runs SDPA in the input dtype or takes the dense pass in float64, never rounding through float32.
 
 Keys a query does not see never reach its result, whatever they hold (NaN, inf, the garbage of ``torch.empty``):
 SDPA multiplies the whole probability matrix with the values, and ``0 * NaN`` is NaN. Keys outside a row's
@@ -228,7 +231,8 @@ def _sdpa(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, **kwargs) -> tor
 
 def _flash_returns_lse(qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, dropout_p: float) -> bool:
     """Whether ``aten._scaled_dot_product_flash_attention_for_cpu`` can run the call (it is CPU only, has no
-    dropout, and wants one head dim and one number of heads)."""
+    dropout, and wants one head dim and one number of heads). Not for float64: the callers combine its results in
+    float32 (the dense pass computes float64 in float64)."""
     return (
         qt.device.type == "cpu"
         and dropout_p == 0.0
@@ -311,7 +315,8 @@ def _dense_attention(
     dropout_p: float,
     guard_not_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention and its log-sum-exp in one float32 pass (SDPA does not return the lse). ``[B, H, N, D]`` inputs.
+    """Attention and its log-sum-exp in one float32 pass (SDPA does not return the lse), float64 for float64 inputs.
+    ``[B, H, N, D]`` inputs.
 
     The query heads sharing a k/v head are stacked as rows of one matrix, so grouped k/v are never copied.
     ``guard_not_finite``: keys and values that are not finite are kept out of the rows that do not see them, their
@@ -320,9 +325,11 @@ def _dense_attention(
     batch, num_q_heads, num_queries, qk_dim = qt.shape
     num_kv_heads, v_dim = kt.shape[1], vt.shape[-1]
     group = num_q_heads // num_kv_heads
-    rows = qt.reshape(batch, num_kv_heads, group * num_queries, qk_dim).float()  # row g * Nq + i: head h_kv * G + g
+    compute = torch.float64 if qt.dtype == torch.float64 else torch.float32  # float64 is never rounded to float32
+    # Row g * Nq + i: head h_kv * G + g.
+    rows = qt.reshape(batch, num_kv_heads, group * num_queries, qk_dim).to(compute)
     row_visible = None if visible is None else visible.repeat(1, group, 1).unsqueeze(1)  # [B, 1, G * Nq, Nk]
-    keys = kt.float()
+    keys = kt.to(compute)
     sees_bad = None
     if guard_not_finite and row_visible is not None:
         # Zeroed before the product, not masked after it: a masked score still passes 0 * NaN = NaN back to dq.
@@ -340,7 +347,7 @@ def _dense_attention(
         probs = torch.where(seen, torch.exp(scores - torch.where(seen, lse, 0.0)), 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    values = vt.float()
+    values = vt.to(compute)
     if sees_bad is not None:
         values = values.masked_fill(bad, 0.0)
     out = torch.matmul(probs, values)

@@ -15,8 +15,8 @@ def rotate_interleaved(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
     Channel pairs ``(2i, 2i + 1)`` rotate together: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` (each channel
     with its own entry of ``cos``/``sin``; perceiver-io repeats every angle for its pair). ``cos``/``sin`` broadcast
-    against ``t[..., :R]``; they are float32, so the products are float32 and the result is rounded back to
-    ``t``'s dtype once. Channels from ``R`` on pass through.
+    against ``t[..., :R]``; they are float32 (float64 in a float64 model), so the products are float32 (float64)
+    and the result is rounded back to ``t``'s dtype once. Channels from ``R`` on pass through.
     """
     rotate_dim = cos.shape[-1]
     t_rot, t_pass = t[..., :rotate_dim], t[..., rotate_dim:]

@@ -9,10 +9,13 @@ file. fp16/bf16 follow flash-attn's rule: our error vs float64 at most twice a l
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from perceiver_fast.kernels import attention, available_backends, explain
+from perceiver_fast.kernels.problem import AttentionProblem
 from perceiver_fast.kernels.registry import get_backend
 from tests.oracle import attention_oracle, max_rel_error, random_bounds
 
@@ -32,6 +35,8 @@ CASES = [
 ]
 BOUNDS = ["none", "ragged", "padded", "both"]
 FP32_TOL = {"out": 1e-5, "lse": 1e-5, "grad": 1e-4}  # grads: ds = p * (dp - delta) cancels where p is near one
+# float64 (eager only) is computed in float64 throughout: far below float32's rounding, which would give ~1e-7.
+FP64_TOL = {"out": 1e-12, "lse": 1e-12, "grad": 1e-10}
 
 
 def _inputs(case, dtype, device, generator=None):
@@ -106,22 +111,24 @@ def check_against_oracle(backend, case, bounds, dtype, device, grad=True):
     assert out.dtype == dtype and out.shape == ref.shape
     lse_err = 0.0
     if lse is not None:
-        assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert lse.shape == ref_lse.shape
         assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "rows that see nothing must have lse -inf"
         finite = torch.isfinite(ref_lse)
         lse_err = float((lse[finite].double() - ref_lse[finite].detach()).abs().max()) if finite.any() else 0.0
     got = want = ()
     if with_grad:
-        grad = torch.randn_like(out)
-        got = torch.autograd.grad(out, (q, k, v), grad)
-        want = torch.autograd.grad(ref, (q64, k64, v64), grad.double())
+        cotangent = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), cotangent)
+        want = torch.autograd.grad(ref, (q64, k64, v64), cotangent.double())
         for g in got:
             assert g.dtype == dtype and torch.isfinite(g).all()
-    if dtype == torch.float32:
-        assert max_rel_error(out, ref) < FP32_TOL["out"]
-        assert lse_err < FP32_TOL["lse"]
+    if dtype in (torch.float32, torch.float64):
+        tol = FP32_TOL if dtype == torch.float32 else FP64_TOL
+        assert max_rel_error(out, ref) < tol["out"]
+        assert lse_err < tol["lse"]
         for name, g, w in zip("qkv", got, want):
-            assert max_rel_error(g, w) < FP32_TOL["grad"], f"d{name}"
+            assert max_rel_error(g, w) < tol["grad"], f"d{name}"
         return
     if grad:
         eager = attention(q, k, v, backend="eager", **kwargs)
@@ -131,7 +138,7 @@ def check_against_oracle(backend, case, bounds, dtype, device, grad=True):
     assert err <= bound, f"out: {err} > {bound}"
     assert lse_err < 1e-2  # the lse is fp32 from low-precision scores
     if with_grad:
-        eager_grads = torch.autograd.grad(eager, (q, k, v), grad)
+        eager_grads = torch.autograd.grad(eager, (q, k, v), cotangent)
         for name, g, w, e in zip("qkv", got, want, eager_grads):
             # Gradients sum many rounded products: judge them relative to their size, against eager's own error.
             scale = float(w.abs().max().clamp(min=0.1))
@@ -150,6 +157,17 @@ def test_fp32_matches_oracle(case, bounds, device, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bounds", BOUNDS)
+@pytest.mark.parametrize("case", CASES)
+def test_fp64_matches_oracle_in_fp64(case, bounds, device, backend):
+    """float64 runs on the eager backend (for gradcheck and float64 references), forward, lse and backward in float64;
+    every other backend passes it over, and is skipped here with its reason."""
+    _skip_unless_available(device)
+    check_against_oracle(backend, case, bounds, torch.float64, device)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES)
 def test_low_precision_within_twice_its_own_rounding(case, dtype, device, backend):
@@ -161,11 +179,11 @@ def test_low_precision_within_twice_its_own_rounding(case, dtype, device, backen
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("case", CASES)
 def test_forward_only_calls_match_oracle(case, dtype, device, backend):
     """Inference calls (no input needs a gradient) may take paths of their own: the eager backend splits
-    prefix-causal attention in two parts without a mask."""
+    prefix-causal attention in two parts without a mask (not in float64, which that path would round)."""
     _skip_unless_available(device)
     for bounds in ("none", "both"):
         check_against_oracle(backend, case, bounds, dtype, device, grad=False)
@@ -303,6 +321,70 @@ def test_unchecked_out_of_range_bounds_act_as_clamped(causal, device, backend):
         got, _ = chosen.run(q, k, v, kv_start=wild_start, kv_len=wild_len, **common)
         want, _ = chosen.run(q, k, v, kv_start=kv_start, kv_len=kv_len, **common)
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_float64_passes_gradcheck_on_eager():
+    """What float64 is for: ``torch.autograd.gradcheck`` of the op (causal, grouped heads, bounds with an empty row)."""
+    generator = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+               for shape in ((2, 3, 4, 5), (2, 7, 2, 5), (2, 7, 2, 3)))  # fmt: skip
+    kv_start, kv_len = torch.tensor([1, 4], dtype=torch.int32), torch.tensor([6, 4], dtype=torch.int32)
+    for kwargs in (dict(causal=True), dict(causal=True, kv_start=kv_start, kv_len=kv_len), dict(kv_len=kv_len)):
+        assert torch.autograd.gradcheck(functools.partial(attention, **kwargs), (q, k, v))
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_traced_calls_give_the_dtypes_of_real_ones(dtype, return_lse):
+    """Meta and fake tensors (``torch.compile``'s tracing) get the output and lse dtypes a real call gives: the lse
+    float32, float64 for float64 inputs."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = (t.detach() for t in _inputs((2, 5, 9, 2, 2, 8, 8, True), dtype, "cpu"))
+    kv_len = torch.tensor([9, 6], dtype=torch.int32)
+
+    def dtypes(*args, kv_len):
+        result = attention(*args, causal=True, kv_len=kv_len, return_lse=return_lse)
+        return tuple(t.dtype for t in result) if return_lse else (result.dtype,)
+
+    real = dtypes(q, k, v, kv_len=kv_len)
+    assert real == ((dtype, torch.float64 if dtype == torch.float64 else torch.float32) if return_lse else (dtype,))
+    assert dtypes(*(t.to("meta") for t in (q, k, v)), kv_len=kv_len.to("meta")) == real
+    with FakeTensorMode() as mode:
+        assert dtypes(*(mode.from_tensor(t) for t in (q, k, v)), kv_len=mode.from_tensor(kv_len)) == real
+
+
+def _float64_problem(device, requested):
+    """A float64 call every backend but for its dtype could run (CUDA tensors need no GPU to be asked about)."""
+    return AttentionProblem(
+        device=torch.device(device), dtype=torch.float64, batch=2, num_queries=16, num_keys=16, num_q_heads=2,
+        num_kv_heads=2, qk_head_dim=64, v_head_dim=64, causal=True, has_kv_start=False, has_kv_len=False,
+        dropout_p=0.0, requires_grad=False, return_lse=False, requested=requested,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "eager"])
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_only_eager_runs_float64(backend, device):
+    """Every other backend gives a reason for float64 calls, on CUDA tensors too; auto runs them on eager."""
+    assert get_backend(backend).unsupported_reason(_float64_problem(device, backend)) is not None
+    q = torch.zeros(2, 16, 2, 64, dtype=torch.float64)
+    assert explain(q, q, q, causal=True).backend == "eager"
+
+
+def test_the_cuda_backends_refuse_float64_for_its_dtype(monkeypatch):
+    """On a machine without a GPU or the optional packages the backends above give other reasons first: here those
+    checks are passed, and each backend's own dtype check must refuse float64 CUDA calls."""
+    from perceiver_fast.kernels import flash_attn
+    from perceiver_fast.kernels.triton import backend as triton_backend
+
+    monkeypatch.setattr(triton_backend, "interpreting", lambda: False)
+    monkeypatch.setattr(triton_backend, "_triton_missing", lambda: None)
+    reasons = {name: get_backend(name).unsupported_reason(_float64_problem("cuda", name))
+               for name in ("triton", "cuda", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")}  # fmt: skip
+    reasons["flash-attn (shared checks)"] = flash_attn._common_reason(_float64_problem("cuda", "flash-attn"), 256)
+    for name, reason in reasons.items():
+        assert reason is not None and "float64" in reason, (name, reason)
 
 
 def test_every_built_in_backend_is_registered():
