@@ -227,6 +227,8 @@ def rank(results: Sequence[Results], backends: Iterable[str] | None = None) -> d
         score = {name: math.exp(sum(values) / len(values)) for name, values in logs.items()}
         # Ties (a backend alone on its shapes scores 1.0) go to the one measured on more shapes, then by name.
         order = sorted(score, key=lambda name: (score[name], -len(logs[name]), name))
+        if not order:  # every backend measured was wrong somewhere in the class: no row, auto's conservative order
+            continue
         keys = list(measurements)
         ms = {name: [measurements[key].get(name) for key in keys] for name in order}
         rankings[problem_class] = Ranking(order, score, keys, ms, left_out)

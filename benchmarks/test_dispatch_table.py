@@ -95,7 +95,12 @@ def test_ranking_rule_on_a_synthetic_result_set():
     second = dispatch_table.Results(
         "b.json", {"device_name": "GPU", "date": "2026-01-01"}, [_row(s1, "sdpa-flash", 30.0), _row(s1, "triton", 10.0)]
     )
+    # A class (fp16) whose one backend was right on one shape and wrong on another: no row, not an empty one.
+    wrong_once, right_once = (Shape("prefix-causal", 1, 64, m, 8, 8, 64, 64, True) for m in (128, 256))
+    first.rows.extend([_row(wrong_once, "triton", 1.0, dtype="float16", max_err=1.0),
+                       _row(right_once, "triton", 1.0, dtype="float16")])  # fmt: skip
     table = dispatch_table.build_table([first, second], (9, 0))
+    assert {row["dtype"] for row in table["rows"]} == {"bfloat16"}
     rows = {(r["regime"], r["bounds"], r["grad"]): r for r in table["rows"]}
     assert set(rows) == {("prefix-causal", *flags) for flags in [(False, False), (False, True), (True, False)]}
     plain = rows["prefix-causal", False, False]

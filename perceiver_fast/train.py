@@ -408,8 +408,8 @@ class CLMTask:
             raise ValueError(
                 f"the model (max_seq_len {model.max_seq_len}, max_latents {model.max_latents}: a prefix of at most "
                 f"{model.max_prefix_len}) cannot take the config's chunks (max_seq_len {config.max_seq_len}, "
-                f"max_latents {config.max_latents}: a prefix of {prefix_len}); give the model's max_latents and "
-                "max_seq_len, or ones within them"
+                f"max_latents {config.max_latents}: a prefix of {prefix_len}); the config needs max_latents <= "
+                f"{model.max_latents} and max_seq_len - max_latents <= {model.max_prefix_len}"
             )
 
     def collator(self, config: TrainConfig, generator: torch.Generator, train: bool) -> Callable[[Any], Batch]:

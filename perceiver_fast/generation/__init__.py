@@ -1,6 +1,6 @@
 """Generation for Perceiver AR: window schedules, key/value caches, sampling, and the generate/stream loop."""
 
-from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, merge_partial_attention
+from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache
 from perceiver_fast.generation.generate import (
     CACHE_MODES,
     CachedDecoder,
@@ -28,7 +28,6 @@ __all__ = [
     "WindowSchedule",
     "filter_logits",
     "generate",
-    "merge_partial_attention",
     "release_decoding",
     "sample_next_token",
     "stream",

@@ -38,25 +38,28 @@ from functools import partial
 import torch
 
 from perceiver_fast.generation.graphs import StepGraphs
+from perceiver_fast.kernels.partial import merge_partial_attention
 from perceiver_fast.models.core.position import RotaryPositionEmbedding, positions
 
 
-def merge_partial_attention(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over the union of two disjoint key sets from each set's output and log-sum-exp.
+def has_exact_angles(model: torch.nn.Module) -> bool:
+    """Whether the model's rotary angles of positions far apart round alike (float32/64): what keeping keys rotated
+    in a frame that differs from a full forward's needs (sliding in place, perceiver-io mode's frame)."""
+    return model.input_adapter.frq_pos_encoding.inv_freq.dtype in (torch.float32, torch.float64)
 
-    ``out [b, n, h, d]``, ``lse [b, h, n]`` (``-inf`` where a set is empty). Returns ``(out, lse)`` in the lse's
-    dtype: float32, or float64 where the parts are float64 (the attention op's lse of float64 inputs).
-    """
-    lse = torch.logaddexp(lse_a, lse_b)
-    # Weights are taken against the lowest finite lse where a row sees no key at all (its lse is -inf): both are then
-    # exp(-inf) = 0 and the row is 0, the op's rule, without the NaN of -inf - -inf or a mask (a step runs this
-    # for every token; each op is a kernel launch on a GPU).
-    reference = lse.clamp(min=torch.finfo(lse.dtype).min)
-    weight_a = torch.exp(lse_a - reference).transpose(1, 2).unsqueeze(-1)
-    weight_b = torch.exp(lse_b - reference).transpose(1, 2).unsqueeze(-1)
-    return out_a.to(lse.dtype) * weight_a + out_b.to(lse.dtype) * weight_b, lse
+
+def check_perceiver_io_length(model: torch.nn.Module, length: int) -> None:
+    """``ValueError`` unless perceiver-io mode reproduces perceiver-io's decoding of a sequence of ``length``
+    tokens with this model (checked before any buffer is allocated, and by the cache as it decodes)."""
+    inv_freq = model.input_adapter.frq_pos_encoding.inv_freq
+    if length > model.max_seq_len and not has_exact_angles(model):
+        raise ValueError(
+            f"cache_mode='perceiver-io' reproduces perceiver-io past max_seq_len ({model.max_seq_len}) only "
+            f"with float32 rotary angles, and this model's are {inv_freq.dtype} (perceiver-io rotates every key "
+            f"anew each step, and {inv_freq.dtype} angles round each position differently): generate at most "
+            f"{model.max_seq_len} tokens in all, use cache_mode='exact' (which rebuilds its window as it "
+            "slides), or keep the rotary buffers in float32"
+        )
 
 
 class _DecodingBase:
@@ -174,9 +177,7 @@ class PerceiverARCache(_DecodingBase):
         heads = attn.num_heads
         b, channels = batch_size, model.input_adapter.num_input_channels
         angles_dtype = model.input_adapter.frq_pos_encoding.inv_freq.dtype
-        # Whether angles of positions far apart round alike (float32/64): what keeping keys rotated in a frame that
-        # differs from a full forward's needs (sliding in place here, perceiver-io mode's frame).
-        self.exact_angles = angles_dtype in (torch.float32, torch.float64)
+        self.exact_angles = has_exact_angles(model)
         rot_dim = model.input_adapter.frq_pos_encoding.inv_freq.numel() * 2
         # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
         self.latent_h = torch.empty(b, slots, channels, dtype=self.dtype, device=self.device)
@@ -499,15 +500,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
 
     def check_length(self, length: int) -> None:
         """``ValueError`` unless this cache reproduces perceiver-io's decoding of a sequence of ``length`` tokens."""
-        inv_freq = self.model.input_adapter.frq_pos_encoding.inv_freq
-        if length > self.model.max_seq_len and not self.cache.exact_angles:
-            raise ValueError(
-                f"cache_mode='perceiver-io' reproduces perceiver-io past max_seq_len ({self.model.max_seq_len}) only "
-                f"with float32 rotary angles, and this model's are {inv_freq.dtype} (perceiver-io rotates every key "
-                f"anew each step, and {inv_freq.dtype} angles round each position differently): generate at most "
-                f"{self.model.max_seq_len} tokens in all, use cache_mode='exact' (which rebuilds its window as it "
-                "slides), or keep the rotary buffers in float32"
-            )
+        check_perceiver_io_length(self.model, length)
 
     def _sync_counters(self) -> None:
         for counter, values in ((self.cross_span_t, self.cross_span), (self.self_span_t, self.self_span)):

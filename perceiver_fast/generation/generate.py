@@ -18,16 +18,22 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import inspect
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from perceiver_fast.generation.cache import PerceiverARCache, PerceiverIOCompatibleCache, active_autocast_dtype
+from perceiver_fast.generation.cache import (
+    PerceiverARCache,
+    PerceiverIOCompatibleCache,
+    active_autocast_dtype,
+    check_perceiver_io_length,
+)
 from perceiver_fast.generation.sampling import DEFAULT_TOP_K, SamplingConfig, sample_next_token
 from perceiver_fast.generation.schedule import WindowSchedule
 from perceiver_fast.generation.weights import WeightsWatch
@@ -239,7 +245,8 @@ def _token_ids(name: str, value: object, vocab_size: int) -> list[int]:
     return ids
 
 
-def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) -> tuple[Decoder, WindowSchedule]:
+def _make_schedule(model, use_cache, cache_mode, stride) -> WindowSchedule:
+    """The window schedule of a call, after checking the cache settings (before any buffer is allocated)."""
     if cache_mode not in CACHE_MODES:
         raise ValueError(f"cache_mode must be one of {CACHE_MODES}, got {cache_mode!r}")
     if stride is not None and cache_mode != "strided":
@@ -248,7 +255,6 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
         stride = max(model.max_latents // 2, 1) if stride is None else _check_count("stride", stride, 1)
     else:
         stride = 1
-    schedule = WindowSchedule(max_seq_len=model.max_seq_len, max_latents=model.max_latents, stride=stride)
     if cache_mode == "perceiver-io" and not use_cache:
         raise ValueError("cache_mode='perceiver-io' is perceiver-io's cache: it needs use_cache=True")
     if cache_mode == "perceiver-io" and model.max_latents == 1:
@@ -257,24 +263,28 @@ def _make_decoder(model, batch_size, use_cache, cache_mode, stride, cuda_graph) 
             "self-attention keys to the last max_latents - 1 = 0 with [:, -0:], which keeps them all, and grows "
             "without bound (not reproduced here); use cache_mode='exact'"
         )
+    return WindowSchedule(max_seq_len=model.max_seq_len, max_latents=model.max_latents, stride=stride)
+
+
+def _make_decoder(model, batch_size, use_cache, cache_mode, schedule, cuda_graph) -> Decoder:
     if not use_cache:
-        return FullForwardDecoder(model, schedule), schedule
+        return FullForwardDecoder(model, schedule)
     if cuda_graph:
         # Captured graphs point at the decoder's buffers: keep both with the model for the next call of the same
         # shape, so that a new generation replays them instead of capturing again (release_decoding frees them).
-        key = _held_decoder_key(model, batch_size, cache_mode, stride)
+        key = _held_decoder_key(model, batch_size, cache_mode, schedule.stride)
         held = model.__dict__.get(_HELD_DECODER)
         if held is not None and held.decoder in _IN_USE:  # another generation of this model is running: leave it
             make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
-            return make(model, schedule, batch_size, False), schedule
+            return make(model, schedule, batch_size, False)
         if held is not None and held.key == key and held.decoder.cache.owns_layer_caches():
-            return held.decoder, schedule
+            return held.decoder
         release_decoding(model)
     make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
     decoder = make(model, schedule, batch_size, cuda_graph)
     if cuda_graph:
         model.__dict__[_HELD_DECODER] = _HeldDecoder(key, decoder)
-    return decoder, schedule
+    return decoder
 
 
 def _held_decoder_key(model: torch.nn.Module, batch_size: int, cache_mode: str, stride: int) -> tuple:
@@ -346,7 +356,7 @@ class _Generation:
     """Everything a generation needs, validated before the first token is asked for."""
 
     model: torch.nn.Module
-    decoder: Decoder
+    make_decoder: Callable[[], Decoder]  # called at the first token (see _decode_steps)
     input_ids: torch.Tensor
     pad_mask: torch.Tensor | None
     num_latents: int
@@ -361,6 +371,7 @@ class _Generation:
     stop_check_every: int = 1
     done_at: int | None = None  # the step after which every row had stopped (set when generation ends early)
     watch_weights: bool = False  # the caller's code runs between steps (a stream) and may change the weights
+    decoder: Decoder | None = None  # made at the first token
 
 
 def stream(
@@ -430,21 +441,16 @@ def _prepare(
         cuda_graph = device.type == "cuda"
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
-    decoder, schedule = _make_decoder(model, input_ids.shape[0], use_cache, cache_mode, stride, bool(cuda_graph))
-    try:
-        schedule.initial(input_ids.shape[1], _check_count("num_latents", num_latents, 1))  # raises for a bad window
-        if isinstance(decoder, PerceiverIODecoder):  # the last new token is never fed back
-            decoder.cache.check_length(input_ids.shape[1] + max_new_tokens - 1)
-    except BaseException:
-        # A refused call keeps nothing: the caches just set up in the model's layers are freed before the error.
-        if _is_held(model, decoder):
-            release_decoding(model)
-        else:
-            decoder.close()
-        raise
+    # Every check before the decoder allocates its buffers (in the model's layers): a refused call holds nothing.
+    schedule = _make_schedule(model, use_cache, cache_mode, stride)
+    schedule.initial(input_ids.shape[1], _check_count("num_latents", num_latents, 1))  # raises for a bad window
+    if cache_mode == "perceiver-io":  # the last new token is never fed back
+        check_perceiver_io_length(model, input_ids.shape[1] + max_new_tokens - 1)
     return _Generation(
         model=model,
-        decoder=decoder,
+        make_decoder=functools.partial(
+            _make_decoder, model, input_ids.shape[0], use_cache, cache_mode, schedule, bool(cuda_graph)
+        ),
         input_ids=input_ids,
         pad_mask=pad_mask,
         num_latents=num_latents,
@@ -492,7 +498,6 @@ def _decode(run: _Generation, modes_per_step: bool = True) -> Iterator[torch.Ten
     """The new tokens. A stream sets the step modes around each step; ``generate``, which runs no code of its
     caller between steps, sets them once (``modes_per_step=False``): setting and restoring the modules' training
     flags walks all of them, a real cost next to a step replayed as a CUDA graph."""
-    _IN_USE.append(run.decoder)
     steps = _decode_steps(run)
     held_modes = contextlib.nullcontext() if modes_per_step else _step_modes(run)
     try:
@@ -505,14 +510,20 @@ def _decode(run: _Generation, modes_per_step: bool = True) -> Iterator[torch.Ten
                 yield token
     finally:
         steps.close()
-        _IN_USE.remove(run.decoder)
-        if not _is_held(run.model, run.decoder):
-            run.decoder.close()
+        if run.decoder is not None:
+            _IN_USE.remove(run.decoder)
+            if not _is_held(run.model, run.decoder):
+                run.decoder.close()
 
 
 def _decode_steps(run: _Generation) -> Iterator[torch.Tensor]:
     if run.max_new_tokens == 0:
         return
+    # The decoder is made here, at the first token, inside the step's modes (its buffers get the autocast dtype and
+    # inference mode recorded when the call was made), and not before: a stream never iterated holds no buffers, and
+    # two streams made before either starts do not take the same held decoder.
+    run.decoder = run.make_decoder()
+    _IN_USE.append(run.decoder)
     prompt, device = run.input_ids, run.input_ids.device
     batch, prompt_len = prompt.shape
     # The whole sequence is allocated once: a step appends by writing one column, the decoders read views.

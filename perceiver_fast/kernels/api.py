@@ -144,12 +144,14 @@ def _check_real(name: str, value: object, *, optional: bool) -> float | None:
     """A plain float from a Python or NumPy real number (bools and tensors are refused)."""
     if value is None and optional:
         return None
-    # Traced by torch.compile: no value to check (inside Dynamo a symbolic float is no torch.SymFloat).
-    if isinstance(value, (torch.SymFloat, torch.SymInt)) or (torch.compiler.is_compiling() and value is not None):
+    if isinstance(value, (torch.SymFloat, torch.SymInt)):  # traced by torch.compile: no value to check
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a float or None" if optional else "a float"
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
+    if torch.compiler.is_compiling():
+        # Inside Dynamo a symbolic float is no torch.SymFloat, and its value cannot be read: its type is checked only.
+        return value
     result = float(value)
     if not math.isfinite(result):
         raise ValueError(f"{name} must be finite, got {result}")

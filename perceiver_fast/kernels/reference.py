@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from perceiver_fast.kernels.partial import merge_partial_attention
 from perceiver_fast.kernels.problem import AttentionProblem, host_readable
 from perceiver_fast.kernels.registry import register_backend
 
@@ -180,7 +181,9 @@ def attention_eager(
     no_bounds = kv_start is None and kv_len is None
     unmasked = no_bounds and (not causal or num_queries == 1 or (num_queries == num_keys and causal_flag))
     prefix_causal = causal and no_bounds and 1 < num_queries < num_keys and causal_flag
-    if prefix_causal and not guard and not _needs_grad(q, k, v) and _flash_returns_lse(qt, kt, vt, dropout_p):
+    # Not under autocast, which casts SDPA's inputs but not those of the aten kernel the two parts call.
+    two_parts = prefix_causal and not guard and not _needs_grad(q, k, v)
+    if two_parts and not torch.is_autocast_enabled(q.device.type) and _flash_returns_lse(qt, kt, vt, dropout_p):
         out, lse = _prefix_causal_in_two_parts(qt, kt, vt, scale)
         return out, (lse if return_lse else None)
     if unmasked and not guard and not return_lse:
@@ -256,17 +259,21 @@ def _prefix_causal_in_two_parts(
     ``[Nq, Nk]`` build and read, and the masked triangle's work: measured 1.3-1.5x slower in float32 (512 queries
     over 4096 keys, 1 thread). Forward only: the kernel's log-sum-exp has no gradient. ``[B, H, N, D]`` inputs;
     returns ``[B, Nq, H, D]`` and the float32 lse ``[B, H, Nq]``."""
-    # The kernel reads each row's head dim as contiguous without checking (see _cpu_flash_attention_with_lse).
-    qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (qt, kt, vt))
+    qt, kt, vt = _head_dim_contiguous(qt, kt, vt)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     split = kt.shape[2] - qt.shape[2]
     seen_by_all, seen_by_all_lse = flash(qt, kt[:, :, :split], vt[:, :, :split], scale=scale)
     triangle, triangle_lse = flash(qt, kt[:, :, split:], vt[:, :, split:], is_causal=True, scale=scale)
-    # Both parts hold a key for every row, so both lse are finite.
-    lse = torch.logaddexp(seen_by_all_lse.float(), triangle_lse.float())
-    out = seen_by_all.float() * torch.exp(seen_by_all_lse.float() - lse).unsqueeze(-1)
-    out = out.addcmul_(triangle.float(), torch.exp(triangle_lse.float() - lse).unsqueeze(-1))
-    return out.to(qt.dtype).transpose(1, 2), lse
+    out, lse = merge_partial_attention(
+        seen_by_all.transpose(1, 2), seen_by_all_lse.float(), triangle.transpose(1, 2), triangle_lse.float()
+    )
+    return out.to(qt.dtype), lse
+
+
+def _head_dim_contiguous(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """SDPA's CPU flash kernel reads each row's head dim as contiguous without checking (a view with a strided last
+    dim gives garbage): such inputs are copied."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
 
 
 def _cpu_flash_attention_with_lse(
@@ -285,9 +292,7 @@ def _cpu_flash_attention_with_lse(
     a row that sees no key a zero output and a zero lse: its lse is set to ``-inf`` here, as the contract says.
     """
     num_queries = qt.shape[2]
-    # The kernel reads each row's head dim as contiguous without checking (a view with a strided last dim gives
-    # garbage): such inputs are copied.
-    qt, kt, vt = (t if t.stride(-1) == 1 else t.contiguous() for t in (qt, kt, vt))
+    qt, kt, vt = _head_dim_contiguous(qt, kt, vt)
     if visible is None:
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         if causal and num_queries > 1:  # a branch: see attention_eager

@@ -169,6 +169,19 @@ def test_a_refused_call_leaves_no_decoding_buffers_in_the_model(cache_mode, stre
     assert _layer_caches(model) == [None] * 3
 
 
+@pytest.mark.parametrize("cache_mode", ["exact", "perceiver-io"])
+def test_a_stream_holds_decoding_buffers_only_once_started(cache_mode):
+    """A stream made and dropped unstarted (a generator never run has no cleanup to run) must not leave the layers'
+    caches allocated; they are made at the first token and freed when the stream ends."""
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    tokens = model.stream(torch.zeros(2, 5, dtype=torch.long), 3, cache_mode=cache_mode)
+    assert _layer_caches(model) == [None] * 3
+    next(tokens)
+    assert None not in _layer_caches(model)
+    tokens.close()
+    assert _layer_caches(model) == [None] * 3
+
+
 def test_perceiver_io_mode_refuses_a_single_latent():
     """perceiver-io trims its self-attention cache to the last max_latents - 1 keys with [:, -0:], which keeps them
     all: with one latent its cache grows without bound, which this mode does not reproduce."""

@@ -121,16 +121,30 @@ def test_compiles_without_graph_breaks_when_the_head_counts_change():
 
 
 @pytest.mark.parametrize("num_keys", [None, 20], ids=["causal", "prefix-causal"])
-def test_compiles_without_graph_breaks_when_the_sequence_length_changes(num_keys):
+@pytest.mark.parametrize("forward_only", [False, True], ids=["grad", "no_grad"])
+def test_compiles_without_graph_breaks_when_the_sequence_length_changes(num_keys, forward_only):
     """The second length recompiles with dynamic shapes: whether a call is causal past one query is symbolic then,
-    and SDPA's causal flag must stay a bool."""
+    and SDPA's causal flag must stay a bool (forward-only prefix-causal calls trace their two-part path)."""
     compiled = torch.compile(
         lambda q, k, v: attention(q, k, v, causal=True, backend="eager"), fullgraph=True, backend="aot_eager"
     )
     for num_queries in (8, 12, 14):
         q, k, v = _inputs(1, num_queries, num_keys or num_queries, 2, 2, 8, 8)
         ref, _ = attention_oracle(q, k, v, causal=True)
-        assert max_rel_error(compiled(q, k, v), ref) < 1e-5
+        with torch.set_grad_enabled(not forward_only):
+            assert max_rel_error(compiled(q, k, v), ref) < 1e-5
+
+
+@pytest.mark.parametrize("num_keys", [6, 10], ids=["causal", "prefix-causal"])
+def test_autocast_gives_its_dtype_with_or_without_gradients(num_keys):
+    """The forward-only two-part path calls an aten kernel autocast does not cast: it stands aside under autocast."""
+    q, k, v = _inputs(1, 6, num_keys, 2, 2, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = attention(q, k, v, causal=True)
+        with torch.no_grad():
+            without = attention(q, k, v, causal=True)
+    assert with_grad.dtype == without.dtype == torch.bfloat16
+    torch.testing.assert_close(without, with_grad.detach())
 
 
 @pytest.mark.parametrize("dynamic", [None, True])
@@ -142,6 +156,8 @@ def test_compiles_with_a_scale_that_changes_or_is_symbolic(dynamic):
     for scale in (0.5, 0.25):
         ref, _ = attention_oracle(q, q, q, scale=scale)
         assert max_rel_error(compiled(q, scale), ref) < 1e-5
+    with pytest.raises(Exception, match="scale must be a float or None, got bool"):  # its type is still checked
+        compiled(q, True)
 
 
 def test_the_first_call_of_a_process_may_be_a_compiled_one():

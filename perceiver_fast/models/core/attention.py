@@ -79,8 +79,8 @@ class MultiHeadAttention(nn.Module):
         k, v = self.project_keys_values(x_kv, rot_pos_emb_k)
 
         dropout_p = self.dropout.p if self.training else 0.0
-        if dropout_p >= 1.0:  # nn.Dropout(1.0) drops every probability: perceiver-io's attention gives zeros
-            return self.project_output(q.new_zeros(*q.shape[:-1], v.shape[-1]))
+        # nn.Dropout(1.0) drops every probability: perceiver-io's attention gives zeros (the op refuses p = 1).
+        drop_all = dropout_p >= 1.0
         kv_start = kv_len = None
         if pad_mask is not None:
             kv_start, kv_len = padding_bounds(pad_mask, left_only=self.causal_attention)
@@ -92,11 +92,13 @@ class MultiHeadAttention(nn.Module):
             kv_start=kv_start,
             kv_len=kv_len,
             scale=self.dp_scale,
-            dropout_p=dropout_p,
+            dropout_p=0.0 if drop_all else dropout_p,
         )
         if pad_mask is not None:
             empty = rows_without_keys(n, m, kv_start, kv_len, causal=self.causal_attention)
             o = torch.where(empty.view(b, n, 1, 1), v.mean(dim=1, keepdim=True), o)
+        if drop_all:  # zeros that keep the graph: q, k, v projections get zero gradients, as in perceiver-io
+            o = o * 0.0
         return self.project_output(o)
 
     # The pieces of forward, for callers that cache keys/values (generation) and so assemble attention themselves.

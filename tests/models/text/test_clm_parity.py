@@ -66,7 +66,10 @@ def test_a_dropout_of_one_trains_as_perceiver_ios():
     got = ours(x, prefix_len=20, pad_mask=pad_mask).logits
     assert max_rel_error(got, expected) <= 1e-5
     got.sum().backward()
-    assert torch.isfinite(ours.input_adapter.txt_embedding.weight.grad).all()
+    expected.sum().backward()
+    theirs_grads = dict(theirs.named_parameters())
+    for name, parameter in ours.named_parameters():  # zeros where theirs are zeros (an optimizer's weight decay acts)
+        torch.testing.assert_close(parameter.grad, theirs_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parity
