@@ -190,14 +190,16 @@ def _sdpa_math(case: Case) -> tuple[Run, Callable[[], dict]]:
     """PyTorch's reference kernel, with a dense mask for bottom-right causality and key bounds."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from perceiver_fast.kernels.reference import visible_keys
+    from perceiver_fast.kernels.reference import key_ranges, range_mask
 
     shape = case.shape
-    visible = visible_keys(
-        shape.batch, shape.nq, shape.nk, causal=shape.causal, kv_start=case.kv_start, kv_len=case.kv_len,
-        device=case.device,
-    )
-    mask = {} if visible is None else {"attn_mask": visible.unsqueeze(1)}
+    mask = {}
+    if shape.causal or case.kv_start is not None or case.kv_len is not None:
+        ranges = key_ranges(
+            shape.batch, shape.nq, shape.nk, causal=shape.causal, kv_start=case.kv_start, kv_len=case.kv_len,
+            device=case.device,
+        )
+        mask = {"attn_mask": range_mask(*ranges, shape.nk).unsqueeze(1)}
     gqa = shape.hq != shape.hkv
 
     def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -60,23 +60,6 @@ def range_mask(first: torch.Tensor | None, end: torch.Tensor, num_keys: int) -> 
     return below_end if first is None else below_end & (keys >= first.unsqueeze(-1))
 
 
-def visible_keys(
-    batch: int,
-    num_queries: int,
-    num_keys: int,
-    *,
-    causal: bool,
-    kv_start: torch.Tensor | None,
-    kv_len: torch.Tensor | None,
-    device: torch.device,
-) -> torch.Tensor | None:
-    """``[B, Nq, Nk]`` bool, True where query ``i`` may see key ``j``; ``None`` when every query sees every key."""
-    if not causal and kv_start is None and kv_len is None:
-        return None
-    ranges = key_ranges(batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=device)
-    return range_mask(*ranges, num_keys).expand(batch, num_queries, num_keys)
-
-
 def _all_finite(*tensors: torch.Tensor) -> bool:
     """Whether every value is finite. One sum per tensor (NaN and inf propagate into it) is a single pass with no
     temporary; a sum that overflows to inf only sends the call down the slower, still exact, path."""
