@@ -44,12 +44,15 @@ def key_ranges(
     0 for every row. A row sees no key where ``end <= first``."""
     rows = batch if kv_start is not None or kv_len is not None else 1
     int32 = torch.int32
-    length = kv_len.view(batch, 1).to(int32) if kv_len is not None else torch.full((1, 1), num_keys, device=device)
+    if kv_len is not None:
+        length = kv_len.view(batch, 1).to(int32)
+    else:
+        length = torch.full((1, 1), num_keys, dtype=int32, device=device)
     end = length
     if causal:  # bottom-right: query i sits at position length - Nq + i
         end = torch.minimum(length, length - num_queries + 1 + torch.arange(num_queries, device=device, dtype=int32))
     first = None if kv_start is None else kv_start.view(batch, 1).to(int32).expand(rows, num_queries)
-    return first, end.to(int32).expand(rows, num_queries)
+    return first, end.expand(rows, num_queries)
 
 
 def range_mask(first: torch.Tensor | None, end: torch.Tensor, num_keys: int) -> torch.Tensor:
