@@ -81,8 +81,23 @@ summary_head() {
   echo "== build: exit $build_rc in ${build_s} s (124 = timed out)"
   grep -E "perceiver_fast: built|CUDA build failed|rror" "$WORK/build.log" | head -n 5
   echo "== $1: exit $2 (124 = timed out; 5 = none collected)"
+  [ -f "$3" ] || return 0
   tail -n 1 "$3"
-  grep -E "^(FAILED|ERROR)" "$3" | head -n 10
+  # Verbose runs name each test as it ends: counted here too, for a run its timeout cut short before pytest's summary.
+  grep -qE " (PASSED|FAILED|ERROR|SKIPPED) " "$3" \
+    && echo "per-test lines: $(grep -cE " PASSED " "$3") passed, $(grep -cE " FAILED " "$3") failed," \
+      "$(grep -cE " ERROR " "$3") errors, $(grep -cE " SKIPPED " "$3") skipped"
+  grep -E "^(FAILED|ERROR)" "$3" | head -n 25
+  grep -qE "^(FAILED|ERROR)" "$3" || grep -E " (FAILED|ERROR) " "$3" | head -n 25
+}
+
+# What has finished so far, brought out now: `snapshot` writes the sourcing script's `summarize` into $OUT with a
+# tarball of $WORK, so that a device call cut short (by its own limit, or the lease's) still brings back every finished
+# step. gpu_pack, at the end, replaces both.
+snapshot() {
+  summarize > "$WORK/summary.txt" 2>&1
+  cp "$WORK/summary.txt" "$OUT/summary.txt"
+  timeout 10 tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . 2> /dev/null || true
 }
 
 # $WORK/summary.txt into $OUT, everything gathered into ONE tarball (a device call returns at most 8 files), the
