@@ -4,7 +4,7 @@
 # there) into the ignored folder .whl/, so that a device call can carry them:
 #
 #   bash benchmarks/gpu_wheels.sh                        # then: run(command=..., carry=[".whl"])
-#   (on the GPU) pip install --no-index --no-deps --target "$SITE" .whl/*.whl && PYTHONPATH="$SITE:$PYTHONPATH" ...
+#   (on the GPU) pip install --no-index --no-deps --ignore-requires-python --target "$SITE" .whl/*.whl && PYTHONPATH="$SITE:$PYTHONPATH" ...
 #
 # gpu_check.sh does the second line itself when .whl/ is there, for the steps that compare with perceiver-io: the
 # target folder shadows the machine's transformers 5 (which breaks perceiver-io's generate) only for them.

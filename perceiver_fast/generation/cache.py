@@ -79,6 +79,9 @@ class _DecodingBase:
         # Looked up once: a step asks for them per layer, and module attribute lookups are slow next to tiny ops.
         self._rotary_layers = [model.self_attention.uses_rotary(i) for i in range(len(self.self_layers))]
         self.graphs = StepGraphs(cuda_graph)
+        # A replayed graph returns the one static logits tensor that its next replay overwrites: steps hand out a copy,
+        # unless the caller reads each step's logits before the next step (generate does, and saves the copy).
+        self.copy_logits = True
         self._own_caches: list = []  # the layers' caches this decoder allocated (set by _claim_layer_caches)
         # The token a step consumes: copied in before the step, so that a captured step reads it from here.
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -106,7 +109,10 @@ class _DecodingBase:
         return torch.zeros(size, dtype=torch.long, device=self.device)
 
     def _run(self, kind: Hashable, step: Callable[[], torch.Tensor], capturable: bool) -> torch.Tensor:
-        return self.graphs.run(kind, step) if capturable else step()
+        if not capturable:
+            return step()
+        logits = self.graphs.run(kind, step)
+        return logits.clone() if self.copy_logits and self.graphs.enabled else logits
 
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
         return self.model.head(h_last)[1][:, -1]

@@ -523,6 +523,8 @@ def _decode_steps(run: _Generation) -> Iterator[torch.Tensor]:
     # inference mode recorded when the call was made), and not before: a stream never iterated holds no buffers, and
     # two streams made before either starts do not take the same held decoder.
     run.decoder = run.make_decoder()
+    if hasattr(run.decoder, "cache"):
+        run.decoder.cache.copy_logits = False  # each step's logits are sampled before the next step
     _IN_USE.append(run.decoder)
     prompt, device = run.input_ids, run.input_ids.device
     batch, prompt_len = prompt.shape
