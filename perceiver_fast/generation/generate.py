@@ -319,6 +319,8 @@ class _HeldDecoder:
 
     def __reduce__(self) -> tuple:
         return type(None), ()
+
+
 _IN_USE: list = []  # decoders of the generations running now (a list: decoders need not be hashable)
 _OPEN_STREAMS: weakref.WeakSet = weakref.WeakSet()  # streams handed out and not yet collected
 
