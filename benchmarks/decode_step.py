@@ -186,8 +186,9 @@ def decode_rows(rows: list[dict], shapes: list[StepShape], dtype: torch.dtype, d
     return table_rows
 
 
-def merge_into_table(table_rows: list[dict], directory: Path, device: torch.device) -> Path:
-    """Replace the ``decode-step`` rows of ``directory``'s table for this GPU (created if absent)."""
+def merge_into_table(table_rows: list[dict], directory: Path, device: torch.device, source: str) -> Path:
+    """Replace the ``decode-step`` rows of ``directory``'s table for this GPU (created if absent), and name their
+    results file, ``source``, as the table's ``decode_step_source``."""
     capability = torch.cuda.get_device_capability(device)
     path = directory / dispatch.table_name(capability)
     table = json.loads(path.read_text()) if path.is_file() else {
@@ -195,6 +196,7 @@ def merge_into_table(table_rows: list[dict], directory: Path, device: torch.devi
         "date": common.utc_date(), "torch": torch.__version__, "source": [], "rows": [],
     }  # fmt: skip
     table["rows"] = [r for r in table["rows"] if r["regime"] != dispatch.DECODE_STEP_REGIME] + table_rows
+    table["decode_step_source"] = source
     # Atomically: `auto` dispatch reads this file, and a truncated one would break it for every later import.
     return common.write_text(path, json.dumps(table, indent=1) + "\n")
 
@@ -221,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         if device.type != "cuda":
             print("--write-dispatch-table needs a GPU: the rows rank GPU timings")
             return 1
-        table = merge_into_table(decode_rows(rows, shapes, dtype, device), Path(args.table_dir), device)
+        table = merge_into_table(decode_rows(rows, shapes, dtype, device), Path(args.table_dir), device, path.name)
         print(f"wrote the decode-step rows of {table}")
     return 0
 

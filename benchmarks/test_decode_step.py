@@ -60,9 +60,10 @@ def test_table_rows_rank_by_graph_time_and_replace_only_decode_step_rows(tmp_pat
     stale = {**rows[0], "order": ["composite"]}
     (tmp_path / "sm90.json").write_text(json.dumps({"device": "x", "date": "d", "rows": [other, stale]}))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    path = decode_step.merge_into_table(rows, tmp_path, torch.device("cuda"))
-    written = json.loads(path.read_text())["rows"]
-    assert written[0] == other and written[1:] == rows
+    path = decode_step.merge_into_table(rows, tmp_path, torch.device("cuda"), "gpu-decode-step.json")
+    written = json.loads(path.read_text())
+    assert written["rows"][0] == other and written["rows"][1:] == rows
+    assert written["decode_step_source"] == "gpu-decode-step.json"
 
 
 def test_a_second_run_of_the_day_writes_beside_the_first_dated_utc(tmp_path, monkeypatch, capsys):
@@ -89,5 +90,5 @@ def test_a_table_merge_killed_mid_write_leaves_the_table_whole(tmp_path, monkeyp
     row = dict(dtype="bfloat16", regime=dispatch.DECODE_STEP_REGIME, head_dim=128, keys=16384, bounds=True,
                grad=False, order=["cuda"])  # fmt: skip
     with pytest.raises(killed_mid_write):
-        decode_step.merge_into_table([row], tmp_path, torch.device("cuda"))
+        decode_step.merge_into_table([row], tmp_path, torch.device("cuda"), "gpu-decode-step.json")
     assert (tmp_path / "sm90.json").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["sm90.json"]

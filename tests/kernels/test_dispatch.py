@@ -1,9 +1,10 @@
 """The measured dispatch policy, checked on CPU: the committed tables against the measurements they come from.
 
-``auto`` on a CUDA device consults ``dispatch_tables/sm<cc>.json``. Here every shape of the committed H200
-benchmark results is fed to the dispatcher as a problem on a capability-9.0 CUDA device (no tensor, no GPU), with the
-backends made available as they were on that machine, and the choice must be the backend measured fastest on that
-shape in that run. The conservative order, the nearest-length rule and what ``explain`` says are checked too.
+``auto`` on a CUDA device consults ``dispatch_tables/sm<cc>.json``. Here every shape of the benchmark results the
+committed sm90 table was built from (an H100, 2026-11-28) is fed to the dispatcher as a problem on a capability-9.0
+CUDA device (no tensor, no GPU), with the backends made available as they were on that machine, and the choice must
+be the backend measured fastest on that shape in that run (or, where the shapes of a class disagree, within 10% of
+it). The conservative order, the nearest-length rule and what ``explain`` says are checked too.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from perceiver_fast.kernels.registry import available_backends
 from perceiver_fast.kernels.triton import backend as triton_backend
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-H200_RESULTS = sorted(RESULTS.glob("nvidia-h200-2026-11-27-kernels*.json"))
+SM90_SOURCES = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())["source"]
+KERNEL_RESULTS = [RESULTS / name for name in SM90_SOURCES if name.endswith("-kernels.json")]
 
 
 @pytest.fixture
-def h200(monkeypatch):
-    """Backends as they were on the measured H200: SDPA with cuDNN 9, compiled Triton, the built CUDA extension,
+def hopper(monkeypatch):
+    """Backends as they were on the measured H100: SDPA with cuDNN 9, compiled Triton, the built CUDA extension,
     no flash-attn; the device reports compute capability 9.0."""
     monkeypatch.setitem(problem._capabilities, 0, (9, 0))
     monkeypatch.setattr(sdpa, "_cudnn_attention_available", lambda: True)
@@ -35,14 +37,15 @@ def h200(monkeypatch):
     monkeypatch.setattr(triton_backend, "_triton_missing", lambda: None)
     monkeypatch.setattr(cuda, "library_status", lambda: None)
     monkeypatch.setattr(cuda, "_has_kernel_image", lambda index: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
 
 
 def _measurements():
-    """(results file, shape, mode, {backend: ms}) for every measurement of the committed H200 results that compared
-    backends (the H200 run's time limit left some shapes with a single backend timed: nothing to choose from)."""
+    """(results file, shape, mode, {backend: ms}) for every measurement of the table's results that compared
+    backends (a run's time limit may leave a shape with a single backend timed: nothing to choose from)."""
     names = set(available_backends())
     found = {}
-    for path in H200_RESULTS:
+    for path in KERNEL_RESULTS:
         for row in read_results(path).rows:
             if why_left_out(row, names) is None:
                 key = (path.name, row["shape"], row["mode"])
@@ -55,37 +58,39 @@ MEASUREMENTS = _measurements()
 
 
 def test_the_committed_results_are_there():
-    assert len(H200_RESULTS) == 2 and len(MEASUREMENTS) >= 20
+    assert all((RESULTS / name).is_file() for name in SM90_SOURCES)
+    assert len(KERNEL_RESULTS) == 1 and len(MEASUREMENTS) >= 20
 
 
 @pytest.mark.parametrize(
     "source, shape, mode, times", MEASUREMENTS, ids=[f"{s.label} {m} [{src}]" for src, s, m, _ in MEASUREMENTS]
 )
-def test_auto_chooses_the_backend_measured_fastest_on_every_benchmark_shape(h200, source, shape, mode, times):
+def test_auto_chooses_the_backend_measured_fastest_on_every_benchmark_shape(hopper, source, shape, mode, times):
     chosen, decision = api._decide(shape.problem(torch.bfloat16, requires_grad=mode == "fwd+bwd"))
     fastest = min(times, key=times.get)
-    assert chosen.backend == fastest, (
-        f"auto chose {chosen.backend} ({times.get(chosen.backend)} ms), {fastest} measured {times[fastest]} ms; "
-        f"decided by {chosen.decided_by}"
-    )
     assert chosen.decided_by.startswith("sm90.json row")
-
-
-def test_our_kernels_are_chosen_nowhere_on_the_h200_table():
-    """Measured on 2026-11-27: SDPA (or eager, which is SDPA) was fastest everywhere; triton and cuda rank lower."""
+    why = f"auto chose {chosen.backend} ({times.get(chosen.backend)} ms), {fastest} measured {times[fastest]} ms; "
+    if chosen.backend == fastest:
+        return
+    # A row ranks backends by their geometric mean over the shapes of its class: where those shapes disagree, one of
+    # them gets the class's choice, which must still be within 10% of its own fastest.
     table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
-    assert {row["order"][0] for row in table["rows"]} <= {"sdpa-flash", "sdpa-cudnn", "eager"}
+    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in chosen.decided_by)
+    assert len(row["shapes"]) > 1, why + f"decided by {chosen.decided_by}"
+    assert times.get(chosen.backend, float("inf")) <= 1.1 * times[fastest], why + f"decided by {chosen.decided_by}"
 
 
-def test_an_unmeasured_length_takes_the_nearest_measured_row(h200):
-    decode = Shape("decode", 1, 1, 200_000, 16, 16, 128, 128, True)  # 200k keys: the 64k row is the nearest
-    chosen, _ = api._decide(decode.problem(torch.bfloat16, requires_grad=False))
+def test_an_unmeasured_length_takes_the_nearest_measured_row(hopper):
+    long = Shape("prefix-causal", 1, 1024, 200_000, 16, 16, 128, 128, True)  # 200k keys: the 64k row is the nearest
+    chosen, _ = api._decide(long.problem(torch.bfloat16, requires_grad=False))
     assert "keys<=64k" in chosen.decided_by and "nearest measured length" in chosen.decided_by
-    assert chosen.backend == "sdpa-flash"
+    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
+    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in chosen.decided_by)
+    assert chosen.backend == row["order"][0]
 
 
-def test_unmeasured_kinds_and_other_devices_take_the_conservative_order(h200, monkeypatch):
-    padded = Shape("prefix-causal", 4, 512, 16384, 8, 8, 64, 64, True, kv_start=4096)  # key bounds: not measured
+def test_unmeasured_kinds_and_other_devices_take_the_conservative_order(hopper, monkeypatch):
+    padded = Shape("prefix-causal", 4, 512, 16384, 8, 8, 128, 128, True, kv_start=4096)  # not measured at D128
     chosen, backend = api._decide(padded.problem(torch.bfloat16, requires_grad=False))
     assert "conservative order" in chosen.decided_by
     assert chosen.backend == "triton"  # SDPA and flash-attn cannot take per-row bounds
@@ -96,7 +101,7 @@ def test_unmeasured_kinds_and_other_devices_take_the_conservative_order(h200, mo
     assert chosen.backend == "sdpa-flash" and "no dispatch table for sm_80" in chosen.decided_by
 
 
-def test_the_cuda_backend_is_used_only_where_a_row_names_it(h200):
+def test_the_cuda_backend_is_used_only_where_a_row_names_it(hopper):
     table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
     named = {row["dtype"] + row["regime"] for row in table["rows"] if "cuda" in row["order"]}
     assert "cuda" not in dispatch.DEFAULT_ORDER_CUDA and named
@@ -105,27 +110,29 @@ def test_the_cuda_backend_is_used_only_where_a_row_names_it(h200):
     assert chosen.backend == "sdpa-flash" and "cuda" not in chosen.passed_over
 
 
-def test_explain_says_which_row_decided(h200):
+def test_explain_says_which_row_decided(hopper):
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
         q = torch.empty(1, 1024, 16, 128, dtype=torch.bfloat16, device="cuda")
         k = torch.empty(1, 16384, 16, 128, dtype=torch.bfloat16, device="cuda")
         report = str(api.explain(q, k, k, causal=True))
-    assert "backend: sdpa-flash" in report
+    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
+    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in report)
+    assert f"backend: {row['order'][0]}" in report
     assert "decided by: sm90.json row bfloat16 prefix-causal D<=128 keys<=16k no key bounds no grad" in report
-    assert "measured on NVIDIA H200, 2026-11-27" in report
+    assert f"measured on {table['device']}, {table['date']}" in report
 
 
-def test_a_call_for_the_lse_does_not_follow_eager_up_a_row_measured_without_it(h200):
+def test_a_call_for_the_lse_does_not_follow_eager_up_a_row_measured_without_it(hopper):
     """Rows are measured without the log-sum-exp; eager returns it from a dense float32 pass over all scores."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        q = torch.empty(1, 1024, 16, 128, dtype=torch.bfloat16, device="cuda")
-        k = torch.empty(1, 16384, 16, 128, dtype=torch.bfloat16, device="cuda")
-        plain = api.explain(q, k, k, causal=True)
-        with_lse = api.explain(q, k, k, causal=True, return_lse=True)
+        q = torch.empty(4, 512, 8, 64, dtype=torch.bfloat16, device="cuda")
+        k = torch.empty(4, 16384, 8, 64, dtype=torch.bfloat16, device="cuda")  # Perceiver IO's cross-attention
+        plain = api.explain(q, k, k)
+        with_lse = api.explain(q, k, k, return_lse=True)
     table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
     row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in plain.decided_by)
     assert row["order"].index("eager") < row["order"].index("triton")  # the case: eager ranks above triton
