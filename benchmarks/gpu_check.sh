@@ -1,27 +1,31 @@
 #!/usr/bin/env bash
-# The one GPU check, for a bare GPU machine (no internet) on a 15-minute lease: at most 7 minutes by default.
+# The one GPU check, for a bare GPU machine (no internet) on a 15-minute lease: at most 9 minutes by default (it took
+# 6.5 on an H100 on 2026-11-28; a machine starts in about a minute).
 #
-#   OUT=$OUT bash benchmarks/gpu_check.sh          # the device tool: run(command=..., timeout_s=480), then give_back
+#   OUT=$OUT bash benchmarks/gpu_check.sh          # the device tool: run(command=..., timeout_s=570), then give_back
 #
-# 1. build the CUDA extension (csrc/) into an editable install, for the detected GPU's arch (~22 s on an H200);
-# 2. the GPU tests: TRITON_INTERPRET=0 PERCEIVER_FAST_REQUIRE_CUDA_EXT=1 pytest -m gpu -n 8, one line per test;
+# 1. build the CUDA extension (csrc/) into an editable install, for the detected GPU's arch (22-34 s);
+# 2. the GPU tests: TRITON_INTERPRET=0 PERCEIVER_FAST_REQUIRE_CUDA_EXT=1 pytest -m gpu -n 8, one line per test
+#    (1181 tests in about 175 s on an H100, most of it compiling Triton kernels);
 # 3. the kernel benchmark's gpu preset with --write-dispatch-table: the candidate table goes into the tarball, not
-#    into the package (a person reviews it, then commits it under perceiver_fast/kernels/dispatch_tables/); then the
-#    decoding-step benchmark (fused decode kernel), which adds the table's decode-step rows (~30 s);
+#    into the package (a person reviews it, then commits it under perceiver_fast/kernels/dispatch_tables/; ~150 s);
+#    then the decoding-step benchmark (fused decode kernel), which adds the table's decode-step rows (~16 s);
 # 4. generation in bf16 at 8k and 32k, batch 1 and 16, every mode with graphs and eagerly, our uncached path and
-#    perceiver-io's cached generate (with .whl/), then the seed configuration at 8k: with the time kept for it
-#    (GENERATE_SECONDS) or left over; GENERATE=0 skips it. benchmarks/gpu_generate.sh is the longer generation check;
+#    perceiver-io's cached generate (with .whl/), then the seed configuration at 8k (55 s and 39 s without
+#    perceiver-io): with the time kept for it (GENERATE_SECONDS) or left over; GENERATE=0 skips it.
+#    benchmarks/gpu_generate.sh is the longer generation check;
 # 5. everything (logs, JSON, plots, the table) packed into ONE tarball, $OUT/gpu-check.tar.gz, since the device tool
 #    returns at most 8 files, plus $OUT/summary.txt; the summary is printed last. Both are also written after every
 #    step, so that a call cut short brings back what finished.
 #
-# Every step runs under `timeout`, capped by a deadline that the whole script keeps: CHECK_SECONDS (default 420).
+# Every step runs under `timeout`, capped by a deadline that the whole script keeps: CHECK_SECONDS (default 540).
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: detected), CUDA_HOME (default: the toolkit
 # of the nvcc on PATH), BENCH_ARGS (added to the kernel benchmark's command), KERNELS_SECONDS (the kernel benchmark's
-# most, default 200), GENERATE_SECONDS (default 0), GENERATE=0.
+# most, default 170), GENERATE_SECONDS (default 110), GENERATE=0.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
-CHECK_SECONDS=${CHECK_SECONDS:-420}
+CHECK_SECONDS=${CHECK_SECONDS:-540}
+KERNELS_SECONDS=${KERNELS_SECONDS:-170} GENERATE_SECONDS=${GENERATE_SECONDS:-110}
 . benchmarks/gpu_common.sh
 gpu_setup
 
@@ -65,7 +69,7 @@ snapshot
 # --- 3. kernel benchmark and the candidate dispatch table ------------------------------------------------------------
 # The suite stops starting cases 45 s before its hard timeout, so its tables, JSON and plots are always written.
 step=$(date +%s)
-bench_timeout=$(allow "${KERNELS_SECONDS:-200}" $((PACK_SECONDS + 40 + ${GENERATE_SECONDS:-0})))
+bench_timeout=$(allow "$KERNELS_SECONDS" $((PACK_SECONDS + 40 + $GENERATE_SECONDS)))
 TRITON_INTERPRET=0 timeout -k 10 "$bench_timeout" "$PY" -m benchmarks kernels --preset gpu \
   --time-limit $((bench_timeout > 75 ? bench_timeout - 45 : 30)) --flex-budget 45 --out "$WORK" \
   --write-dispatch-table --table-dir "$WORK/dispatch_tables" ${BENCH_ARGS:-} > "$WORK/bench-kernels.log" 2>&1
@@ -74,13 +78,13 @@ snapshot
 
 # --- 3b. the decoding step: fused CUDA kernel vs composite vs SDPA + write + rotary; its decode-step table rows -------
 step=$(date +%s)
-TRITON_INTERPRET=0 timeout -k 5 "$(allow 40 $((PACK_SECONDS + 5 + ${GENERATE_SECONDS:-0})))" "$PY" -m benchmarks \
+TRITON_INTERPRET=0 timeout -k 5 "$(allow 40 $((PACK_SECONDS + 5 + $GENERATE_SECONDS)))" "$PY" -m benchmarks \
   decode_step --out "$WORK" --write-dispatch-table --table-dir "$WORK/dispatch_tables" > "$WORK/bench-decode-step.log" 2>&1
 decode_rc="$? in $(($(date +%s) - step)) s"
 snapshot
 
 # --- 4. generation under auto in bf16: 8k and 32k, batch 1 and 16, then the seed configuration at 8k -----------------
-# GENERATE_SECONDS (default 0: only the time left over; GENERATE=0 skips it) is kept for it by the steps before. With
+# GENERATE_SECONDS (0: only the time left over; GENERATE=0 skips it) is kept for it by the steps before. With
 # .whl/ carried (benchmarks/gpu_wheels.sh), perceiver-io's own cached generate runs beside ours on the same weights;
 # its stack goes into a folder that only this step puts on the path. Every mode with graphs and eagerly, and our
 # uncached path (a cached mode must beat it); perceiver-io's uncached and exact ways bear on no target.
