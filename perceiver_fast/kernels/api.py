@@ -77,7 +77,19 @@ def _requested_backend(backend: str | None) -> str:
 
 def _decide(problem: AttentionProblem, report: bool = False) -> tuple[Dispatch, AttentionBackend]:
     """The backend to run, and the :class:`Dispatch` record. ``report`` (for :func:`explain`) also asks every backend
-    not tried whether it could have run the call; the hot path does not spend that time."""
+    not tried whether it could have run the call; the hot path (:func:`_choose`) does not spend that time."""
+    passed_over: dict[str, str] = {}
+    name, chosen, decided_by, order = _choose(problem, passed_over)
+    if report and order:
+        _explain_the_rest(problem, order, name, registry.backends(), passed_over)
+    return Dispatch(name, problem.requested, passed_over, decided_by), chosen
+
+
+def _choose(
+    problem: AttentionProblem, passed_over: dict[str, str]
+) -> tuple[str, AttentionBackend, str, tuple[str, ...]]:
+    """The backend to run: its name, the backend, what decided it and the order ``auto`` tried (empty when ``auto``
+    did not decide). The backends tried before it go into ``passed_over`` with the reason."""
     requested = problem.requested
     backends = registry.backends()
     if requested != "auto":  # checked first: a backend asked for by name that cannot run the call is an error
@@ -86,22 +98,22 @@ def _decide(problem: AttentionProblem, report: bool = False) -> tuple[Dispatch, 
         if reason is not None:
             raise RuntimeError(f"attention backend {requested!r} cannot run this call: {reason}")
     if problem.batch == 0:  # nothing to compute: no kernel needs to handle an empty grid
-        return Dispatch("eager", requested, {}, "batch 0: nothing to compute"), backends["eager"]
+        return "eager", backends["eager"], "batch 0: nothing to compute", ()
     if requested != "auto":
-        return Dispatch(requested, requested, {}, "requested by name"), chosen
+        return requested, chosen, "requested by name", ()
     policy = dispatch.policy_for(problem)
-    passed_over: dict[str, str] = {}
     for name in policy.order:
         candidate = backends.get(name)
         if candidate is None:
             continue
         reason = candidate.unsupported_reason(problem)
         if reason is None:
-            if report:
-                _explain_the_rest(problem, policy.order, name, backends, passed_over)
-            return Dispatch(name, requested, passed_over, policy.source), candidate
+            return name, candidate, policy.source, policy.order
         passed_over[name] = reason
     raise AssertionError("the eager backend accepts every problem")  # pragma: no cover
+
+
+_UNRANKED = "can run it, but auto uses it only where a dispatch table measured it fastest (ask with backend=...)"
 
 
 def _explain_the_rest(
@@ -115,12 +127,12 @@ def _explain_the_rest(
         if name == chosen or name in passed_over:
             continue
         reason = backends[name].unsupported_reason(problem)
-        if name in order:
-            passed_over[name] = reason if reason is not None else f"can run it, ranked below {chosen} for this call"
+        if reason is not None:
+            passed_over[name] = reason
+        elif name in order:
+            passed_over[name] = f"can run it, ranked below {chosen} for this call"
         else:
-            passed_over[name] = reason if reason is not None else (
-                "can run it, but auto uses it only where a dispatch table measured it fastest (ask with backend=...)"
-            )
+            passed_over[name] = _UNRANKED
 
 
 def _check_tensor(name: str, t: object) -> torch.Tensor:
@@ -134,6 +146,8 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
 
 
 def _check_flag(name: str, value: object) -> bool:
+    if value is True or value is False:  # the common case, before the type checks
+        return value
     numpy = sys.modules.get("numpy")  # NumPy's bool is no numbers.Integral; a flag given as one can only be NumPy's
     if not isinstance(value, (bool, numbers.Integral)) and not (numpy is not None and isinstance(value, numpy.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__qualname__} {value!r}")
@@ -144,6 +158,10 @@ def _check_real(name: str, value: object, *, optional: bool) -> float | None:
     """A plain float from a Python or NumPy real number (bools and tensors are refused)."""
     if value is None and optional:
         return None
+    if type(value) is float:  # the common case: a plain float needs no check of its type
+        if torch.compiler.is_compiling() or math.isfinite(value):
+            return value
+        raise ValueError(f"{name} must be finite, got {value}")
     if isinstance(value, (torch.SymFloat, torch.SymInt)):  # traced by torch.compile: no value to check
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -187,8 +205,10 @@ def _check_bound_values(kv_start: torch.Tensor | None, kv_len: torch.Tensor | No
         starts = kv_start.tolist()
         uppers = lens if lens is not None else [num_keys] * len(starts)
         if any(not 0 <= start <= upper for start, upper in zip(starts, uppers)):
-            raise ValueError(f"kv_start values must lie in [0, kv_len] (kv_len = Nk = {num_keys} when not given), "
-                             f"got {_shown(kv_start)}")
+            raise ValueError(
+                f"kv_start values must lie in [0, kv_len] (kv_len = Nk = {num_keys} when not given), "
+                f"got {_shown(kv_start)}"
+            )
 
 
 def _narrow(t: torch.Tensor | None, num_keys: int) -> torch.Tensor | None:
@@ -215,23 +235,23 @@ def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_l
     """Check the op's arguments into an :class:`AttentionProblem`. ``names``: what the caller calls q, k and v (the
     decoding step passes its caches as the keys), for the error messages."""
     nq, nk, nv = names
-    q, k, v = (_check_tensor(n, t) for n, t in ((nq, q), (nk, k), (nv, v)))
-    if not (q.dtype == k.dtype == v.dtype):
+    q, k, v = _check_tensor(nq, q), _check_tensor(nk, k), _check_tensor(nv, v)
+    dtype, device = q.dtype, q.device
+    if not (dtype == k.dtype == v.dtype):
         raise TypeError(f"{nq}, {nk}, {nv} must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device):
+    if not (device == k.device == v.device):
         raise ValueError(f"{nq}, {nk}, {nv} must be on one device, got {q.device}, {k.device}, {v.device}")
     batch, num_queries, num_q_heads, qk_dim = q.shape
-    _, num_keys, num_kv_heads, _ = k.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: {nq} {batch}, {nk} {k.shape[0]}, {nv} {v.shape[0]}")
-    if v.shape[1] != num_keys or v.shape[2] != num_kv_heads:
+    k_batch, num_keys, num_kv_heads, k_dim = k.shape
+    v_batch, v_keys, v_heads, v_dim = v.shape
+    if k_batch != batch or v_batch != batch:
+        raise ValueError(f"batch sizes differ: {nq} {batch}, {nk} {k_batch}, {nv} {v_batch}")
+    if v_keys != num_keys or v_heads != num_kv_heads:
         raise ValueError(f"{nk} {tuple(k.shape)} and {nv} {tuple(v.shape)} must agree in seq and heads")
-    if k.shape[3] != qk_dim:
-        raise ValueError(f"{nq} and {nk} head dims differ: {qk_dim} vs {k.shape[3]}")
-    if num_queries == 0 or num_keys == 0 or qk_dim == 0 or v.shape[3] == 0 or num_q_heads == 0 or num_kv_heads == 0:
-        raise ValueError(
-            f"empty attention: {nq} {tuple(q.shape)}, {nk} {tuple(k.shape)}, {nv} {tuple(v.shape)}"
-        )
+    if k_dim != qk_dim:
+        raise ValueError(f"{nq} and {nk} head dims differ: {qk_dim} vs {k_dim}")
+    if num_queries == 0 or num_keys == 0 or qk_dim == 0 or v_dim == 0 or num_q_heads == 0 or num_kv_heads == 0:
+        raise ValueError(f"empty attention: {nq} {tuple(q.shape)}, {nk} {tuple(k.shape)}, {nv} {tuple(v.shape)}")
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"{nq} heads ({num_q_heads}) must be a multiple of {nk}/{nv} heads ({num_kv_heads})")
     causal, return_lse = _check_flag("causal", causal), _check_flag("return_lse", return_lse)
@@ -239,29 +259,33 @@ def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_l
     dropout_p = _check_real("dropout_p", dropout_p, optional=False)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    kv_start = _check_bounds_tensor("kv_start", kv_start, batch, q.device)
-    kv_len = _check_bounds_tensor("kv_len", kv_len, batch, q.device)
-    if any(t is not None and checks_values(t) for t in (kv_start, kv_len)):
-        _check_bound_values(kv_start, kv_len, num_keys)
+    if kv_start is not None or kv_len is not None:
+        kv_start = _check_bounds_tensor("kv_start", kv_start, batch, device)
+        kv_len = _check_bounds_tensor("kv_len", kv_len, batch, device)
+        # Both are on q's device: the debug switch (an environment read) is asked about once, for either.
+        first = kv_start if kv_start is not None else kv_len
+        if checks_values(first) or (kv_len is not first and kv_len is not None and host_readable(kv_len)):
+            _check_bound_values(kv_start, kv_len, num_keys)
+        kv_start, kv_len = _narrow(kv_start, num_keys), _narrow(kv_len, num_keys)
     problem = AttentionProblem(
-        device=q.device,
-        dtype=q.dtype,
+        device=device,
+        dtype=dtype,
         batch=batch,
         num_queries=num_queries,
         num_keys=num_keys,
         num_q_heads=num_q_heads,
         num_kv_heads=num_kv_heads,
         qk_head_dim=qk_dim,
-        v_head_dim=v.shape[3],
+        v_head_dim=v_dim,
         causal=causal,
         has_kv_start=kv_start is not None,
         has_kv_len=kv_len is not None,
         dropout_p=dropout_p,
-        requires_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
+        requires_grad=torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad),
         return_lse=return_lse,
         requested=_requested_backend(backend),
     )
-    return problem, _narrow(kv_start, num_keys), _narrow(kv_len, num_keys), scale
+    return problem, kv_start, kv_len, scale
 
 
 def explain(
@@ -343,7 +367,7 @@ def run_checked(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention` on arguments :func:`_check_problem` already checked (and narrowed) into ``problem``: for
     ops built on this one (the decoding step), which check their arguments once per call, not twice."""
-    _, chosen = _decide(problem)
+    chosen = _choose(problem, {})[1]
     out, lse = chosen.run(
         q,
         k,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -137,10 +138,42 @@ def _measured_row(device: torch.device, wanted: ProblemClass) -> tuple[dict | No
     return row, f"{table_name(capability)} row {row_class}{nearest} (measured on {table['device']}, {table['date']})"
 
 
+# Policies already decided, by (which policy, capability, class of the call, return_lse): dispatch asks on every
+# call, and reading a table row (the nearest-length search, the source text) costs more than many kernels. Each entry
+# keeps the table it was read from and is used only while load_table still returns that table, so a table read
+# again (or one a test puts in its place) is never answered from a stale entry.
+_policies: dict[tuple, tuple[dict[str, Any] | None, Policy]] = {}
+_other_devices: dict[str, Policy] = {}
+
+
+def _cached(problem: AttentionProblem, which: str, decide: Callable[[AttentionProblem], Policy]) -> Policy:
+    capability = device_capability(problem.device)
+    table = None if capability is None else load_table(capability)
+    # Every field ProblemClass.of reads, as a tuple: hashing one is cheaper than building a ProblemClass.
+    key = (which, capability, problem.dtype, problem.regime, problem.head_dim_class, problem.key_class,
+           problem.has_bounds, problem.requires_grad, problem.return_lse)  # fmt: skip
+    cached = _policies.get(key)
+    if cached is not None and cached[0] is table:
+        return cached[1]
+    policy = decide(problem)
+    _policies[key] = (table, policy)
+    return policy
+
+
 def policy_for(problem: AttentionProblem) -> Policy:
     """The order ``auto`` tries backends in for ``problem``."""
-    if problem.device.type != "cuda":
-        return Policy(DEFAULT_ORDER_OTHER, f"{problem.device.type} tensors: the eager reference")
+    device_type = problem.device.type
+    if device_type != "cuda":
+        policy = _other_devices.get(device_type)
+        if policy is None:
+            policy = _other_devices[device_type] = Policy(
+                DEFAULT_ORDER_OTHER, f"{device_type} tensors: the eager reference"
+            )
+        return policy
+    return _cached(problem, "attention", _cuda_policy)
+
+
+def _cuda_policy(problem: AttentionProblem) -> Policy:
     row, source = _measured_row(problem.device, ProblemClass.of(problem))
     if row is None:
         return Policy(DEFAULT_ORDER_CUDA, f"{source}: the conservative order")
@@ -163,6 +196,10 @@ def decode_step_policy(problem: AttentionProblem) -> Policy:
     fastest, else the composite step (the fused kernel is opt-in until measured)."""
     if problem.device.type != "cuda":
         return Policy(("composite",), f"{problem.device.type} tensors: the composite step")
+    return _cached(problem, DECODE_STEP_REGIME, _decode_step_cuda_policy)
+
+
+def _decode_step_cuda_policy(problem: AttentionProblem) -> Policy:
     row, source = _measured_row(problem.device, replace(ProblemClass.of(problem), regime=DECODE_STEP_REGIME))
     if row is None:
         return Policy(("composite",), f"{source}: the composite step (the fused kernel is opt-in)")

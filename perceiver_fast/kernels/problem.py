@@ -71,7 +71,10 @@ class AttentionProblem:
     def head_dim_class(self) -> int:
         """The widest head dim rounded up to 64, 128 or 256 (the kernels' tile classes); larger dims are 512."""
         widest = max(self.qk_head_dim, self.v_head_dim)
-        return next(c for c in (64, 128, 256, 512) if widest <= c or c == 512)
+        for tile in (64, 128, 256):  # a loop, not next() over a generator: dispatch asks on every call
+            if widest <= tile:
+                return tile
+        return 512
 
 
 _capabilities: dict[int, tuple[int, int]] = {}

@@ -134,7 +134,7 @@ def _zero_keys_outside(
 def _hidden_keys_not_finite(k: torch.Tensor, v: torch.Tensor, kv_len: torch.Tensor | None, num_queries: int) -> bool:
     """On CPU: whether a key that the causal mask hides from some row holds a non-finite value. Those are the last
     ``Nq - 1`` keys of each row."""
-    if not host_readable(k) or num_queries < 2 or k.numel() == 0:
+    if num_queries < 2 or not host_readable(k) or k.numel() == 0:  # the query count first: decoding asks per step
         return False
     shortest = int(kv_len.min()) if kv_len is not None else k.shape[1]
     first = max(shortest - num_queries + 1, 0)
