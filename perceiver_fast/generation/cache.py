@@ -135,10 +135,22 @@ def active_autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
-def _bounds(start: torch.Tensor, end: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row int32 key bounds ``[batch]`` from device counters (``[1]`` or ``[batch]``)."""
-    end = end.expand(batch)
-    return torch.minimum(start.expand(batch), end).to(torch.int32), end.to(torch.int32)
+# Rows of ``PerceiverARCache.bounds_t`` ``[8, b]`` int32: the window's geometry per row, as the kernels read it, in
+# buffer indices (``O`` the window's offset in the buffers, ``P`` its prefix length, ``L`` its latents, ``pads`` the
+# row's pads, ``next`` the position of the row's next token: the prompt window's length less the row's pads, plus
+# one per token since; it only grows, as a window that slides in place moves its frame instead).
+# Rows that move alike sit side by side, so that a step updates them with one op.
+_PREFIX_START = 0  # O + min(pads, P)
+_PREFIX_END = 1  # O + P
+_LATENT_START = 2  # O + max(pads, P)
+_WINDOW_START = 3  # O + pads
+_OFFSET = 4  # O
+_WINDOW_END = 5  # O + P + L
+_LATENTS = 6  # L
+_NEXT_POSITION = 7  # next
+# Entries of ``PerceiverARCache.slots_t`` ``[3]`` int64 (cache indices must be int64): where the next token's
+# keys/values go (O + P + L), its latent slot (L), and where the next latent to cross into the prefix goes (O + P).
+_WRITE, _SLOT, _CROSS_AT = 0, 1, 2
 
 
 class PerceiverARCache(_DecodingBase):
@@ -196,10 +208,12 @@ class PerceiverARCache(_DecodingBase):
         partial_dtype = torch.float64 if self.compute_dtype == torch.float64 else torch.float32
         self.prefix_out = torch.empty(b, slots, heads, v_dim, dtype=partial_dtype, device=self.device)
         self.prefix_lse = torch.empty(b, heads, slots, dtype=partial_dtype, device=self.device)
-        # The window's geometry on the device (read by the kernels of a step, updated in place by it)...
-        self.offset_t, self.prefix_t, self.latents_t = self._counter(), self._counter(), self._counter()
-        self.pads_t = self._counter(b)  # pads inside the window, per row
-        self.pos_shift_t = self._counter(b)  # window index i has position (i - pos_shift).clamp(min=0)
+        # The window's geometry on the device (read by the kernels of a step, updated in place by it), kept as the
+        # bounds and indices the kernels read: a step moves them with a few ops, instead of deriving each bound
+        # from counters (a GPU launch per op, each time)...
+        self.bounds_t = torch.zeros(8, b, dtype=torch.int32, device=self.device)
+        self.slots_t = self._counter(3)
+        self._deltas: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         # ... and on the host, where it decides what a step does.
         self.offset = 0  # buffer index of the window's first position
         self.length = 0  # window length
@@ -233,24 +247,47 @@ class PerceiverARCache(_DecodingBase):
         """Every tensor a step reads or writes (for checks that steps reallocate nothing)."""
         tensors = [t for cache in self._layer_caches() for t in cache.buffers()]
         return tensors + [
-            self.latent_h, self.latent_angles, self.latent_q, self.prefix_out, self.prefix_lse, self.offset_t,
-            self.prefix_t, self.latents_t, self.pads_t, self.pos_shift_t, self.token,
+            self.latent_h, self.latent_angles, self.latent_q, self.prefix_out, self.prefix_lse, self.bounds_t,
+            self.slots_t, self.token,
         ]  # fmt: skip
 
     # --- bounds of the cross-attention keys, from the device geometry ([b] int32 each)
 
     def _prefix_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The prefix ``[pads, P)`` of each row."""
-        return _bounds(self.offset_t + self.pads_t, self.offset_t + self.prefix_t, self.batch_size)
+        return self.bounds_t[_PREFIX_START], self.bounds_t[_PREFIX_END]
 
     def _latent_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The latents ``[max(P, pads), P + L)`` of each row."""
-        start = self.offset_t + torch.maximum(self.pads_t, self.prefix_t)
-        return _bounds(start, self.offset_t + self.prefix_t + self.latents_t, self.batch_size)
+        return self.bounds_t[_LATENT_START], self.bounds_t[_WINDOW_END]
 
     def _window_bounds(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole window ``[pads, P + L)`` of each row."""
-        return _bounds(self.offset_t + self.pads_t, self.offset_t + self.prefix_t + self.latents_t, self.batch_size)
+        return self.bounds_t[_WINDOW_START], self.bounds_t[_WINDOW_END]
+
+    def _set_geometry(self, prefix_len: int, length: int) -> None:
+        """The device geometry of a window at the front of the buffers, from the host's (eager)."""
+        rows = [[min(pad, prefix_len), prefix_len, max(pad, prefix_len), pad, 0, length, length - prefix_len,
+                 length - pad] for pad in self.pads]  # fmt: skip
+        self.bounds_t.copy_(torch.tensor(rows, dtype=torch.int32).T)
+        self.slots_t.copy_(torch.tensor([length, length - prefix_len, prefix_len]))
+
+    def _delta(self, cross: int, drop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What a step that moves ``cross`` latents into the prefix and drops ``drop`` positions adds to the bounds
+        (before the rows that take a minimum or maximum) and to the slots. Made once per kind, before its step runs
+        (a captured step cannot copy from the host), and kept: a captured step reads them from where they are."""
+        delta = self._deltas.get((cross, drop))
+        if delta is None:
+            rows = [0] * 8
+            rows[_PREFIX_END], rows[_OFFSET], rows[_WINDOW_END] = cross, drop, 1
+            rows[_LATENTS], rows[_NEXT_POSITION] = 1 - cross, 1
+            slots = [1, 1 - cross, cross]
+            delta = (
+                torch.tensor(rows, dtype=torch.int32, device=self.device).unsqueeze(1),
+                torch.tensor(slots, dtype=torch.long, device=self.device),
+            )
+            self._deltas[(cross, drop)] = delta
+        return delta
 
     def _prefix_part(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv_start, kv_len = self._prefix_bounds()
@@ -282,18 +319,14 @@ class PerceiverARCache(_DecodingBase):
             self.pads = list(pad_counts) if pad_counts is not None else pads.tolist()
         self.offset, self.length, self.prefix_len = 0, n, prefix_len
         p, num_latents = prefix_len, n - prefix_len
-        for counter, value in ((self.offset_t, 0), (self.prefix_t, p), (self.latents_t, num_latents)):
-            counter.fill_(value)
-        self.pads_t.copy_(pads)
-        self.pos_shift_t.copy_(pads)
+        self._set_geometry(p, n)
         abs_pos = positions(b, n, shift=pads.unsqueeze(1), device=self.device)
         h, angles = self.model.input_adapter(tokens, abs_pos=abs_pos)
         self.cross.write_cache(h[:, :p], 0, RotaryPositionEmbedding(angles[:, :p]), prefix=True)
         latent_rot = RotaryPositionEmbedding(angles[:, p:])
-        self.cross.write_cache(h[:, p:], p, latent_rot, prefix=False)
+        self.latent_q[:, :num_latents] = self.cross.write_latents(h[:, p:], p, latent_rot)
         self.latent_h[:, :num_latents] = h[:, p:]
         self.latent_angles[:, :num_latents] = angles[:, p:]
-        self.latent_q[:, :num_latents] = self.cross.queries(h[:, p:], latent_rot)
         if self.incremental_prefix:
             out, lse = self._prefix_part(self.latent_q[:, :num_latents])
             self.prefix_out[:, :num_latents], self.prefix_lse[:, :, :num_latents] = out, lse
@@ -324,6 +357,7 @@ class PerceiverARCache(_DecodingBase):
         if not (cross or drop or pad_latents):
             return self._run(("extend", self.incremental_prefix), self._extend, capturable=True)
         # The number of latents and how many cross are fixed for a kind: its shapes are the same every time.
+        self._delta(cross, drop)
         step = partial(self._append_and_recompute, num_latents, cross, drop, pad_latents)
         kind = ("recompute", num_latents, cross, drop, self.incremental_prefix)
         return self._run(kind, step, capturable=not pad_latents)
@@ -334,26 +368,26 @@ class PerceiverARCache(_DecodingBase):
         self.offset += drop
         self.pads = [max(pad - drop, 0) for pad in self.pads]
 
-    def _embed_new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
-        """Embed ``self.token`` at the window's end: ``(h, angle, rot, buffer position)``."""
-        end = self.prefix_t + self.latents_t
-        abs_pos = (end - self.pos_shift_t).clamp(min=0).unsqueeze(1)
+    def _embed_new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding]:
+        """Embed ``self.token`` at the window's end: ``(h, angle, rot)`` (its keys/values go to ``slots_t[_WRITE]``).
+        Its position is never below 0: a new token is no pad (pads are the prompt's leading positions)."""
+        abs_pos = self.bounds_t[_NEXT_POSITION].unsqueeze(1)
         h, angle = self.model.input_adapter(self.token, abs_pos=abs_pos)
-        return h, angle, RotaryPositionEmbedding(angle), self.offset_t + end
+        return h, angle, RotaryPositionEmbedding(angle)
 
     def _new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
         """Embed ``self.token`` at the window's end: ``(h, angle, rot, query)``; its keys/values go to the cache."""
-        h, angle, rot, position = self._embed_new_token()
-        self.cross.write_cache(h, position, rot, prefix=False)
-        return h, angle, rot, self.cross.queries(h, rot)
+        h, angle, rot = self._embed_new_token()
+        return h, angle, rot, self.cross.write_latents(h, self.slots_t[_WRITE : _WRITE + 1], rot)
 
     def _extend(self) -> torch.Tensor:
         """A new latent while nothing crosses: only its row is computed (the step captured while latents grow)."""
-        h, angle, rot, position = self._embed_new_token()
-        row = self.latents_t.clone()  # the slot of the new latent (latents_t itself moves on below)
+        h, angle, rot = self._embed_new_token()
+        row, position = self.slots_t[_SLOT : _SLOT + 1], self.slots_t[_WRITE : _WRITE + 1]
         self.latent_h.index_copy_(1, row, h)
         self.latent_angles.index_copy_(1, row, angle)
-        self.latents_t += 1
+        # One more latent (the slots move at the end). add_ on the view: `view += 1` would also copy it onto itself.
+        self.bounds_t[_WINDOW_END : _NEXT_POSITION + 1].add_(1)
         # The new latent's key/value is written and its query attends in one op (cross.attend_new).
         if self.incremental_prefix:
             kv_start, kv_len = self._latent_bounds()
@@ -369,9 +403,10 @@ class PerceiverARCache(_DecodingBase):
             out, q = self.cross.attend_new(h, position, rot, kv_start=kv_start, kv_len=kv_len, return_query=True)
         self.latent_q.index_copy_(1, row, q)
         x = self.cross.finish(h, out)
-        self_len = self.latents_t.expand(self.batch_size).to(torch.int32)
+        self_len = self.bounds_t[_LATENTS]
         for index, layer in enumerate(self.self_layers):
             x = layer.forward_cached(x, row, rot_pos_emb=self._layer_rot(index, rot), kv_len=self_len)
+        self.slots_t[_WRITE : _SLOT + 1].add_(1)
         return self._logits(x)
 
     def _append_and_recompute(self, num_latents: int, cross: int, drop: int, pad_latents: bool) -> torch.Tensor:
@@ -385,17 +420,21 @@ class PerceiverARCache(_DecodingBase):
         if incremental:
             prefix_out, prefix_lse = self._prefix_part(q)
             self.prefix_out[:, slot : slot + 1], self.prefix_lse[:, :, slot : slot + 1] = prefix_out, prefix_lse
-        self.latents_t += 1
+        bounds_delta, slots_delta = self._delta(cross, drop)
+        # The ends move first: the prefix end (absolute, so a drop leaves it) now takes the crossing latents, and
+        # the latents' start still excludes them, which is what folding them in reads.
+        self.bounds_t += bounds_delta
         if cross:
             self.cross.write_cache(
-                self.latent_h[:, :cross], self.offset_t + self.prefix_t,
+                self.latent_h[:, :cross], self.slots_t[_CROSS_AT : _CROSS_AT + 1],
                 RotaryPositionEmbedding(self.latent_angles[:, :cross]), prefix=True,
             )  # fmt: skip
             rest = slice(cross, count)
             if incremental:
-                # Fold the crossing keys into the prefix part of every latent that stays.
-                start = self.offset_t + torch.maximum(self.pads_t, self.prefix_t)
-                kv_start, kv_len = _bounds(start, self.offset_t + self.prefix_t + cross, self.batch_size)
+                # Fold the crossing keys into the prefix part of every latent that stays (pads among them: the
+                # latents' start can pass the new prefix end, where a row's crossing keys are all pads).
+                kv_start, kv_len = self.bounds_t[_LATENT_START], self.bounds_t[_PREFIX_END]
+                kv_start = torch.minimum(kv_start, kv_len) if pad_latents else kv_start
                 out, lse = self.cross.attend_cache(
                     self.latent_q[:, rest], kv_start=kv_start, kv_len=kv_len, return_lse=True
                 )
@@ -405,13 +444,18 @@ class PerceiverARCache(_DecodingBase):
                 self.prefix_out[:, : count - cross], self.prefix_lse[:, :, : count - cross] = merged_out, merged_lse
             for buffer in (self.latent_h, self.latent_angles, self.latent_q):
                 buffer[:, : count - cross] = buffer[:, rest].clone()
-            self.prefix_t += cross
-            self.latents_t -= cross
         if drop:
-            self.offset_t += drop
-            self.prefix_t -= drop
-            self.pads_t.sub_(drop).clamp_(min=0)
-            self.pos_shift_t -= drop  # remaining positions keep their angles: the frame moves instead
+            # Pads that leave the window leave its start at the offset; the remaining positions keep their angles
+            # (the frame moves instead: the next position only grows).
+            torch.maximum(self.bounds_t[_WINDOW_START], self.bounds_t[_OFFSET], out=self.bounds_t[_WINDOW_START])
+        if cross or drop:
+            # Prefix start and latent start: the window's start against the prefix end, in one op.
+            torch.aminmax(
+                self.bounds_t[_PREFIX_END : _WINDOW_START + 1 : 2], dim=0,
+                out=(self.bounds_t[_PREFIX_START], self.bounds_t[_LATENT_START]),
+            )  # fmt: skip
+        self.slots_t += slots_delta
+        if drop:
             if self.incremental_prefix:
                 # A softmax cannot forget a key stably: the prefix part is recomputed over the remaining prefix.
                 out, lse = self._prefix_part(self.latent_q[:, : count - cross])
@@ -446,7 +490,7 @@ class PerceiverARCache(_DecodingBase):
         step with pads among the latents."""
         values = self.cross.attention_module.attention.kv_cache.v
         mean_v = values[:, self.offset : self.offset + self.length].mean(dim=1, keepdim=True)
-        pads = self.pads_t.unsqueeze(1)
+        pads = (self.bounds_t[_WINDOW_START] - self.bounds_t[_OFFSET]).unsqueeze(1)
         pad_row = (self.prefix_len + torch.arange(num_latents, device=self.device)).unsqueeze(0) < pads
         return torch.where(pad_row.view(*pad_row.shape, 1, 1), mean_v, out)
 
@@ -484,10 +528,16 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self.total_len = 0
         self.cross_span = [0, 0]
         self.self_span = [0, 0]
-        self.cross_span_t, self.self_span_t = self._counter(2), self._counter(2)
+        # Both spans in one tensor, [cross start, cross end, self start, self end]: a step moves both ends at once.
+        self.spans_t = self._counter(4)
+        self.cross_span_t, self.self_span_t = self.spans_t[0:2], self.spans_t[2:4]
         self.total_t = self._counter()
         self.frame = [0] * batch_size  # per row: what the rotary frame subtracts from a token's position
-        self.frame_t = self._counter(batch_size)
+        # Per row, set eagerly (pads and frame change only there): what the sequence length with a new token
+        # exceeds that token's rotary position by (pads + frame + 1), and pads + 1, from which a step finds where
+        # the row's keys start.
+        self.rotary_shift_t = self._counter(batch_size)
+        self.pads_plus_one_t = self._counter(batch_size)
         self._claim_layer_caches()
         self.cache._claim_layer_caches()  # its prefill writes the latents' keys into these self-attention caches
 
@@ -500,9 +550,14 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self.prefix_len, self.total_len = prefix_len, n
         self.cross_span, self.self_span = [0, n], [0, n - prefix_len]
         self.frame = [0] * self.batch_size
-        self.frame_t.zero_()
+        self.pads_plus_one_t.copy_(torch.tensor(self.cache.pads) + 1)
+        self._set_rotary_shift()
         self._sync_counters()
         return logits
+
+    def _set_rotary_shift(self) -> None:
+        shift = [pad + frame + 1 for pad, frame in zip(self.cache.pads, self.frame)]
+        self.rotary_shift_t.copy_(torch.tensor(shift))
 
     def check_length(self, length: int) -> None:
         """``ValueError`` unless this cache reproduces perceiver-io's decoding of a sequence of ``length`` tokens."""
@@ -572,39 +627,44 @@ class PerceiverIOCompatibleCache(_DecodingBase):
                 keys = layer.attention_module.attention.kv_cache.k
                 keys[:, self_start:self_end] = back.rotate(keys[:, self_start:self_end])
         self.frame = frame
-        self.frame_t.copy_(torch.tensor(frame, device=self.device))
+        self._set_rotary_shift()
 
     def _step(self, trim_self: bool, trim_cross: bool) -> torch.Tensor:
         model, cache, b = self.model, self.cache, self.batch_size
         # The truncation as the host did it (idempotent after a move, which already synced the trimmed spans).
         if trim_self:
-            limit = model.max_latents - 1
-            self.self_span_t[0:1] = torch.maximum(self.self_span_t[0:1], self.self_span_t[1:2] - limit)
+            torch.maximum(self.spans_t[2:3], self.spans_t[3:4] - (model.max_latents - 1), out=self.spans_t[2:3])
         if trim_cross:
-            limit = model.max_seq_len - 1
-            self.cross_span_t[0:1] = torch.maximum(self.cross_span_t[0:1], self.cross_span_t[1:2] - limit)
+            torch.maximum(self.spans_t[0:1], self.spans_t[1:2] - (model.max_seq_len - 1), out=self.spans_t[0:1])
         self.total_t += 1
-        total, pads = self.total_t, cache.pads_t
-        cross_start, cross_end = self.cross_span_t[0:1], self.cross_span_t[1:2]
-        index = cross_end - cross_start  # of the new token in perceiver-io's truncated window
-        pads_in_window = (pads - (total - total.clamp(max=model.max_seq_len))).clamp(min=0)
-        abs_pos = (index - pads_in_window).clamp(min=0).unsqueeze(1)
-        h, _ = model.input_adapter(self.token, abs_pos=abs_pos)
-        angle = model.input_adapter.frq_pos_encoding((total - 1 - pads - self.frame_t).clamp(min=0).unsqueeze(1))
+        total, pads = self.total_t, cache.bounds_t[_WINDOW_START]  # the prefill's pads: its offset is 0
+        cross_start, cross_end = self.spans_t[0:1], self.spans_t[1:2]
+        self_start, self_end = self.spans_t[2:3], self.spans_t[3:4]
+        rotary_pos = (total - self.rotary_shift_t).clamp(min=0).unsqueeze(1)
+        if model.config.abs_pos_emb:
+            index = cross_end - cross_start  # of the new token in perceiver-io's truncated window
+            pads_in_window = (pads - (total - total.clamp(max=model.max_seq_len))).clamp(min=0)
+            abs_pos = (index - pads_in_window).clamp(min=0).unsqueeze(1)
+            h, _ = model.input_adapter(self.token, abs_pos=abs_pos)
+            angle = model.input_adapter.frq_pos_encoding(rotary_pos)
+        else:  # the embedding ignores the position: the adapter's angles are the rotary ones
+            h, angle = model.input_adapter(self.token, abs_pos=rotary_pos)
         rot = RotaryPositionEmbedding(angle)
 
-        live = cross_end + 1 - cross_start
-        kv_start = cross_start + (pads - (total - live)).clamp(min=0).minimum(live)
-        kv_start, kv_len = _bounds(kv_start, cross_end + 1, b)
-        h = self.cross.finish(h, self.cross.attend_new(h, cross_end, rot, kv_start=kv_start, kv_len=kv_len))
+        # Key bounds as [b] int32 rows (the kernels' layout), the two ends in one op. The cross keys start where the
+        # row's pads that are still in the window end: ``pads - (total - live)`` keys past the window's start, at
+        # least none and at most all ``live = cross end + 1 - cross start`` of them, which is this clamp.
+        ends = self.spans_t[1::2] + 1
+        kv_lens = ends.unsqueeze(1).expand(2, b).to(torch.int32)
+        cross_kv_start = torch.clamp(self.pads_plus_one_t + (cross_end - total), min=cross_start, max=ends[0:1])
+        cross_kv_start = cross_kv_start.to(torch.int32)
+        h = self.cross.finish(h, self.cross.attend_new(h, cross_end, rot, kv_start=cross_kv_start, kv_len=kv_lens[0]))
 
-        self_start, self_end = self.self_span_t[0:1], self.self_span_t[1:2]
-        kv_start, kv_len = _bounds(self_start, self_end + 1, b)
+        kv_start = self_start.expand(b).to(torch.int32)
         for index, layer in enumerate(self.self_layers):
             rot_layer = self._layer_rot(index, rot)
-            h = layer.forward_cached(h, self_end, rot_pos_emb=rot_layer, kv_start=kv_start, kv_len=kv_len)
-        self.cross_span_t[1:2] += 1
-        self.self_span_t[1:2] += 1
+            h = layer.forward_cached(h, self_end, rot_pos_emb=rot_layer, kv_start=kv_start, kv_len=kv_lens[1])
+        self.spans_t[1::2].add_(1)
         return self._logits(h)
 
     def close(self) -> None:

@@ -12,13 +12,14 @@ def merge_partial_attention(
     """Softmax attention over the union of two disjoint key sets from each set's output and log-sum-exp.
 
     ``out [b, n, h, d]``, ``lse [b, h, n]`` (``-inf`` where a set is empty). Returns ``(out, lse)`` in the lse's
-    dtype: float32, or float64 where the parts are float64 (the attention op's lse of float64 inputs).
+    dtype: float32, or float64 where the parts are float64 (the attention op's lse of float64 inputs; an output
+    is never wider than its lse).
     """
     lse = torch.logaddexp(lse_a, lse_b)
     # Weights are taken against the lowest finite lse where a row sees no key at all (its lse is -inf): both are then
     # exp(-inf) = 0 and the row is 0, the op's rule, without the NaN of -inf - -inf or a mask (a step runs this
     # for every token; each op is a kernel launch on a GPU).
     reference = lse.clamp(min=torch.finfo(lse.dtype).min)
-    weight_a = torch.exp(lse_a - reference).transpose(1, 2).unsqueeze(-1)
-    weight_b = torch.exp(lse_b - reference).transpose(1, 2).unsqueeze(-1)
-    return out_a.to(lse.dtype) * weight_a + out_b.to(lse.dtype) * weight_b, lse
+    # Both weights in one exp; a 16-bit output promotes to the weights' dtype inside its product, as a cast would.
+    weights = torch.exp(torch.stack((lse_a, lse_b)) - reference).transpose(2, 3).unsqueeze(-1)
+    return out_a * weights[0] + out_b * weights[1], lse

@@ -160,19 +160,30 @@ class MultiHeadAttention(nn.Module):
         kv_start: torch.Tensor | None = None,
         kv_len: torch.Tensor | None = None,
         return_lse: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return_query: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """A decoding step of one row per batch row, as one op (:func:`~perceiver_fast.kernels.decode_attention`,
         fused on a GPU where measured fastest): the key/value of ``x_kv [b, 1, c]`` is written at ``position`` and
         the projected queries ``q [b, 1, heads, d]`` (*not yet rotated*) attend to the cached keys
-        ``[kv_start, kv_len)``; ``rot_pos_emb`` rotates both the query and the new key."""
+        ``[kv_start, kv_len)``; ``rot_pos_emb`` rotates both the query and the new key. Returns the attention result
+        (with the lse when asked), and with ``return_query`` as a pair with the rotated query."""
         cache = self._cache()
         k = self.k_proj(x_kv).unflatten(-1, (self.num_heads, -1))
         v = self.v_proj(x_kv).unflatten(-1, (self.num_heads, -1))
-        cos, sin = (None, None) if rot_pos_emb is None else rot_pos_emb.angles(1)
-        return decode_attention(
+        cos = sin = None
+        if rot_pos_emb is not None and return_query:
+            # The caller keeps the rotated query, which the fused kernel does not return: query and key rotate here,
+            # together, instead of inside the op and the query once more after it.
+            heads = q.shape[2]
+            rotated = rot_pos_emb.rotate(torch.cat((q, k), dim=2))
+            q, k = rotated[:, :, :heads], rotated[:, :, heads:]
+        elif rot_pos_emb is not None:
+            cos, sin = rot_pos_emb.angles(1)
+        attended = decode_attention(
             q, k, v, cache.k, cache.v, position, kv_start=kv_start, kv_len=kv_len, cos=cos, sin=sin,
             scale=self.dp_scale, return_lse=return_lse,
         )  # fmt: skip
+        return (attended, q) if return_query else attended
 
     def attend_cache(
         self,
@@ -394,6 +405,16 @@ class CrossAttentionLayer(_AttentionLayer):
         cross = self.attention_module
         cross.attention.write_cache((cross.kv_norm if prefix else cross.q_norm)(x), position, rot_pos_emb)
 
+    def write_latents(
+        self, x: torch.Tensor, position: int | torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
+    ) -> torch.Tensor:
+        """Store the keys/values of latents ``x [b, n, c]`` (``q_norm``) at ``position`` onwards and return their
+        projected (and rotated) queries: :meth:`write_cache` and :meth:`queries` with one norm."""
+        cross = self.attention_module
+        normed = cross.q_norm(x)
+        cross.attention.write_cache(normed, position, rot_pos_emb)
+        return cross.attention.project_queries(normed, rot_pos_emb)
+
     def attend_cache(self, q: torch.Tensor, **bounds) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``q`` attends to the cached keys; ``bounds`` as :meth:`MultiHeadAttention.attend_cache`."""
         return self.attention_module.attention.attend_cache(q, **bounds)
@@ -416,14 +437,10 @@ class CrossAttentionLayer(_AttentionLayer):
         cross = self.attention_module
         normed = cross.q_norm(x)
         q = cross.attention.project_queries(normed)
-        attended = cross.attention.attend_new(
-            q, normed, position, rot_pos_emb, kv_start=kv_start, kv_len=kv_len, return_lse=return_lse
-        )
-        if not return_query:
-            return attended
-        # Rotated again here: the fused kernel rotates in registers and returns only the attention (one small
-        # rotation per token, the cross-attention layer only, where the composite step repeats it).
-        return attended, (q if rot_pos_emb is None else rot_pos_emb.rotate(q))
+        return cross.attention.attend_new(
+            q, normed, position, rot_pos_emb, kv_start=kv_start, kv_len=kv_len, return_lse=return_lse,
+            return_query=return_query,
+        )  # fmt: skip
 
 
 class SelfAttentionLayer(_AttentionLayer):

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from perceiver_fast.kernels.rotary import rotate_interleaved
+from perceiver_fast.kernels.rotary import rotate_pairs, rotation_matrices
 
 
 def positions(b: int, n: int, shift: torch.Tensor | None = None, device: torch.device | None = None) -> torch.Tensor:
@@ -33,8 +33,12 @@ class FrequencyPositionEncoding(nn.Module):
 
     def forward(self, abs_pos: torch.Tensor) -> torch.Tensor:
         """``[b, n]`` positions -> ``[b, n, dim]`` angles, interleaved as ``f0 f0 f1 f1 ...``."""
-        angles = abs_pos.unsqueeze(-1).to(self.inv_freq.dtype) * self.inv_freq
-        return angles.repeat_interleave(2, dim=-1)
+        # One kernel (decoding runs this per token): integer positions promote to inv_freq's dtype inside the
+        # product, as a cast would, and broadcasting against the pairs writes each angle twice.
+        if abs_pos.is_floating_point():
+            abs_pos = abs_pos.to(self.inv_freq.dtype)
+        pairs = self.inv_freq.unsqueeze(-1).expand(-1, 2)
+        return (abs_pos[..., None, None] * pairs).flatten(-2)
 
 
 class RotaryPositionEmbedding:
@@ -50,15 +54,21 @@ class RotaryPositionEmbedding:
         self.cos, self.sin = angles.cos(), angles.sin()
         self.rotate_dim = frq_pos_enc.shape[-1]
         self.right_align = right_align
+        self._matrices: torch.Tensor | None = None  # made on the first rotation, shared by the later ones
+
+    def _window(self, seq_len: int) -> slice:
+        return slice(-seq_len, None) if self.right_align else slice(0, seq_len)
 
     def angles(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``[b, seq_len, 1, dim]`` of a sequence of ``seq_len`` positions (aligned as configured)."""
-        window = slice(-seq_len, None) if self.right_align else slice(0, seq_len)
+        window = self._window(seq_len)
         return self.cos[:, window], self.sin[:, window]
 
     def rotate(self, t: torch.Tensor) -> torch.Tensor:
         # The angles are float32; under bf16 autocast the rotated part keeps the input dtype (q/k/v share one).
-        return rotate_interleaved(t, *self.angles(t.shape[1]))
+        if self._matrices is None:
+            self._matrices = rotation_matrices(self.cos, self.sin)
+        return rotate_pairs(t, self._matrices[:, self._window(t.shape[1])])
 
 
 class FourierPositionEncoding(nn.Module):
