@@ -322,7 +322,7 @@ class PerceiverARCache(_DecodingBase):
         self._set_geometry(p, n)
         abs_pos = positions(b, n, shift=pads.unsqueeze(1), device=self.device)
         h, angles = self.model.input_adapter(tokens, abs_pos=abs_pos)
-        self.cross.write_cache(h[:, :p], 0, RotaryPositionEmbedding(angles[:, :p]), prefix=True)
+        self.cross.write_prefix(h[:, :p], 0, RotaryPositionEmbedding(angles[:, :p]))
         latent_rot = RotaryPositionEmbedding(angles[:, p:])
         self.latent_q[:, :num_latents] = self.cross.write_latents(h[:, p:], p, latent_rot)
         self.latent_h[:, :num_latents] = h[:, p:]
@@ -425,9 +425,9 @@ class PerceiverARCache(_DecodingBase):
         # the latents' start still excludes them, which is what folding them in reads.
         self.bounds_t += bounds_delta
         if cross:
-            self.cross.write_cache(
+            self.cross.write_prefix(
                 self.latent_h[:, :cross], self.slots_t[_CROSS_AT : _CROSS_AT + 1],
-                RotaryPositionEmbedding(self.latent_angles[:, :cross]), prefix=True,
+                RotaryPositionEmbedding(self.latent_angles[:, :cross]),
             )  # fmt: skip
             rest = slice(cross, count)
             if incremental:

@@ -388,28 +388,18 @@ class CrossAttentionLayer(_AttentionLayer):
     # Cached decoding (Perceiver AR): the queries are latents; a latent's keys/values are made with q_norm, a prefix
     # position's with kv_norm, and both live in this layer's cache (see MultiHeadAttention.setup_cache).
 
-    def queries(self, x: torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None) -> torch.Tensor:
-        """Projected (and rotated) queries of the latents ``x [b, n, c]``."""
-        cross = self.attention_module
-        return cross.attention.project_queries(cross.q_norm(x), rot_pos_emb)
-
-    def write_cache(
-        self,
-        x: torch.Tensor,
-        position: int | torch.Tensor,
-        rot_pos_emb: RotaryPositionEmbedding | None = None,
-        *,
-        prefix: bool,
+    def write_prefix(
+        self, x: torch.Tensor, position: int | torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
     ) -> None:
-        """Store the keys/values of positions ``x [b, n, c]``, as prefix (``kv_norm``) or as latents (``q_norm``)."""
+        """Store the keys/values (``kv_norm``) of prefix positions ``x [b, n, c]`` at ``position`` onwards."""
         cross = self.attention_module
-        cross.attention.write_cache((cross.kv_norm if prefix else cross.q_norm)(x), position, rot_pos_emb)
+        cross.attention.write_cache(cross.kv_norm(x), position, rot_pos_emb)
 
     def write_latents(
         self, x: torch.Tensor, position: int | torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
     ) -> torch.Tensor:
         """Store the keys/values of latents ``x [b, n, c]`` (``q_norm``) at ``position`` onwards and return their
-        projected (and rotated) queries: :meth:`write_cache` and :meth:`queries` with one norm."""
+        projected (and rotated) queries, which the same norm makes."""
         cross = self.attention_module
         normed = cross.q_norm(x)
         cross.attention.write_cache(normed, position, rot_pos_emb)
