@@ -121,21 +121,29 @@ def _nearest_row(rows: dict[ProblemClass, dict], wanted: ProblemClass) -> tuple[
     return nearest, rows[nearest]
 
 
-def _measured_row(device: torch.device, wanted: ProblemClass) -> tuple[dict | None, str]:
-    """The table row of ``wanted`` (or of its nearest measured length) for a CUDA ``device``, and where it comes
-    from; ``(None, why there is none)`` without a device, a table or a row of that kind."""
+def _measured_row(device: torch.device, wanted: ProblemClass) -> tuple[dict | None, str, int]:
+    """The table row of ``wanted`` (or of its nearest measured length) for a CUDA ``device``, where it comes from,
+    and the number of keys of the class it measured; ``(None, why there is none, 0)`` without a device, a table or a
+    row of that kind."""
     capability = device_capability(device)
     if capability is None:
-        return None, "no CUDA device to look a dispatch table up for"
+        return None, "no CUDA device to look a dispatch table up for", 0
     table = load_table(capability)
     if table is None:
-        return None, f"no dispatch table for sm_{capability[0]}{capability[1]}"
+        return None, f"no dispatch table for sm_{capability[0]}{capability[1]}", 0
     found = _nearest_row(table["rows_by_class"], wanted)
     if found is None:
-        return None, f"{table_name(capability)} has no row for {wanted}"
+        return None, f"{table_name(capability)} has no row for {wanted}", 0
     row_class, row = found
     nearest = "" if row_class == wanted else f", the nearest measured length for {wanted}"
-    return row, f"{table_name(capability)} row {row_class}{nearest} (measured on {table['device']}, {table['date']})"
+    source = f"{table_name(capability)} row {row_class}{nearest} (measured on {table['device']}, {table['date']})"
+    return row, source, row_class.keys
+
+
+# Backends whose lead over SDPA a row measured at more keys does not carry to fewer: on the H100 (2026-11-28) the
+# Triton prefix-causal forward went from 0.75x SDPA flash at 16k keys to 0.27x at 4k (head dim 64), and at head dim
+# 128 from 1.43x at 64k to 1.06x at 16k. A shorter call than its row's class tries SDPA's kernels before them.
+OUR_KERNELS = ("triton", "cuda")
 
 
 # Policies already decided, by (which policy, capability, class of the call, return_lse): dispatch asks on every
@@ -174,11 +182,17 @@ def policy_for(problem: AttentionProblem) -> Policy:
 
 
 def _cuda_policy(problem: AttentionProblem) -> Policy:
-    row, source = _measured_row(problem.device, ProblemClass.of(problem))
+    wanted = ProblemClass.of(problem)
+    row, source, measured_keys = _measured_row(problem.device, wanted)
     if row is None:
         return Policy(DEFAULT_ORDER_CUDA, f"{source}: the conservative order")
     # The conservative order follows the row's backends, for calls none of them can run.
     order = tuple(row["order"]) + tuple(name for name in DEFAULT_ORDER_CUDA if name not in row["order"])
+    if measured_keys > wanted.keys and order[0] in OUR_KERNELS:
+        sdpa = tuple(name for name in row["order"] if name.startswith(("sdpa-", "flash-attn")))  # measured in the row
+        if sdpa:
+            order = sdpa + tuple(name for name in order if name not in sdpa)
+            source += "; SDPA's kernels first: our kernels' lead was measured at more keys"
     if problem.return_lse and order[-1] != "eager":
         # Rows are measured without the log-sum-exp. Eager returns it from a dense float32 pass over the whole score
         # matrix (1 GiB for 16 heads of 1024 queries over 16k keys), nothing like the SDPA call its row timed.
@@ -200,7 +214,7 @@ def decode_step_policy(problem: AttentionProblem) -> Policy:
 
 
 def _decode_step_cuda_policy(problem: AttentionProblem) -> Policy:
-    row, source = _measured_row(problem.device, replace(ProblemClass.of(problem), regime=DECODE_STEP_REGIME))
+    row, source, _ = _measured_row(problem.device, replace(ProblemClass.of(problem), regime=DECODE_STEP_REGIME))
     if row is None:
         return Policy(("composite",), f"{source}: the composite step (the fused kernel is opt-in)")
     return Policy(tuple(row["order"]), source)

@@ -89,6 +89,26 @@ def test_an_unmeasured_length_takes_the_nearest_measured_row(hopper):
     assert chosen.backend == row["order"][0]
 
 
+def test_a_lead_of_our_kernels_measured_at_more_keys_is_not_taken_to_fewer(hopper):
+    """Triton leads the 16k row of prefix-causal attention at head dim 128; at 4k (no row) SDPA's kernels go first,
+    since our kernels' lead over SDPA shrank with the keys wherever it was measured. Longer calls keep the lead."""
+    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
+    measured = next(
+        r for r in table["rows"] if (r["regime"], r["head_dim"], r["keys"], r["bounds"], r["grad"]) ==
+        ("prefix-causal", 128, 16384, False, False)
+    )  # fmt: skip
+    assert measured["order"][0] == "triton"
+    short = Shape("prefix-causal", 1, 1024, 4096, 16, 16, 128, 128, True).problem(torch.bfloat16, False)
+    chosen, _ = api._decide(short)
+    assert chosen.backend == next(name for name in measured["order"] if name.startswith("sdpa-"))
+    assert "lead was measured at more keys" in chosen.decided_by
+    longer = Shape("prefix-causal", 1, 1024, 32768, 16, 16, 128, 128, True).problem(torch.bfloat16, False)
+    assert api._decide(longer)[0].backend == "triton"  # the 16k row is nearer than the 64k one: still triton
+    padded = Shape("prefix-causal", 4, 512, 4096, 8, 8, 64, 64, True, kv_start=1024).problem(torch.bfloat16, False)
+    chosen, _ = api._decide(padded)  # with key bounds (no SDPA kernel in the row): the row's order stands
+    assert chosen.backend == "cuda" and "more keys" not in chosen.decided_by
+
+
 def test_unmeasured_kinds_and_other_devices_take_the_conservative_order(hopper, monkeypatch):
     padded = Shape("prefix-causal", 4, 512, 16384, 8, 8, 128, 128, True, kv_start=4096)  # not measured at D128
     chosen, backend = api._decide(padded.problem(torch.bfloat16, requires_grad=False))
