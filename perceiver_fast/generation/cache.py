@@ -530,14 +530,11 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self.self_span = [0, 0]
         # Both spans in one tensor, [cross start, cross end, self start, self end]: a step moves both ends at once.
         self.spans_t = self._counter(4)
-        self.cross_span_t, self.self_span_t = self.spans_t[0:2], self.spans_t[2:4]
         self.total_t = self._counter()
         self.frame = [0] * batch_size  # per row: what the rotary frame subtracts from a token's position
         # Per row, set eagerly (pads and frame change only there): what the sequence length with a new token
-        # exceeds that token's rotary position by (pads + frame + 1), and pads + 1, from which a step finds where
-        # the row's keys start.
+        # exceeds that token's rotary position by (pads + frame + 1).
         self.rotary_shift_t = self._counter(batch_size)
-        self.pads_plus_one_t = self._counter(batch_size)
         self._claim_layer_caches()
         self.cache._claim_layer_caches()  # its prefill writes the latents' keys into these self-attention caches
 
@@ -550,7 +547,6 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         self.prefix_len, self.total_len = prefix_len, n
         self.cross_span, self.self_span = [0, n], [0, n - prefix_len]
         self.frame = [0] * self.batch_size
-        self.pads_plus_one_t.copy_(torch.tensor(self.cache.pads) + 1)
         self._set_rotary_shift()
         self._sync_counters()
         return logits
@@ -564,9 +560,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         check_perceiver_io_length(self.model, length)
 
     def _sync_counters(self) -> None:
-        for counter, values in ((self.cross_span_t, self.cross_span), (self.self_span_t, self.self_span)):
-            counter[0].fill_(values[0])
-            counter[1].fill_(values[1])
+        self.spans_t.copy_(torch.tensor([*self.cross_span, *self.self_span]))
         self.total_t.fill_(self.total_len)
 
     def _make_room(self, span: list[int], caches: list, capacity: int) -> bool:
@@ -656,7 +650,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
         # least none and at most all ``live = cross end + 1 - cross start`` of them, which is this clamp.
         ends = self.spans_t[1::2] + 1
         kv_lens = ends.unsqueeze(1).expand(2, b).to(torch.int32)
-        cross_kv_start = torch.clamp(self.pads_plus_one_t + (cross_end - total), min=cross_start, max=ends[0:1])
+        cross_kv_start = torch.clamp(pads + (ends[0:1] - total), min=cross_start, max=ends[0:1])
         cross_kv_start = cross_kv_start.to(torch.int32)
         h = self.cross.finish(h, self.cross.attend_new(h, cross_end, rot, kv_start=cross_kv_start, kv_len=kv_lens[0]))
 

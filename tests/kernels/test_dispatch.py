@@ -23,7 +23,8 @@ from perceiver_fast.kernels.registry import available_backends
 from perceiver_fast.kernels.triton import backend as triton_backend
 
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
-SM90_SOURCES = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())["source"]
+SM90 = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())  # the shipped table
+SM90_SOURCES = SM90["source"]
 KERNEL_RESULTS = [RESULTS / name for name in SM90_SOURCES if name.endswith("-kernels.json")]
 
 
@@ -57,6 +58,11 @@ def _measurements():
 MEASUREMENTS = _measurements()
 
 
+def _row_that_decided(decided_by: str) -> dict:
+    """The shipped table's row that a dispatch record or report names."""
+    return next(row for row in SM90["rows"] if str(dispatch._row_class(row)) in decided_by)
+
+
 def test_the_committed_results_are_there():
     assert all((RESULTS / name).is_file() for name in SM90_SOURCES)
     assert len(KERNEL_RESULTS) == 1 and len(MEASUREMENTS) >= 20
@@ -74,8 +80,7 @@ def test_auto_chooses_the_backend_measured_fastest_on_every_benchmark_shape(hopp
         return
     # A row ranks backends by their geometric mean over the shapes of its class: where those shapes disagree, one of
     # them gets the class's choice, which must still be within 10% of its own fastest.
-    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
-    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in chosen.decided_by)
+    row = _row_that_decided(chosen.decided_by)
     assert len(row["shapes"]) > 1, why + f"decided by {chosen.decided_by}"
     assert times.get(chosen.backend, float("inf")) <= 1.1 * times[fastest], why + f"decided by {chosen.decided_by}"
 
@@ -84,17 +89,15 @@ def test_an_unmeasured_length_takes_the_nearest_measured_row(hopper):
     long = Shape("prefix-causal", 1, 1024, 200_000, 16, 16, 128, 128, True)  # 200k keys: the 64k row is the nearest
     chosen, _ = api._decide(long.problem(torch.bfloat16, requires_grad=False))
     assert "keys<=64k" in chosen.decided_by and "nearest measured length" in chosen.decided_by
-    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
-    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in chosen.decided_by)
+    row = _row_that_decided(chosen.decided_by)
     assert chosen.backend == row["order"][0]
 
 
 def test_a_lead_of_our_kernels_measured_at_more_keys_is_not_taken_to_fewer(hopper):
     """Triton leads the 16k row of prefix-causal attention at head dim 128; at 4k (no row) SDPA's kernels go first,
     since our kernels' lead over SDPA shrank with the keys wherever it was measured. Longer calls keep the lead."""
-    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
     measured = next(
-        r for r in table["rows"] if (r["regime"], r["head_dim"], r["keys"], r["bounds"], r["grad"]) ==
+        r for r in SM90["rows"] if (r["regime"], r["head_dim"], r["keys"], r["bounds"], r["grad"]) ==
         ("prefix-causal", 128, 16384, False, False)
     )  # fmt: skip
     assert measured["order"][0] == "triton"
@@ -122,8 +125,7 @@ def test_unmeasured_kinds_and_other_devices_take_the_conservative_order(hopper, 
 
 
 def test_the_cuda_backend_is_used_only_where_a_row_names_it(hopper):
-    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
-    named = {row["dtype"] + row["regime"] for row in table["rows"] if "cuda" in row["order"]}
+    named = {row["dtype"] + row["regime"] for row in SM90["rows"] if "cuda" in row["order"]}
     assert "cuda" not in dispatch.DEFAULT_ORDER_CUDA and named
     fp16 = Shape("prefix-causal", 1, 1024, 16384, 16, 16, 128, 128, True).problem(torch.float16, False)
     chosen, _ = api._decide(fp16)  # fp16 is not measured: the conservative order, without cuda
@@ -137,11 +139,10 @@ def test_explain_says_which_row_decided(hopper):
         q = torch.empty(1, 1024, 16, 128, dtype=torch.bfloat16, device="cuda")
         k = torch.empty(1, 16384, 16, 128, dtype=torch.bfloat16, device="cuda")
         report = str(api.explain(q, k, k, causal=True))
-    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
-    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in report)
+    row = _row_that_decided(report)
     assert f"backend: {row['order'][0]}" in report
     assert "decided by: sm90.json row bfloat16 prefix-causal D<=128 keys<=16k no key bounds no grad" in report
-    assert f"measured on {table['device']}, {table['date']}" in report
+    assert f"measured on {SM90['device']}, {SM90['date']}" in report
 
 
 def test_a_call_for_the_lse_does_not_follow_eager_up_a_row_measured_without_it(hopper):
@@ -153,8 +154,7 @@ def test_a_call_for_the_lse_does_not_follow_eager_up_a_row_measured_without_it(h
         k = torch.empty(4, 16384, 8, 64, dtype=torch.bfloat16, device="cuda")  # Perceiver IO's cross-attention
         plain = api.explain(q, k, k)
         with_lse = api.explain(q, k, k, return_lse=True)
-    table = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
-    row = next(r for r in table["rows"] if str(dispatch._row_class(r)) in plain.decided_by)
+    row = _row_that_decided(plain.decided_by)
     assert row["order"].index("eager") < row["order"].index("triton")  # the case: eager ranks above triton
     assert with_lse.backend == "triton" and "eager last" in with_lse.decided_by
     assert plain.backend == row["order"][0]
