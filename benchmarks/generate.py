@@ -27,6 +27,7 @@ import platform
 import statistics
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -103,8 +104,12 @@ def _latent_floor(model, prompt: torch.Tensor, num_latents: int, timed, repeats:
     with torch.no_grad():
         cache.prefill(prompt[:, window.start : window.end], window.prefix_len)
 
+        # As exact steps with full latents recompute them: without writing self-attention keys no step reads.
+        keep = cache.num_latents < cache.max_latents
+
         def latent_stack() -> torch.Tensor:
-            return cache._run("floor", lambda: cache._recompute(cache.num_latents), capturable=True)
+            step = partial(cache._recompute, cache.num_latents, keep_self_keys=keep)
+            return cache._run("floor", step, capturable=True)
 
         for _ in range(cache.graphs.warmup + 1):  # plain calls, then the capture
             latent_stack()

@@ -39,6 +39,7 @@ import torch
 
 from perceiver_fast.generation.graphs import StepGraphs
 from perceiver_fast.kernels.partial import merge_partial_attention
+from perceiver_fast.models.core.packed import PackedProjections
 from perceiver_fast.models.core.position import RotaryPositionEmbedding, positions
 
 
@@ -83,6 +84,9 @@ class _DecodingBase:
         # unless the caller reads each step's logits before the next step (generate does, and saves the copy).
         self.copy_logits = True
         self._own_caches: list = []  # the layers' caches this decoder allocated (set by _claim_layer_caches)
+        # The layers' query/key/value weights packed for one GEMM per layer, refreshed at the start of every step
+        # and prefill (made by _claim_layer_caches; a decoder built on another one's layers shares its pack).
+        self.projections: PackedProjections | None = None
         # The token a step consumes: copied in before the step, so that a captured step reads it from here.
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
 
@@ -95,6 +99,9 @@ class _DecodingBase:
 
     def _claim_layer_caches(self) -> None:
         self._own_caches = self._layer_caches()
+        if self.projections is None:
+            self.projections = PackedProjections(self._attentions)
+        self.projections.attach()
 
     def _take_back_layer_caches(self) -> None:
         """Hand the layers this decoder's caches again, before each prefill and step: another decoder of the same
@@ -109,13 +116,19 @@ class _DecodingBase:
         return torch.zeros(size, dtype=torch.long, device=self.device)
 
     def _run(self, kind: Hashable, step: Callable[[], torch.Tensor], capturable: bool) -> torch.Tensor:
+        step = partial(self._refreshed, step)
         if not capturable:
             return step()
         logits = self.graphs.run(kind, step)
         return logits.clone() if self.copy_logits and self.graphs.enabled else logits
 
+    def _refreshed(self, step: Callable[[], torch.Tensor]) -> torch.Tensor:
+        # Inside the step (and so inside its graph): every replay projects with the parameters as they are then.
+        self.projections.refresh()
+        return step()
+
     def _logits(self, h_last: torch.Tensor) -> torch.Tensor:
-        return self.model.head(h_last)[1][:, -1]
+        return self.model.head(h_last, decoding=True)[1][:, -1]
 
     def _layer_rot(self, index: int, rot: RotaryPositionEmbedding) -> RotaryPositionEmbedding | None:
         return rot if self._rotary_layers[index] else None
@@ -196,10 +209,12 @@ class PerceiverARCache(_DecodingBase):
         b, channels = batch_size, model.input_adapter.num_input_channels
         angles_dtype = model.input_adapter.frq_pos_encoding.inv_freq.dtype
         self.exact_angles = has_exact_angles(model)
-        rot_dim = model.input_adapter.frq_pos_encoding.inv_freq.numel() * 2
-        # Per latent: residual input, rotary angles, cross-attention query, and the prefix part of its attention.
+        pairs = model.input_adapter.frq_pos_encoding.inv_freq.numel()
+        # Per latent: residual input, rotary matrices (RotaryPositionEmbedding.matrices, kept rather than its angles:
+        # a step would make them again from the angles, in four launches), cross-attention query, and the prefix part
+        # of its attention.
         self.latent_h = torch.empty(b, slots, channels, dtype=self.dtype, device=self.device)
-        self.latent_angles = torch.empty(b, slots, rot_dim, dtype=angles_dtype, device=self.device)
+        self.latent_rot = torch.empty(b, slots, 1, pairs, 2, 2, dtype=angles_dtype, device=self.device)
         qk_dim = attn.num_qk_channels // heads
         self.latent_q = torch.empty(b, slots, heads, qk_dim, dtype=self.compute_dtype, device=self.device)
         v_dim = attn.num_v_channels // heads
@@ -245,9 +260,9 @@ class PerceiverARCache(_DecodingBase):
 
     def state_tensors(self) -> list[torch.Tensor]:
         """Every tensor a step reads or writes (for checks that steps reallocate nothing)."""
-        tensors = [t for cache in self._layer_caches() for t in cache.buffers()]
+        tensors = [t for cache in self._layer_caches() for t in cache.buffers()] + self.projections.buffers()
         return tensors + [
-            self.latent_h, self.latent_angles, self.latent_q, self.prefix_out, self.prefix_lse, self.bounds_t,
+            self.latent_h, self.latent_rot, self.latent_q, self.prefix_out, self.prefix_lse, self.bounds_t,
             self.slots_t, self.token,
         ]  # fmt: skip
 
@@ -312,6 +327,7 @@ class PerceiverARCache(_DecodingBase):
         if b != self.batch_size or not 0 <= prefix_len < n <= self.model.max_seq_len:
             raise ValueError(f"window {tuple(tokens.shape)} with prefix_len {prefix_len} does not fit this cache")
         self._take_back_layer_caches()
+        self.projections.refresh()
         pads = torch.zeros(b, dtype=torch.long, device=self.device) if pad_mask is None else pad_mask.sum(dim=1)
         if pad_mask is None:
             self.pads = [0] * b
@@ -326,7 +342,7 @@ class PerceiverARCache(_DecodingBase):
         latent_rot = RotaryPositionEmbedding(angles[:, p:])
         self.latent_q[:, :num_latents] = self.cross.write_latents(h[:, p:], p, latent_rot)
         self.latent_h[:, :num_latents] = h[:, p:]
-        self.latent_angles[:, :num_latents] = angles[:, p:]
+        self.latent_rot[:, :num_latents] = latent_rot.matrices
         if self.incremental_prefix:
             out, lse = self._prefix_part(self.latent_q[:, :num_latents])
             self.prefix_out[:, :num_latents], self.prefix_lse[:, :, :num_latents] = out, lse
@@ -368,24 +384,24 @@ class PerceiverARCache(_DecodingBase):
         self.offset += drop
         self.pads = [max(pad - drop, 0) for pad in self.pads]
 
-    def _embed_new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding]:
-        """Embed ``self.token`` at the window's end: ``(h, angle, rot)`` (its keys/values go to ``slots_t[_WRITE]``).
+    def _embed_new_token(self) -> tuple[torch.Tensor, RotaryPositionEmbedding]:
+        """Embed ``self.token`` at the window's end: ``(h, rot)`` (its keys/values go to ``slots_t[_WRITE]``).
         Its position is never below 0: a new token is no pad (pads are the prompt's leading positions)."""
         abs_pos = self.bounds_t[_NEXT_POSITION].unsqueeze(1)
         h, angle = self.model.input_adapter(self.token, abs_pos=abs_pos)
-        return h, angle, RotaryPositionEmbedding(angle)
+        return h, RotaryPositionEmbedding(angle)
 
-    def _new_token(self) -> tuple[torch.Tensor, torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
-        """Embed ``self.token`` at the window's end: ``(h, angle, rot, query)``; its keys/values go to the cache."""
-        h, angle, rot = self._embed_new_token()
-        return h, angle, rot, self.cross.write_latents(h, self.slots_t[_WRITE : _WRITE + 1], rot)
+    def _new_token(self) -> tuple[torch.Tensor, RotaryPositionEmbedding, torch.Tensor]:
+        """Embed ``self.token`` at the window's end: ``(h, rot, query)``; its keys/values go to the cache."""
+        h, rot = self._embed_new_token()
+        return h, rot, self.cross.write_latents(h, self.slots_t[_WRITE : _WRITE + 1], rot)
 
     def _extend(self) -> torch.Tensor:
         """A new latent while nothing crosses: only its row is computed (the step captured while latents grow)."""
-        h, angle, rot = self._embed_new_token()
+        h, rot = self._embed_new_token()
         row, position = self.slots_t[_SLOT : _SLOT + 1], self.slots_t[_WRITE : _WRITE + 1]
         self.latent_h.index_copy_(1, row, h)
-        self.latent_angles.index_copy_(1, row, angle)
+        self.latent_rot.index_copy_(1, row, rot.matrices)
         # One more latent (the slots move at the end). add_ on the view: `view += 1` would also copy it onto itself.
         self.bounds_t[_WINDOW_END : _NEXT_POSITION + 1].add_(1)
         # The new latent's key/value is written and its query attends in one op (cross.attend_new).
@@ -411,10 +427,10 @@ class PerceiverARCache(_DecodingBase):
 
     def _append_and_recompute(self, num_latents: int, cross: int, drop: int, pad_latents: bool) -> torch.Tensor:
         """A new latent, ``cross`` latents into the prefix, ``drop`` positions out, then every latent recomputed."""
-        h, angle, _, q = self._new_token()
+        h, rot, q = self._new_token()
         slot, count = num_latents, num_latents + 1
         self.latent_h[:, slot : slot + 1] = h
-        self.latent_angles[:, slot : slot + 1] = angle
+        self.latent_rot[:, slot : slot + 1] = rot.matrices
         self.latent_q[:, slot : slot + 1] = q
         incremental = self.incremental_prefix and not drop
         if incremental:
@@ -427,7 +443,7 @@ class PerceiverARCache(_DecodingBase):
         if cross:
             self.cross.write_prefix(
                 self.latent_h[:, :cross], self.slots_t[_CROSS_AT : _CROSS_AT + 1],
-                RotaryPositionEmbedding(self.latent_angles[:, :cross]),
+                RotaryPositionEmbedding.from_matrices(self.latent_rot[:, :cross]),
             )  # fmt: skip
             rest = slice(cross, count)
             if incremental:
@@ -442,7 +458,7 @@ class PerceiverARCache(_DecodingBase):
                     self.prefix_out[:, rest], self.prefix_lse[:, :, rest], out, lse
                 )
                 self.prefix_out[:, : count - cross], self.prefix_lse[:, :, : count - cross] = merged_out, merged_lse
-            for buffer in (self.latent_h, self.latent_angles, self.latent_q):
+            for buffer in (self.latent_h, self.latent_rot, self.latent_q):
                 buffer[:, : count - cross] = buffer[:, rest].clone()
         if drop:
             # Pads that leave the window leave its start at the offset; the remaining positions keep their angles
@@ -460,10 +476,15 @@ class PerceiverARCache(_DecodingBase):
                 # A softmax cannot forget a key stably: the prefix part is recomputed over the remaining prefix.
                 out, lse = self._prefix_part(self.latent_q[:, : count - cross])
                 self.prefix_out[:, : count - cross], self.prefix_lse[:, :, : count - cross] = out, lse
-        return self._recompute(count - cross, pad_latents)
+        # With the latents full the next step crosses again and recomputes them: it reads no self-attention keys
+        # of this one, which therefore writes none (only a step that extends the latents reads them).
+        return self._recompute(count - cross, pad_latents, keep_self_keys=count - cross < self.max_latents)
 
-    def _recompute(self, num_latents: int, pad_latents: bool | None = None) -> torch.Tensor:
-        """The cross-attention layer and the latent stack for all ``num_latents`` latents; logits of the last."""
+    def _recompute(
+        self, num_latents: int, pad_latents: bool | None = None, keep_self_keys: bool = True
+    ) -> torch.Tensor:
+        """The cross-attention layer and the latent stack for all ``num_latents`` latents; logits of the last.
+        ``keep_self_keys``: write the latents' keys/values into the self-attention caches (for extending steps)."""
         rows = slice(0, num_latents)
         q = self.latent_q[:, rows]
         if self.incremental_prefix:
@@ -479,9 +500,10 @@ class PerceiverARCache(_DecodingBase):
         if self.any_pad_latent if pad_latents is None else pad_latents:
             out = self._pad_latents_see_the_mean(out, num_latents)
         x = self.cross.finish(self.latent_h[:, rows], out)
-        rot = RotaryPositionEmbedding(self.latent_angles[:, rows])
+        rot = RotaryPositionEmbedding.from_matrices(self.latent_rot[:, rows])
         for index, layer in enumerate(self.self_layers):
-            x = layer.forward_cached(x, 0, rot_pos_emb=self._layer_rot(index, rot), limit=num_latents)
+            rot_layer = self._layer_rot(index, rot)
+            x = layer.forward_cached(x, 0, rot_pos_emb=rot_layer, limit=num_latents, keep_keys=keep_self_keys)
         return self._logits(x[:, -1:])
 
     def _pad_latents_see_the_mean(self, out: torch.Tensor, num_latents: int) -> torch.Tensor:
@@ -518,6 +540,7 @@ class PerceiverIOCompatibleCache(_DecodingBase):
     def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool = False):
         super().__init__(model, batch_size, cuda_graph)
         self.cache = PerceiverARCache(model, batch_size, capacity_factor=2, cuda_graph=False)
+        self.projections = self.cache.projections  # one pack, attached to the caches of both (claimed by both)
         self.self_capacity = 2 * model.max_latents
         # The exact cache sized the self-attention caches for max_latents + 1 rows; perceiver-io's need two windows.
         for layer in self.self_layers:

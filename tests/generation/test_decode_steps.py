@@ -134,6 +134,51 @@ def test_logits_of_a_replayed_step_survive_the_next_step(mode):
         assert torch.equal(got, expected), step
 
 
+class ReplayFirstStep(StepGraphs):
+    """A CUDA graph's replay on the CPU: the first step function of a kind runs for every later step of the kind
+    (a replay runs what was captured, not the Python of the step at hand)."""
+
+    def __init__(self):
+        super().__init__(False)
+        self.enabled = True
+        self._steps: dict = {}
+
+    def run(self, kind, step):
+        return self._steps.setdefault(kind, step)()
+
+
+@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+def test_replayed_steps_project_with_weights_changed_in_place_since(mode):
+    """The packed query/key/value rows are a copy of the parameters: every step, replayed ones included, copies them
+    anew. Weights changed in place between two steps (``.data`` too, which no version counter sees) reach the next
+    step as they reach a decoder whose layers project with their own modules."""
+    from perceiver_fast.models.core.packed import PackedProjections
+
+    model = _model()
+    schedule = WindowSchedule(12, 4, stride=2 if mode == "strided" else 1)
+    make = PerceiverIODecoder if mode == "perceiver-io" else CachedDecoder
+    packed, own = make(model, schedule, 2), make(model, schedule, 2)
+    packed.cache.graphs = ReplayFirstStep()
+    assert packed.cache.projections.packed, "this model's projections should be packed"
+    own.cache.projections = PackedProjections([])  # nothing packed: the layers' own modules
+    for cache in own.cache._own_caches:
+        cache.packed = None
+    prompt = torch.randint(6, 262, (2, 6), generator=torch.Generator().manual_seed(0))
+    sequence = prompt
+    logits = [decoder.start(sequence, None, 2) for decoder in (packed, own)]
+    with torch.no_grad():
+        for step in range(10):
+            if step in (3, 6):
+                for layer in (model.cross_attention, *model.self_attention):
+                    attention = layer.attention_module.attention
+                    attention.k_proj.weight.data.mul_(1.5)
+                    attention.q_proj.weight.data.add_(0.05)
+            sequence = torch.cat([sequence, logits[1].argmax(-1, keepdim=True)], dim=1)
+            logits = [decoder.step(sequence, None) for decoder in (packed, own)]
+            assert max_rel_error(logits[0], logits[1]) <= 1e-5, step
+    assert len(packed.cache.graphs._steps) >= 1
+
+
 @pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
 def test_generate_accepts_cuda_graph_only_on_cuda(mode):
     model = _model()

@@ -88,9 +88,13 @@ def test_composite_step_matches_the_oracle(case, position_kind, dtype):
         torch.testing.assert_close(cache[written].double(), expected_rows[written].to(dtype).double())
 
 
-def test_the_op_matches_a_model_layer_step():
-    """A layer's decoding step (write the new row, attend) through the op equals the layer's full attention."""
+@pytest.mark.parametrize("packed", [False, True], ids=["own-projections", "packed-projections"])
+@pytest.mark.parametrize("return_query", [False, True])
+def test_the_op_matches_a_model_layer_step(packed, return_query):
+    """A layer's decoding step (write the new row, attend) through the op equals the layer's full attention, with
+    the layer's own projections and with a decoder's packed copy of them."""
     from perceiver_fast.models.core.attention import MultiHeadAttention
+    from perceiver_fast.models.core.packed import PackedProjections
     from perceiver_fast.models.core.position import FrequencyPositionEncoding, RotaryPositionEmbedding
 
     torch.manual_seed(0)
@@ -101,12 +105,18 @@ def test_the_op_matches_a_model_layer_step():
     with torch.no_grad():
         full = layer(x, x, rot_pos_emb_q=rot, rot_pos_emb_k=rot)
         layer.setup_cache(2, 16, dtype=torch.float32, device="cpu")
+        if packed:
+            PackedProjections([layer]).attach()
         layer.write_cache(x[:, :8], 0, RotaryPositionEmbedding(angles[:, :8]))
-        new = x[:, 8:]
+        new_rot = RotaryPositionEmbedding(angles[:, 8:])
         attended = layer.attend_new(
-            layer.project_queries(new), new, torch.tensor([8]), RotaryPositionEmbedding(angles[:, 8:]),
-            kv_len=torch.full((2,), 9, dtype=torch.int32),
+            x[:, 8:], torch.tensor([8]), new_rot, kv_len=torch.full((2,), 9, dtype=torch.int32),
+            return_query=return_query,
         )  # fmt: skip
+    assert (layer.kv_cache.packed is not None) == packed
+    if return_query:
+        attended, q = attended
+        torch.testing.assert_close(q, layer.project_queries(x[:, 8:], new_rot), rtol=0, atol=1e-6)
     torch.testing.assert_close(layer.project_output(attended), full[:, 8:], rtol=1e-5, atol=1e-6)
 
 

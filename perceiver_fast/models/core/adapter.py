@@ -129,3 +129,11 @@ class TiedTokenOutputAdapter(OutputAdapter):
     def forward(self, x: torch.Tensor, txt_embedding: nn.Embedding) -> torch.Tensor:
         logits = torch.matmul(x, txt_embedding.weight.T)
         return logits + self.bias if self._emb_bias else logits
+
+    def decoding_logits(self, x: torch.Tensor, txt_embedding: nn.Embedding) -> torch.Tensor:
+        """``forward`` for the rows of a decoding step: the GEMM adds the bias (one launch where forward takes two;
+        the sum is rounded once)."""
+        if not self._emb_bias or torch.is_autocast_enabled(x.device.type) or x.dtype != self.bias.dtype:
+            return self(x, txt_embedding)  # (autocast would round the logits to its dtype)
+        logits = torch.addmm(self.bias, x.flatten(0, -2), txt_embedding.weight.T)
+        return logits.view(*x.shape[:-1], logits.shape[-1])

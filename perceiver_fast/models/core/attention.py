@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from perceiver_fast.kernels import attention
 from perceiver_fast.kernels.decode import decode_attention
@@ -144,16 +145,51 @@ class MultiHeadAttention(nn.Module):
             raise RuntimeError("this attention layer has no key/value cache: call setup_cache() first")
         return self.kv_cache
 
+    def _project_rows(
+        self, x: torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both rotated when ``rot_pos_emb`` is given) and values of rows ``x [b, n, c]`` that are
+        queries and keys alike: one GEMM where a decoder packed this layer's projections (see packed.py)."""
+        heads, packed = self.num_heads, self._cache().packed
+        if packed is not None:
+            qk = packed.qk_channels
+            qkv = F.linear(x, packed.weight, packed.bias)
+            q, k, v = qkv[..., :qk], qkv[..., qk : 2 * qk], qkv[..., 2 * qk :]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if rot_pos_emb is not None:
+            # Queries and keys rotate as one tensor (adjacent in the packed output, else concatenated).
+            both = qkv[..., : 2 * qk] if packed is not None else torch.cat((q, k), dim=-1)
+            both = rot_pos_emb.rotate(both.unflatten(-1, (2 * heads, -1)))
+            return both[:, :, :heads], both[:, :, heads:], v.unflatten(-1, (heads, -1))
+        return tuple(t.unflatten(-1, (heads, -1)) for t in (q, k, v))
+
     def write_cache(
         self, x_kv: torch.Tensor, position: int | torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
     ) -> None:
         """Project ``x_kv [b, n, c]`` to keys (rotated) and values and store them at ``position`` onwards."""
-        self._cache().write(position, *self.project_keys_values(x_kv, rot_pos_emb))
+        cache = self._cache()
+        if cache.packed is None:
+            cache.write(position, *self.project_keys_values(x_kv, rot_pos_emb))
+            return
+        weight, bias = cache.packed.keys_values()
+        kv = F.linear(x_kv, weight, bias)
+        qk = cache.packed.qk_channels
+        k, v = kv[..., :qk].unflatten(-1, (self.num_heads, -1)), kv[..., qk:].unflatten(-1, (self.num_heads, -1))
+        cache.write(position, k if rot_pos_emb is None else rot_pos_emb.rotate(k), v)
+
+    def write_rows(
+        self, x: torch.Tensor, position: int | torch.Tensor, rot_pos_emb: RotaryPositionEmbedding | None = None
+    ) -> torch.Tensor:
+        """Store the keys/values of rows ``x [b, n, c]`` at ``position`` onwards and return the same rows' projected
+        (and rotated) queries ``[b, n, heads, d]``."""
+        q, k, v = self._project_rows(x, rot_pos_emb)
+        self._cache().write(position, k, v)
+        return q
 
     def attend_new(
         self,
-        q: torch.Tensor,
-        x_kv: torch.Tensor,
+        x: torch.Tensor,
         position: int | torch.Tensor,
         rot_pos_emb: RotaryPositionEmbedding | None = None,
         *,
@@ -162,28 +198,32 @@ class MultiHeadAttention(nn.Module):
         return_lse: bool = False,
         return_query: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """A decoding step of one row per batch row, as one op (:func:`~perceiver_fast.kernels.decode_attention`,
-        fused on a GPU where measured fastest): the key/value of ``x_kv [b, 1, c]`` is written at ``position`` and
-        the projected queries ``q [b, 1, heads, d]`` (*not yet rotated*) attend to the cached keys
-        ``[kv_start, kv_len)``; ``rot_pos_emb`` rotates both the query and the new key. Returns the attention result
-        (with the lse when asked), and with ``return_query`` as a pair with the rotated query."""
+        """A decoding step of one row per batch row, as one op (:func:`~perceiver_fast.kernels.decode_attention`):
+        the row ``x [b, 1, c]`` is projected, its key/value written at ``position`` and its query attends to the
+        cached keys ``[kv_start, kv_len)``; ``rot_pos_emb`` rotates both the query and the new key. Returns the
+        attention result (with the lse when asked), and with ``return_query`` as a pair with the rotated query."""
         cache = self._cache()
-        k = self.k_proj(x_kv).unflatten(-1, (self.num_heads, -1))
-        v = self.v_proj(x_kv).unflatten(-1, (self.num_heads, -1))
-        cos = sin = None
-        if rot_pos_emb is not None and return_query:
-            # The caller keeps the rotated query, which the fused kernel does not return: query and key rotate here,
-            # together, instead of inside the op and the query once more after it.
-            heads = q.shape[2]
-            rotated = rot_pos_emb.rotate(torch.cat((q, k), dim=2))
-            q, k = rotated[:, :, :heads], rotated[:, :, heads:]
-        elif rot_pos_emb is not None:
-            cos, sin = rot_pos_emb.angles(1)
+        # The query and key rotate here, as one tensor with the angles' matrices that every layer of the step shares,
+        # rather than inside the op, which would rebuild them per layer (the op's rotary is for callers without).
+        q, k, v = self._project_rows(x, rot_pos_emb)
         attended = decode_attention(
-            q, k, v, cache.k, cache.v, position, kv_start=kv_start, kv_len=kv_len, cos=cos, sin=sin,
-            scale=self.dp_scale, return_lse=return_lse,
+            q, k, v, cache.k, cache.v, position, kv_start=kv_start, kv_len=kv_len, scale=self.dp_scale,
+            return_lse=return_lse,
         )  # fmt: skip
         return (attended, q) if return_query else attended
+
+    def attend_rows(
+        self,
+        x: torch.Tensor,
+        rot_pos_emb: RotaryPositionEmbedding | None = None,
+        *,
+        kv_start: torch.Tensor | None = None,
+        kv_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Rows ``x [b, n, c]`` attend causally to their own keys ``[kv_start, kv_len)``, projected as in a decoding
+        step (see :meth:`_project_rows`) and not written to the cache."""
+        q, k, v = self._project_rows(x, rot_pos_emb)
+        return attention(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len, scale=self.dp_scale)
 
     def attend_cache(
         self,
@@ -307,6 +347,22 @@ class MLP(nn.Sequential):
             nn.Linear(widening_factor * num_channels, num_channels, bias=bias),
         )
 
+    def accumulate_into(self, x: torch.Tensor) -> torch.Tensor:
+        """``x += self(x)``, in place, for decoding steps (``x`` must be the caller's own tensor); returns ``x``.
+
+        Without a bias on the last projection its GEMM accumulates into ``x`` (one launch, where ``x + self(x)``
+        takes two: a decoding step is bound by launches). The sum is then rounded once where ``forward`` rounds the
+        product first: decoding stays within rounding of a full forward, not equal to it bit for bit.
+        """
+        norm, expand, activation, contract = self
+        h = activation(expand(norm(x)))
+        # One dtype throughout: under autocast h comes in autocast's dtype, which an in-place product would not
+        # promote (the residual stream keeps the parameters' dtype).
+        if contract.bias is None and h.dtype == x.dtype == contract.weight.dtype and x.is_contiguous():
+            x.view(-1, x.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), contract.weight.t())
+            return x
+        return x.add_(contract(h))
+
 
 class _AttentionLayer(nn.Sequential):
     """``[attention (usually residual), residual MLP]``, optionally under activation checkpointing."""
@@ -326,14 +382,18 @@ class _AttentionLayer(nn.Sequential):
         return found
 
     def finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        """The rest of the layer after its attention: output projection, residual, residual MLP."""
+        """The rest of the layer after its attention: output projection, residual, residual MLP (for decoding
+        steps: the MLP accumulates into the sum before it, see :meth:`MLP.accumulate_into`)."""
         out = self.attention_module.attention.project_output(attended)
         attention_part = self[0]
         if attention_part is not self.attention_module:  # residual (its dropout is the identity in eval mode)
             if attention_part.training and attention_part.dropout.p > 0.0:
                 out = attention_part.dropout(out)
             out = x + out
-        return self[1](out)
+        mlp_part = self[1]
+        if mlp_part.training and mlp_part.dropout.p > 0.0:
+            return mlp_part(out)
+        return mlp_part.module.accumulate_into(out)  # out is this call's own tensor
 
     def _attend_and_mix(self, *args, **kwargs) -> torch.Tensor:
         return self[1](self[0](*args, **kwargs))
@@ -401,9 +461,7 @@ class CrossAttentionLayer(_AttentionLayer):
         """Store the keys/values of latents ``x [b, n, c]`` (``q_norm``) at ``position`` onwards and return their
         projected (and rotated) queries, which the same norm makes."""
         cross = self.attention_module
-        normed = cross.q_norm(x)
-        cross.attention.write_cache(normed, position, rot_pos_emb)
-        return cross.attention.project_queries(normed, rot_pos_emb)
+        return cross.attention.write_rows(cross.q_norm(x), position, rot_pos_emb)
 
     def attend_cache(self, q: torch.Tensor, **bounds) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """``q`` attends to the cached keys; ``bounds`` as :meth:`MultiHeadAttention.attend_cache`."""
@@ -425,10 +483,8 @@ class CrossAttentionLayer(_AttentionLayer):
         Returns the attention result (with the lse when asked), and with ``return_query`` as a pair with the
         latent's rotated query, which a decoder keeps for recomputing the latents later."""
         cross = self.attention_module
-        normed = cross.q_norm(x)
-        q = cross.attention.project_queries(normed)
         return cross.attention.attend_new(
-            q, normed, position, rot_pos_emb, kv_start=kv_start, kv_len=kv_len, return_lse=return_lse,
+            cross.q_norm(x), position, rot_pos_emb, kv_start=kv_start, kv_len=kv_len, return_lse=return_lse,
             return_query=return_query,
         )  # fmt: skip
 
@@ -480,24 +536,26 @@ class SelfAttentionLayer(_AttentionLayer):
         kv_start: torch.Tensor | None = None,
         kv_len: torch.Tensor | None = None,
         limit: int | None = None,
+        keep_keys: bool = True,
     ) -> torch.Tensor:
         """The layer for rows ``x [b, n, c]`` that sit at cache positions ``position .. position + n - 1``.
 
         Their keys/values are written into the layer's cache and the rows attend causally to the cache's keys
         ``[kv_start, kv_len)`` (``[b]`` tensors) among its first ``limit`` positions (an int), which must end with the
-        rows themselves.
+        rows themselves. ``keep_keys=False`` where the rows are the whole context (``position`` 0, ``limit`` n) and
+        no later step reads their keys: the rows attend to their own keys, and the cache is left as it was.
         """
-        self_attn = self.attention_module
-        normed = self_attn.norm(x)
+        attention = self.attention_module.attention
+        normed = self.attention_module.norm(x)
         if x.shape[1] == 1 and limit is None:  # one new row: a decoding step, one op (fused where it pays)
-            q = self_attn.attention.project_queries(normed)
-            attended = self_attn.attention.attend_new(
-                q, normed, position, rot_pos_emb, kv_start=kv_start, kv_len=kv_len
-            )
+            attended = attention.attend_new(normed, position, rot_pos_emb, kv_start=kv_start, kv_len=kv_len)
             return self.finish(x, attended)
-        q = self_attn.attention.project_queries(normed, rot_pos_emb)
-        self_attn.attention.write_cache(normed, position, rot_pos_emb)
-        attended = self_attn.attention.attend_cache(q, causal=True, kv_start=kv_start, kv_len=kv_len, limit=limit)
+        if not keep_keys:
+            if not (isinstance(position, int) and position == 0 and limit == x.shape[1]):
+                raise ValueError("keep_keys=False needs the rows to be the whole context: position 0, limit n")
+            return self.finish(x, attention.attend_rows(normed, rot_pos_emb, kv_start=kv_start, kv_len=kv_len))
+        q = attention.write_rows(normed, position, rot_pos_emb)
+        attended = attention.attend_cache(q, causal=True, kv_start=kv_start, kv_len=kv_len, limit=limit)
         return self.finish(x, attended)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from perceiver_fast.models.core.packed import PackedQKV
+
 
 class KVCache:
     """Keys ``[B, capacity, H, Dk]`` and values ``[B, capacity, H, Dv]`` of one attention layer."""
@@ -31,6 +33,9 @@ class KVCache:
         # torch.empty on purpose: positions that hold nothing are never read (the op's key bounds exclude them).
         self.k = torch.empty(batch, heads, capacity, k_dim, dtype=dtype, device=device).transpose(1, 2)
         self.v = torch.empty(batch, heads, capacity, v_dim, dtype=dtype, device=device).transpose(1, 2)
+        # The layer's query/key/value rows in a decoder's packed copy (see packed.py), which that decoder refreshes
+        # before each step; None: the layer projects with its own modules.
+        self.packed: PackedQKV | None = None
 
     @property
     def capacity(self) -> int:

@@ -231,8 +231,10 @@ class CausalSequenceModel(PretrainedMixin, PerceiverAR):
         output.last_hidden_state, output.logits = self.head(output.last_hidden_state)
         return output
 
-    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The output norm (if any) and the tied-embedding logits of latent states ``h``: ``(normed h, logits)``."""
+    def head(self, h: torch.Tensor, *, decoding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output norm (if any) and the tied-embedding logits of latent states ``h``: ``(normed h, logits)``;
+        ``decoding``: in fewer launches, within rounding of the same (for decoding steps)."""
         if self.config.output_norm:
             h = self.out_norm(h)
-        return h, self.output_adapter(h, txt_embedding=self.input_adapter.txt_embedding)
+        adapter, embedding = self.output_adapter, self.input_adapter.txt_embedding
+        return h, adapter.decoding_logits(h, embedding) if decoding else adapter(h, txt_embedding=embedding)

@@ -50,25 +50,41 @@ class RotaryPositionEmbedding:
     """
 
     def __init__(self, frq_pos_enc: torch.Tensor, right_align: bool = False):
-        angles = frq_pos_enc.unsqueeze(2)  # broadcast over heads
-        self.cos, self.sin = angles.cos(), angles.sin()
+        self._angles = frq_pos_enc.unsqueeze(2)  # broadcast over heads
         self.rotate_dim = frq_pos_enc.shape[-1]
         self.right_align = right_align
         self._matrices: torch.Tensor | None = None  # made on the first rotation, shared by the later ones
+
+    @classmethod
+    def from_matrices(cls, matrices: torch.Tensor, right_align: bool = False) -> RotaryPositionEmbedding:
+        """The embedding whose :attr:`matrices` are ``matrices`` (kept from an earlier embedding of the same
+        positions: decoding keeps them per latent rather than making them again each step)."""
+        rot = cls.__new__(cls)
+        rot._angles, rot._matrices = None, matrices
+        rot.rotate_dim, rot.right_align = matrices.shape[-3] * 2, right_align
+        return rot
+
+    @property
+    def matrices(self) -> torch.Tensor:
+        """``[b, n, 1, dim / 2, 2, 2]``: each channel pair's rotation (see :func:`rotation_matrices`)."""
+        if self._matrices is None:
+            self._matrices = rotation_matrices(self._angles.cos(), self._angles.sin())
+        return self._matrices
 
     def _window(self, seq_len: int) -> slice:
         return slice(-seq_len, None) if self.right_align else slice(0, seq_len)
 
     def angles(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` ``[b, seq_len, 1, dim]`` of a sequence of ``seq_len`` positions (aligned as configured)."""
-        window = self._window(seq_len)
-        return self.cos[:, window], self.sin[:, window]
+        """``(cos, sin)`` ``[b, seq_len, 1, dim]`` of a sequence of ``seq_len`` positions (aligned as configured), for
+        ops that take the angles rather than a rotation (:func:`~perceiver_fast.kernels.decode_attention`)."""
+        if self._angles is None:
+            raise ValueError("this embedding was made from rotation matrices: it keeps no angles")
+        angles = self._angles[:, self._window(seq_len)]
+        return angles.cos(), angles.sin()
 
     def rotate(self, t: torch.Tensor) -> torch.Tensor:
         # The angles are float32; under bf16 autocast the rotated part keeps the input dtype (q/k/v share one).
-        if self._matrices is None:
-            self._matrices = rotation_matrices(self.cos, self.sin)
-        return rotate_pairs(t, self._matrices[:, self._window(t.shape[1])])
+        return rotate_pairs(t, self.matrices[:, self._window(t.shape[1])])
 
 
 class FourierPositionEncoding(nn.Module):
