@@ -22,4 +22,5 @@ def merge_partial_attention(
     reference = lse.clamp(min=torch.finfo(lse.dtype).min)
     # Both weights in one exp; a 16-bit output promotes to the weights' dtype inside its product, as a cast would.
     weights = torch.exp(torch.stack((lse_a, lse_b)) - reference).transpose(2, 3).unsqueeze(-1)
-    return out_a * weights[0] + out_b * weights[1], lse
+    # The second product and the sum in one kernel (addcmul).
+    return torch.addcmul(out_a * weights[0], out_b, weights[1]), lse
