@@ -66,6 +66,11 @@ def check_perceiver_io_length(model: torch.nn.Module, length: int) -> None:
 class _DecodingBase:
     """What both caches share: the model's layers, the static token input and the step runner."""
 
+    # Device types on which the layers' query/key/value weights are packed for one GEMM per layer: where a step is
+    # bound by kernel launches (a GPU). On a CPU a launch is a function call, and copying the weights into the pack
+    # each step would cost more than the two calls per layer it saves.
+    pack_devices: tuple[str, ...] = ("cuda",)
+
     def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool) -> None:
         self.model = model
         param = next(model.parameters())
@@ -84,8 +89,9 @@ class _DecodingBase:
         # unless the caller reads each step's logits before the next step (generate does, and saves the copy).
         self.copy_logits = True
         self._own_caches: list = []  # the layers' caches this decoder allocated (set by _claim_layer_caches)
-        # The layers' query/key/value weights packed for one GEMM per layer, refreshed at the start of every step
-        # and prefill (made by _claim_layer_caches; a decoder built on another one's layers shares its pack).
+        # The layers' query/key/value weights packed for one GEMM per layer (on pack_devices), refreshed at the start
+        # of every step and prefill (made by _claim_layer_caches; a decoder built on another one's layers shares
+        # its pack).
         self.projections: PackedProjections | None = None
         # The token a step consumes: copied in before the step, so that a captured step reads it from here.
         self.token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
@@ -100,7 +106,8 @@ class _DecodingBase:
     def _claim_layer_caches(self) -> None:
         self._own_caches = self._layer_caches()
         if self.projections is None:
-            self.projections = PackedProjections(self._attentions)
+            packed = self.device.type in self.pack_devices
+            self.projections = PackedProjections(self._attentions if packed else [])
         self.projections.attach()
 
     def _take_back_layer_caches(self) -> None:

@@ -179,6 +179,17 @@ def test_replayed_steps_project_with_weights_changed_in_place_since(mode):
     assert len(packed.cache.graphs._steps) >= 1
 
 
+@pytest.mark.parametrize("mode", ["exact", "perceiver-io"])
+def test_decoders_pack_projections_on_gpus_only(mode, monkeypatch):
+    """On a CPU a launch costs no more than a call, and refreshing a pack copies every projection each step."""
+    monkeypatch.undo()  # this directory's conftest packs on the CPU as well
+    make = PerceiverIODecoder if mode == "perceiver-io" else CachedDecoder
+    decoder = make(_model(), WindowSchedule(12, 4), 2)
+    assert decoder.cache.projections.packed == [] and decoder.cache.projections.buffers() == []
+    layer_caches = decoder.cache._layer_caches()
+    assert layer_caches and all(cache.packed is None for cache in layer_caches)
+
+
 @pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
 def test_generate_accepts_cuda_graph_only_on_cuda(mode):
     model = _model()
