@@ -391,8 +391,8 @@ class _AttentionLayer(nn.Sequential):
                 out = attention_part.dropout(out)
             out = x + out
         mlp_part = self[1]
-        if mlp_part.training and mlp_part.dropout.p > 0.0:
-            return mlp_part(out)
+        if (mlp_part.training and mlp_part.dropout.p > 0.0) or torch.is_grad_enabled():
+            return mlp_part(out)  # (in place, the sum would overwrite what autograd saved of out)
         return mlp_part.module.accumulate_into(out)  # out is this call's own tensor
 
     def _attend_and_mix(self, *args, **kwargs) -> torch.Tensor:

@@ -74,3 +74,16 @@ def test_decoding_logits_equal_the_heads(autocast):
         _, got = model.head(h, decoding=True)
     assert got.dtype == expected.dtype
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_decoded_with_gradients_backpropagate_like_forward():
+    """Under autograd the MLP adds its residual apart (accumulating in place would overwrite what autograd saved)."""
+    torch.manual_seed(0)
+    layer = _layer(False)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    layer(x).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    layer.attention_module.attention.setup_cache(2, 8, dtype=torch.float32, device="cpu")
+    layer.forward_cached(x, 0, limit=6, keep_keys=False).sum().backward()
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
