@@ -14,7 +14,9 @@ ms per step excludes the prompt's prefill: it is ``(T(n tokens) - T(1 token)) / 
 positive (reported as invalid, never as a target met). A step gives every row of the batch one token, so at batch 1
 it is ms/token; the JSON keeps the key ``ms_per_token`` for it. On CUDA each mode with graphs decodes with its own
 copy of the model: a model keeps one held decoder (one mode's graphs), and modes taking turns on one model would
-capture anew at every call, timing capture and warm-up steps instead of replays.
+capture anew at every call, timing capture and warm-up steps instead of replays. On CUDA the rows of our cached modes
+also count the launches of a step (kernels, device copies and fills; profiled after the timings): a replayed step is
+bound by them. A graph row counting far fewer than its eager row means the profiler did not see into the replays.
 """
 
 from __future__ import annotations
@@ -125,6 +127,36 @@ def ms_per_step(prefill: float, whole: float, new_tokens: int) -> float:
     return 1e3 * difference / (new_tokens - 1) if difference > 0 else float("nan")
 
 
+def count_device_events(events) -> int:
+    """The kernels (and device copies and fills) among a profiler's events: what a GPU launched."""
+    return sum(1 for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def device_events_of(call, device: torch.device) -> int:
+    """How many kernels (and device copies and fills) ``call()`` launches on ``device`` (0 off CUDA)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        call()
+        if cuda:
+            torch.cuda.synchronize(device)
+    return count_device_events(prof.events())
+
+
+def kernels_per_step(run, new_tokens: int, recorded) -> tuple[float, str | None]:
+    """Device launches per decoding step, ``(K(n) - K(1)) / (n - 1)`` from the launches the profiler records in a
+    generation of ``n`` tokens and of 1 (those of replayed CUDA graphs included, which CUPTI reports kernel by
+    kernel), with why it is NaN: the profiler failed, or recorded none (a replay it cannot see into)."""
+    try:
+        one, whole = (recorded(lambda n=n: run(n)) for n in (1, new_tokens))
+    except Exception as error:  # a diagnostic beside the timings: recorded with the rows, never their end
+        return float("nan"), f"profiler failed: {type(error).__name__}: {error}"
+    if whole <= one:
+        return float("nan"), f"the profiler recorded {one} launches for 1 token and {whole} for {new_tokens}"
+    return (whole - one) / (new_tokens - 1), None
+
+
 def _time_once(timed, run, new_tokens: int) -> float:
     return timed(lambda: run(new_tokens))
 
@@ -187,6 +219,13 @@ def bench_context(
             for name, run in methods.items():
                 first[name].append(_time_once(timed, run, 1))
                 total[name].append(_time_once(timed, run, new_tokens))
+        # On a GPU a step is bound by its launches: count them for our cached modes (after the timings, which the
+        # profiler would slow down).
+        launches = {
+            name: kernels_per_step(run, new_tokens, partial(device_events_of, device=device))
+            for name, run in methods.items()
+            if device.type == "cuda" and name.startswith("ours ") and "uncached" not in name
+        }
     for own in copies:
         release_decoding(own)  # the graphs and buffers held with each copy, before the next context's
     rows = []
@@ -196,6 +235,10 @@ def bench_context(
         rows.append(dict(method=name, context=context, prompt=prompt_len, batch=batch, new_tokens=new_tokens,
                          prefill_ms=1e3 * prefill, ms_per_token=ms_per_token,
                          tokens_per_s=batch * 1e3 / ms_per_token))
+        if name in launches:
+            rows[-1]["launches_per_step"], note = launches[name]
+            if note is not None:
+                rows[-1]["launches_note"] = note
     floor_name = "floor (latent stack)"
     if any(s in floor_name for s in skip):
         return rows
@@ -278,14 +321,19 @@ _INVALID = "invalid: T(n tokens) <= T(1 token) (see ms_per_step)"
 
 
 def print_table(rows: list[dict]) -> None:
+    counted = any("launches_per_step" in r for r in rows)
     header = f"{'method':22s} {'ctx':>6s} {'batch':>5s} {'prefill ms':>10s} {'ms/step':>9s} {'tok/s':>9s}"
+    header += f" {'launches/step':>13s}" if counted else ""
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(
+        line = (
             f"{r['method']:22s} {r['context']:6d} {r['batch']:5d} {r['prefill_ms']:10.1f} "
             f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f}"
         )
+        if "launches_per_step" in r:
+            line += f" {r['launches_per_step']:13.1f}" + (f"  ({r['launches_note']})" if "launches_note" in r else "")
+        print(line)
 
 
 def plot(rows: list[dict], path: Path) -> Path | None:

@@ -126,3 +126,23 @@ def test_skip_leaves_out_the_floor_too(monkeypatch):
     assert [row["method"] for row in rows] == ["ours strided", "floor (latent stack)"]
     rows = generate.bench_context(64, 1, 2, torch.device("cpu"), 1, skip | {"floor"}, "tiny")
     assert [row["method"] for row in rows] == ["ours strided"]
+
+
+def test_launches_per_step_are_a_difference_of_two_generations():
+    from types import SimpleNamespace
+
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [SimpleNamespace(device_type=kind) for kind in (cuda, cpu, cuda, cuda, cpu)]
+    assert generate.count_device_events(events) == 3
+    launched = {1: 50, 24: 50 + 23 * 80}
+    assert generate.kernels_per_step(lambda n: n, 24, recorded=lambda call: launched[call()]) == (80.0, None)
+    same, note = generate.kernels_per_step(lambda n: n, 24, recorded=lambda call: 50)
+    assert math.isnan(same) and "recorded 50 launches for 1 token and 50 for 24" in note
+
+    def broken(call):
+        raise RuntimeError("CUPTI unavailable")
+
+    failed, note = generate.kernels_per_step(lambda n: n, 24, recorded=broken)
+    assert math.isnan(failed) and note == "profiler failed: RuntimeError: CUPTI unavailable"
+    # The profiler's own events on this machine: CPU ones only.
+    assert generate.device_events_of(lambda: torch.ones(3) + 1, torch.device("cpu")) == 0
