@@ -107,7 +107,7 @@ class _DecodingBase:
         self._own_caches = self._layer_caches()
         if self.projections is None:
             packed = self.device.type in self.pack_devices
-            self.projections = PackedProjections(self._attentions if packed else [])
+            self.projections = PackedProjections(self._attentions if packed else [], dtype=self.compute_dtype)
         self.projections.attach()
 
     def _take_back_layer_caches(self) -> None:

@@ -40,7 +40,9 @@ class PackedProjections:
     all layers or none; otherwise :attr:`packed` is empty and the layers keep projecting with their own modules.
     """
 
-    def __init__(self, attentions: Sequence[nn.Module]) -> None:
+    def __init__(self, attentions: Sequence[nn.Module], dtype: torch.dtype | None = None) -> None:
+        """``dtype``: of the packed rows, where it is not the parameters' (autocast's, for steps run under it: one
+        cast of the whole pack per step instead of one per layer and step)."""
         self.attentions = list(attentions)
         weights, biases = self._parameters()
         with_bias = [bias is not None for bias in biases]
@@ -57,12 +59,17 @@ class PackedProjections:
         with torch.no_grad():
             self._weight = torch.cat(weights)
             self._bias = torch.cat(biases) if all(with_bias) else None
+        # The rows the layers read: these buffers, or copies of them in ``dtype`` (weight first, then any bias).
+        self._cast: list[torch.Tensor] = []
+        if dtype is not None and dtype != self._weight.dtype:
+            self._cast = [t.to(dtype) for t in (self._weight, self._bias) if t is not None]
+        weight = self._cast[0] if self._cast else self._weight
+        bias_rows = None if self._bias is None else (self._cast[1] if self._cast else self._bias)
         start = 0
         for attention in self.attentions:
             qk, v = attention.num_qk_channels, attention.num_v_channels
             rows = slice(start, start + 2 * qk + v)
-            bias = None if self._bias is None else self._bias[rows]
-            self.packed.append(PackedQKV(self._weight[rows], bias, qk))
+            self.packed.append(PackedQKV(weight[rows], None if bias_rows is None else bias_rows[rows], qk))
             start = rows.stop
 
     def _parameters(self) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
@@ -71,7 +78,8 @@ class PackedProjections:
         return [linear.weight for linear in linears], [linear.bias for linear in linears]
 
     def refresh(self) -> None:
-        """Copy the current parameters into the buffer (one kernel for the weights, one for the biases)."""
+        """Copy the current parameters into the buffer (one kernel for the weights, one for the biases, and one each
+        for the copies in another dtype)."""
         if not self.packed:
             return
         weights, biases = self._parameters()
@@ -81,12 +89,14 @@ class PackedProjections:
             torch.cat(weights, out=self._weight)
             if self._bias is not None:
                 torch.cat(biases, out=self._bias)
+            for cast, source in zip(self._cast, (self._weight, self._bias)):
+                cast.copy_(source)
 
     def buffers(self) -> list[torch.Tensor]:
         """The packed buffers (for checks that steps reallocate nothing)."""
         if not self.packed:
             return []
-        return [self._weight] + ([] if self._bias is None else [self._bias])
+        return [t for t in (self._weight, self._bias) if t is not None] + self._cast
 
     def attach(self) -> None:
         """Hand each layer's key/value cache its rows (a layer without a cache is left alone)."""

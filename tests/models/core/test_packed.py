@@ -91,3 +91,23 @@ def test_packed_rows_project_like_the_layers_own_modules(rotary):
         layer.write_cache(x, 0, rot)  # keys/values alone, from the rows [W_k; W_v]
     for got, want in ((q_packed, q_own), (k_packed, k_own), (v_packed, v_own), (layer.kv_cache.k[:, :5], k_own)):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_rows_in_another_dtype_are_cast_copies_refreshed_with_the_parameters(qkv_bias):
+    """Steps under bf16 autocast read bf16 rows: one cast of the pack per refresh, none per layer."""
+    torch.manual_seed(0)
+    layers = _layers(2, qkv_bias)
+    pack = PackedProjections(layers, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layers[1].v_proj.weight.mul_(3)
+    pack.refresh()
+    assert len(pack.buffers()) == (4 if qkv_bias else 2)
+    for layer, packed in zip(layers, pack.packed):
+        rows = torch.cat([layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight])
+        assert packed.weight.dtype == torch.bfloat16 and torch.equal(packed.weight, rows.bfloat16())
+        if qkv_bias:
+            bias = torch.cat([layer.q_proj.bias, layer.k_proj.bias, layer.v_proj.bias])
+            assert torch.equal(packed.bias, bias.bfloat16())
+    # The parameters' own dtype asks for no copies.
+    assert len(PackedProjections(layers, dtype=torch.float32).buffers()) == (2 if qkv_bias else 1)
