@@ -78,19 +78,22 @@ def test_a_tag_that_is_not_a_file_name_part_is_refused_before_anything_runs(caps
     assert _args("--tag", "h100_run-2.b").tag == "h100_run-2.b" and _args().tag == ""
 
 
-def _fake_blocks(monkeypatch, stop_after: int | None = None) -> None:
-    """``bench_context`` without a model: one row per block; the run is killed after ``stop_after`` blocks."""
-    done = []
+def _fake_blocks(monkeypatch, stop_after: int | None = None) -> list[bool]:
+    """``bench_context`` without a model: one row per block; the run is killed after ``stop_after`` blocks. Returns
+    whether each block was asked to count launches."""
+    done, counted = [], []
 
-    def bench_context(context, batch, *args):
+    def bench_context(context, batch, *args, count_launches=True):
         if stop_after is not None and len(done) == stop_after:
             raise KeyboardInterrupt  # a deadline or Ctrl-C, between two blocks
         done.append(context)
+        counted.append(count_launches)
         return [dict(method="ours exact", context=context, batch=batch, prefill_ms=1.0, ms_per_token=2.0,
                      tokens_per_s=500.0)]  # fmt: skip
 
     monkeypatch.setattr(generate, "bench_context", bench_context)
     monkeypatch.setattr(generate, "plot", lambda rows, path: None)
+    return counted
 
 
 def _contexts(path) -> list[int]:
@@ -107,6 +110,13 @@ def test_a_second_run_cut_short_keeps_the_first_runs_complete_file(tmp_path, mon
     second = first.with_name(f"{first.stem}-2.json")
     assert _contexts(first) == [512, 1024] and _contexts(second) == [512]
     assert f"{first} exists (an earlier run's results): kept" in capsys.readouterr().out
+
+
+def test_only_the_first_block_counts_launches(tmp_path, monkeypatch):
+    """A step's launches depend on its kind, not on the context or batch: one profiled block is enough."""
+    counted = _fake_blocks(monkeypatch)
+    generate.run(_args("--contexts", "512", "1024", "--batch-sizes", "1", "4", "--out", str(tmp_path)))
+    assert counted == [True, False, False, False]
 
 
 def test_generate_names_its_files_by_the_one_utc_date(tmp_path, monkeypatch):
