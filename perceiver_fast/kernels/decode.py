@@ -19,6 +19,7 @@ import torch
 
 from perceiver_fast.kernels import api, dispatch
 from perceiver_fast.kernels.api import Dispatch
+from perceiver_fast.kernels.cache_write import cache_pairs
 from perceiver_fast.kernels.problem import AttentionProblem
 from perceiver_fast.kernels.rotary import rotate_interleaved
 
@@ -141,18 +142,19 @@ def _composite(problem, q, k, v, k_cache, v_cache, position, rotary, kv_start, k
         num_q_heads = q.shape[2]
         rotated = rotate_interleaved(torch.cat((q, k), dim=2), *rotary)
         q, k = rotated[:, :, :num_q_heads], rotated[:, :, num_q_heads:]
+    pairs = cache_pairs(k_cache, v_cache, k, v)  # one copy where keys and values are each one tensor
     if isinstance(position, int):
-        k_cache[:, position : position + 1] = k
-        v_cache[:, position : position + 1] = v
+        for cache, new in pairs:
+            cache[:, position : position + 1] = new
     elif position.numel() == 1:
         index = position.reshape(1).to(torch.int64)
-        k_cache.index_copy_(1, index, k)
-        v_cache.index_copy_(1, index, v)
+        for cache, new in pairs:
+            cache.index_copy_(1, index, new)
     else:  # one row per batch row: scatter through the batch dimension
         rows = torch.arange(q.shape[0], device=q.device)
         index = position.reshape(-1).to(torch.int64)
-        k_cache[rows, index] = k[:, 0]
-        v_cache[rows, index] = v[:, 0]
+        for cache, new in pairs:
+            cache[rows, index] = new[:, 0]
     # The rotated q has q's shape and dtype: the problem checked for the whole step is the attention's.
     return api.run_checked(problem, q, k_cache, v_cache, kv_start, kv_len, scale)
 

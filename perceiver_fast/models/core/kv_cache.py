@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from perceiver_fast.kernels.cache_write import cache_pairs
 from perceiver_fast.models.core.packed import PackedQKV
 
 
@@ -31,8 +32,14 @@ class KVCache:
         if batch < 1 or capacity < 1:
             raise ValueError(f"a cache needs batch >= 1 and capacity >= 1, got {batch} and {capacity}")
         # torch.empty on purpose: positions that hold nothing are never read (the op's key bounds exclude them).
-        self.k = torch.empty(batch, heads, capacity, k_dim, dtype=dtype, device=device).transpose(1, 2)
-        self.v = torch.empty(batch, heads, capacity, v_dim, dtype=dtype, device=device).transpose(1, 2)
+        if k_dim == v_dim:
+            # One buffer, each row's value heads after its key heads: keys and values projected by one GEMM are
+            # written with one copy (kernels/cache_write.py); the attention kernels read any batch stride.
+            both = torch.empty(batch, 2 * heads, capacity, k_dim, dtype=dtype, device=device).transpose(1, 2)
+            self.k, self.v = both[:, :, :heads], both[:, :, heads:]
+        else:
+            self.k = torch.empty(batch, heads, capacity, k_dim, dtype=dtype, device=device).transpose(1, 2)
+            self.v = torch.empty(batch, heads, capacity, v_dim, dtype=dtype, device=device).transpose(1, 2)
         # The layer's query/key/value rows in a decoder's packed copy (see packed.py), which that decoder refreshes
         # before each step; None: the layer projects with its own modules.
         self.packed: PackedQKV | None = None
@@ -48,15 +55,16 @@ class KVCache:
         never by the host), or an ``[n]`` tensor of positions, one per new row.
         """
         n = k.shape[1]
+        pairs = cache_pairs(self.k, self.v, k, v)  # one copy where keys and values come out of one GEMM
         if isinstance(position, int):
-            self.k[:, position : position + n] = k
-            self.v[:, position : position + n] = v
+            for cache, new in pairs:
+                cache[:, position : position + n] = new
             return
         index = position.reshape(-1).to(torch.int64)
         if index.numel() == 1 and n > 1:
             index = index + torch.arange(n, device=index.device)
-        self.k.index_copy_(1, index, k.to(self.k.dtype))
-        self.v.index_copy_(1, index, v.to(self.v.dtype))
+        for cache, new in pairs:
+            cache.index_copy_(1, index, new.to(cache.dtype))
 
     def move(self, source: int, target: int, count: int) -> None:
         """Copy positions ``[source, source + count)`` to ``[target, target + count)`` (they may overlap)."""

@@ -1,0 +1,40 @@
+"""New key/value rows into a key/value cache in one copy where the layouts allow, two otherwise.
+
+A decoding step is bound by kernel launches. Keys and values projected by one GEMM come out side by side (the heads
+of the values right after those of the keys, at the same strides), and a cache allocated as one buffer holds its
+keys' and values' heads the same way: then the keys and values are one ``[B, N, 2H, D]`` tensor on each side, and a
+single copy writes both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._subclasses.fake_tensor import is_fake
+
+
+def heads_joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """``[B, N, 2H, D]``: ``a`` and ``b`` (``[B, N, H, D]`` each) as one tensor, where ``b``'s heads follow ``a``'s in
+    memory at the same strides; else ``None``."""
+    if a.dim() != 4 or a.shape != b.shape or a.stride() != b.stride() or (a.dtype, a.device) != (b.dtype, b.device):
+        return None
+    if is_fake(a) or torch.compiler.is_compiling():  # traced: no storage to compare
+        return None
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return None
+    if b.storage_offset() != a.storage_offset() + a.shape[2] * a.stride(2):
+        return None
+    batch, rows, heads, dim = a.shape
+    return a.as_strided((batch, rows, 2 * heads, dim), a.stride(), a.storage_offset())
+
+
+def cache_pairs(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The ``(cache, rows)`` pairs that writing ``k``/``v`` into ``k_cache``/``v_cache`` takes: one where both sides
+    are joined along the heads (:func:`heads_joined`), else the keys and the values apart."""
+    cache = heads_joined(k_cache, v_cache)
+    if cache is not None and cache.dtype == k.dtype:
+        rows = heads_joined(k, v)
+        if rows is not None:
+            return [(cache, rows)]
+    return [(k_cache, k), (v_cache, v)]
