@@ -1,7 +1,8 @@
 """A preallocated key/value cache owned by one attention layer (gpt-fast's pattern).
 
 The buffers are allocated once per batch, head-major (each head's keys contiguous, which the attention kernels read
-fastest), and exposed as ``[batch, capacity, heads, head_dim]`` views, the layout of the attention op. New keys and
+fastest; keys and values of equal head dims in one buffer, each row's value heads after its key heads), and exposed
+as ``[batch, capacity, heads, head_dim]`` views, the layout of the attention op. New keys and
 values are written in place, at positions given either as a Python int (eager code) or as a device tensor (code
 captured in a CUDA graph, whose positions must change from one replay to the next without a host round trip).
 Which positions hold what is the business of whoever drives the cache (generation keeps the window logic).
