@@ -17,11 +17,12 @@ def heads_joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     memory at the same strides; else ``None``."""
     if a.dim() != 4 or a.shape != b.shape or a.stride() != b.stride() or (a.dtype, a.device) != (b.dtype, b.device):
         return None
-    if is_fake(a) or torch.compiler.is_compiling():  # traced: no storage to compare
+    if is_fake(a) or torch.compiler.is_compiling():  # traced: no memory to compare
+        return None
+    # Addresses first (cheap), then whether both are one allocation (two may happen to lie side by side).
+    if b.data_ptr() != a.data_ptr() + a.shape[2] * a.stride(2) * a.element_size():
         return None
     if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return None
-    if b.storage_offset() != a.storage_offset() + a.shape[2] * a.stride(2):
         return None
     batch, rows, heads, dim = a.shape
     return a.as_strided((batch, rows, 2 * heads, dim), a.stride(), a.storage_offset())
@@ -32,9 +33,9 @@ def cache_pairs(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The ``(cache, rows)`` pairs that writing ``k``/``v`` into ``k_cache``/``v_cache`` takes: one where both sides
     are joined along the heads (:func:`heads_joined`), else the keys and the values apart."""
-    cache = heads_joined(k_cache, v_cache)
-    if cache is not None and cache.dtype == k.dtype:
-        rows = heads_joined(k, v)
-        if rows is not None:
+    rows = heads_joined(k, v)  # first: rows projected apart fail its cheapest checks
+    if rows is not None and rows.dtype == k_cache.dtype:
+        cache = heads_joined(k_cache, v_cache)
+        if cache is not None:
             return [(cache, rows)]
     return [(k_cache, k), (v_cache, v)]
