@@ -145,7 +145,7 @@ def device_events_of(call, device: torch.device) -> int:
     return count_device_events(prof.events())
 
 
-def kernels_per_step(run, new_tokens: int, recorded) -> tuple[float, str | None]:
+def launches_per_step(run, new_tokens: int, recorded) -> tuple[float, str | None]:
     """Device launches per decoding step, ``(K(n) - K(1)) / (n - 1)`` from the launches the profiler records in a
     generation of ``n`` tokens and of 1 (those of replayed CUDA graphs included, which CUPTI reports kernel by
     kernel), with why it is NaN: the profiler failed, or recorded none (a replay it cannot see into)."""
@@ -223,7 +223,7 @@ def bench_context(
         # On a GPU a step is bound by its launches: count them for our cached modes (after the timings, which the
         # profiler would slow down), over at most 8 tokens (a count does not vary with the step's length).
         launches = {
-            name: kernels_per_step(run, min(new_tokens, 8), partial(device_events_of, device=device))
+            name: launches_per_step(run, min(new_tokens, 8), partial(device_events_of, device=device))
             for name, run in methods.items()
             if count_launches and device.type == "cuda" and name.startswith("ours ") and "uncached" not in name
         }

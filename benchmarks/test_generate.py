@@ -145,14 +145,14 @@ def test_launches_per_step_are_a_difference_of_two_generations():
     events = [SimpleNamespace(device_type=kind) for kind in (cuda, cpu, cuda, cuda, cpu)]
     assert generate.count_device_events(events) == 3
     launched = {1: 50, 24: 50 + 23 * 80}
-    assert generate.kernels_per_step(lambda n: n, 24, recorded=lambda call: launched[call()]) == (80.0, None)
-    same, note = generate.kernels_per_step(lambda n: n, 24, recorded=lambda call: 50)
+    assert generate.launches_per_step(lambda n: n, 24, recorded=lambda call: launched[call()]) == (80.0, None)
+    same, note = generate.launches_per_step(lambda n: n, 24, recorded=lambda call: 50)
     assert math.isnan(same) and "recorded 50 launches for 1 token and 50 for 24" in note
 
     def broken(call):
         raise RuntimeError("CUPTI unavailable")
 
-    failed, note = generate.kernels_per_step(lambda n: n, 24, recorded=broken)
+    failed, note = generate.launches_per_step(lambda n: n, 24, recorded=broken)
     assert math.isnan(failed) and note == "profiler failed: RuntimeError: CUPTI unavailable"
     # The profiler's own events on this machine: CPU ones only.
     assert generate.device_events_of(lambda: torch.ones(3) + 1, torch.device("cpu")) == 0
