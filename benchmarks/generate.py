@@ -8,6 +8,8 @@ Rows (each timed in this one process, so their ratios are comparable):
 - pio cached / pio uncached: perceiver-io 0.11.0's own ``generate`` (its uncached path does not keep the documented
   schedule; shown for reference). pio exact: the exact way to sample perceiver-io's model, a full forward of its
   backend per token under the documented schedule; the baseline of the exact-mode target.
+- ours <mode> (compiled), with ``--compile-steps``: the same with ``compile_steps=True`` (each mode on a model copy of
+  its own, which keeps the compiled steps between generations).
 - floor: one pass of the latent stack over all latents (cross-attention latent part + self-attention layers), what
   exact decoding must pay per token once the latents are full.
 ms per step excludes the prompt's prefill: it is ``(T(n tokens) - T(1 token)) / (n - 1)``, NaN where that is not
@@ -165,6 +167,7 @@ def _time_once(timed, run, new_tokens: int) -> float:
 def bench_context(
     context: int, batch: int, new_tokens: int, device: torch.device, repeats: int, skip: set[str],
     model_name: str = "reference", dtype: torch.dtype = torch.float32, count_launches: bool = True,
+    compile_steps: bool = False,
 ):  # fmt: skip
     config = dict(MODELS[model_name], max_seq_len=context)
     torch.manual_seed(0)
@@ -199,6 +202,19 @@ def bench_context(
             methods[f"ours {mode} (eager)"] = lambda n, mode=mode: eager_model.generate(
                 prompt, n, num_latents=num_latents, cache_mode=mode, cuda_graph=False
             )
+    warm_runs = {name: 3 for name in graph_rows}
+    if compile_steps:
+        # Steps compiled by torch.compile (replayed as graphs on CUDA), each mode on a model copy of its own, which
+        # keeps its decoder and so its compiled steps. A kind is compiled at its second run and, on CUDA, captured
+        # at its fourth: four whole generations warm every kind, the strided hand-over (once a generation) included.
+        for mode in ("exact", "strided", "perceiver-io"):
+            own = copy.deepcopy(model)
+            copies.append(own)
+            name = f"ours {mode} (compiled)"
+            methods[name] = lambda n, own=own, mode=mode: own.generate(
+                prompt, n, num_latents=num_latents, cache_mode=mode, compile_steps=True
+            )
+            warm_runs[name] = 4
     if theirs is not None:
         kwargs = dict(num_latents=num_latents, do_sample=False, pad_token_id=0)
         methods["pio cached"] = lambda n: theirs.generate(input_ids=prompt, max_new_tokens=n, use_cache=True, **kwargs)
@@ -212,8 +228,8 @@ def bench_context(
         for name, run in methods.items():
             # Warm-up. A graph row runs whole generations until every kind of step is captured: a kind seen once a
             # generation (the strided hand-over) is captured in the third, after two plain runs.
-            for _ in range(3 if name in graph_rows else 1):
-                run(new_tokens if name in graph_rows else 2)
+            for _ in range(warm_runs.get(name, 1)):
+                run(new_tokens if name in warm_runs else 2)
         # Round robin over the methods, so that a burst of load on a shared machine hits all of them alike.
         first, total = ({name: [] for name in methods} for _ in range(2))
         for _ in range(repeats):
@@ -268,6 +284,9 @@ def ratios(rows: list[dict]) -> dict[str, float]:
         ("ours strided", "pio cached"),
         ("ours perceiver-io", "pio cached"),
         ("ours exact", "pio cached"),
+        ("ours exact (compiled)", "pio exact"),
+        ("ours strided (compiled)", "pio cached"),
+        ("ours perceiver-io (compiled)", "pio cached"),
     ):
         if ours in by and theirs in by:
             out[f"{ours} / {theirs}"] = by[ours] / by[theirs]
@@ -323,13 +342,14 @@ _INVALID = "invalid: T(n tokens) <= T(1 token) (see ms_per_step)"
 
 def print_table(rows: list[dict]) -> None:
     counted = any("launches_per_step" in r for r in rows)
-    header = f"{'method':22s} {'ctx':>6s} {'batch':>5s} {'prefill ms':>10s} {'ms/step':>9s} {'tok/s':>9s}"
+    width = max(22, *(len(r["method"]) for r in rows))
+    header = f"{'method':{width}s} {'ctx':>6s} {'batch':>5s} {'prefill ms':>10s} {'ms/step':>9s} {'tok/s':>9s}"
     header += f" {'launches/step':>13s}" if counted else ""
     print(header)
     print("-" * len(header))
     for r in rows:
         line = (
-            f"{r['method']:22s} {r['context']:6d} {r['batch']:5d} {r['prefill_ms']:10.1f} "
+            f"{r['method']:{width}s} {r['context']:6d} {r['batch']:5d} {r['prefill_ms']:10.1f} "
             f"{r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f}"
         )
         if "launches_per_step" in r:
@@ -403,7 +423,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             # Launch counts depend on the kinds of step, not on the context or the batch: the first block counts.
             block = bench_context(
                 context, batch, args.new_tokens, device, args.repeats, set(args.skip), args.model, dtype,
-                count_launches=not rows,
+                count_launches=not rows, compile_steps=args.compile_steps,
             )  # fmt: skip
             print_table(block)
             for name, value in ratios(block).items():
@@ -441,6 +461,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--skip", nargs="*", default=[], help="methods whose name contains any of these, e.g. uncached")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--compile-steps", action="store_true",
+                        help="also time each cached mode with its steps compiled by torch.compile (compile_steps)")
     tag_help = "suffix of the result files' names: letters, digits, '.', '_' and '-'"
     parser.add_argument("--tag", type=common.file_tag, default="", help=tag_help)
 

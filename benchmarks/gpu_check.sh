@@ -12,7 +12,8 @@
 #    then the decoding-step benchmark (fused decode kernel), which adds the table's decode-step rows (~16 s);
 # 4. generation in bf16 at 8k and 32k, batch 1 and 16, every mode with graphs and eagerly, our uncached path and
 #    perceiver-io's cached generate (with .whl/), then the seed configuration at 8k (55 s and 39 s without
-#    perceiver-io): with the time kept for it (GENERATE_SECONDS) or left over; GENERATE=0 skips it.
+#    perceiver-io): with the time kept for it (GENERATE_SECONDS) or left over; GENERATE=0 skips it. COMPILE_STEPS=1
+#    adds rows whose steps are compiled by torch.compile (each kind compiles once: give it GENERATE_SECONDS);
 #    benchmarks/gpu_generate.sh is the longer generation check;
 # 5. everything (logs, JSON, plots, the table) packed into ONE tarball, $OUT/gpu-check.tar.gz, since the device tool
 #    returns at most 8 files, plus $OUT/summary.txt; the summary is printed last. Both are also written after every
@@ -21,7 +22,7 @@
 # Every step runs under `timeout`, capped by a deadline that the whole script keeps: CHECK_SECONDS (default 540).
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: detected), CUDA_HOME (default: the toolkit
 # of the nvcc on PATH), BENCH_ARGS (added to the kernel benchmark's command), KERNELS_SECONDS (the kernel benchmark's
-# most, default 170), GENERATE_SECONDS (default 110), GENERATE=0.
+# most, default 170), GENERATE_SECONDS (default 110), GENERATE=0, COMPILE_STEPS=1.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 CHECK_SECONDS=${CHECK_SECONDS:-540}
@@ -93,6 +94,7 @@ if [ "${GENERATE:-1}" != 0 ] && (($(allow 150 "$PACK_SECONDS") >= 45)); then
   step=$(date +%s)
   site=$(parity_site)
   generate=("$PY" -m benchmarks generate --device cuda --dtype bf16 --new-tokens 32 --repeats 2 --out "$WORK")
+  [ "${COMPILE_STEPS:-0}" = 1 ] && generate+=(--compile-steps)  # rows with torch.compile'd steps (compiles: slower)
   PYTHONPATH="${site:+$site:}$PYTHONPATH" TRITON_INTERPRET=0 timeout -k 5 "$(allow 150 $((PACK_SECONDS + 30)))" \
     "${generate[@]}" --contexts 8192 32768 --batch-sizes 1 16 --skip "pio uncached" "pio exact" \
     > "$WORK/generate.log" 2>&1

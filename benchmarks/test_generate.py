@@ -83,7 +83,7 @@ def _fake_blocks(monkeypatch, stop_after: int | None = None) -> list[bool]:
     whether each block was asked to count launches."""
     done, counted = [], []
 
-    def bench_context(context, batch, *args, count_launches=True):
+    def bench_context(context, batch, *args, count_launches=True, compile_steps=False):
         if stop_after is not None and len(done) == stop_after:
             raise KeyboardInterrupt  # a deadline or Ctrl-C, between two blocks
         done.append(context)
@@ -136,6 +136,33 @@ def test_skip_leaves_out_the_floor_too(monkeypatch):
     assert [row["method"] for row in rows] == ["ours strided", "floor (latent stack)"]
     rows = generate.bench_context(64, 1, 2, torch.device("cpu"), 1, skip | {"floor"}, "tiny")
     assert [row["method"] for row in rows] == ["ours strided"]
+
+
+def test_compiled_rows_time_each_mode_with_compiled_steps(monkeypatch):
+    """--compile-steps adds a row per cached mode whose steps torch.compile compiled (traced with aot_eager here,
+    which compiles in seconds: the benchmark's part is which rows run with which flag)."""
+    from perceiver_fast.generation.graphs import StepGraphs
+
+    monkeypatch.setattr(StepGraphs, "compile_backend", "aot_eager")
+    monkeypatch.setitem(generate.MODELS, "tiny", dict(num_channels=16, num_heads=2, num_self_attention_layers=1,
+                                                      max_latents=8))  # fmt: skip
+    compiled = []
+    original = generate.CausalLanguageModel.generate
+
+    def recording(self, *args, **kwargs):
+        compiled.append(kwargs.get("compile_steps", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(generate.CausalLanguageModel, "generate", recording)
+    skip = {"pio", "uncached", "floor"}
+    rows = generate.bench_context(64, 1, 4, torch.device("cpu"), 1, skip, "tiny", compile_steps=True)
+    names = [row["method"] for row in rows]
+    assert names == [f"ours {mode}{suffix}" for suffix in ("", " (compiled)")
+                     for mode in ("exact", "strided", "perceiver-io")]  # fmt: skip
+    assert compiled.count(True) == 3 * (4 + 2)  # four warm-up generations and two timed ones per compiled row
+    args = generate.argparse.ArgumentParser()
+    generate.add_arguments(args)
+    assert args.parse_args(["--compile-steps"]).compile_steps and not args.parse_args([]).compile_steps
 
 
 def test_launches_per_step_are_a_difference_of_two_generations():

@@ -23,11 +23,12 @@ logic and the latents' state live here. Everything is allocated once, and the wi
 the buffers, the prefix length, the number of latents, each row's pads) is kept twice: as Python ints, which choose
 what a step does (the schedule is deterministic), and as small device tensors, which the step's kernels read and
 update in place. A step therefore has fixed shapes and reads nothing back to the host, so it can be captured in a
-CUDA graph and replayed (:mod:`perceiver_fast.generation.graphs`). Captured, once a kind repeats: extending the
-latents, moving latents into the prefix with the latents full (also the strided hand-over), sliding a rotary-only
-window, and perceiver-io mode's step. Run eagerly: the prompt's prefill, rebuilding the window (models with
-absolute position embeddings or bf16/fp16 angles at every slide, the others once per window length), steps while
-pads sit among the latents, and compacting perceiver-io mode's buffers (once per window length).
+CUDA graph and replayed, or compiled by ``torch.compile`` (:mod:`perceiver_fast.generation.graphs`). Captured (and
+compiled), once a kind repeats: extending the latents, moving latents into the prefix with the latents full (also
+the strided hand-over), sliding a rotary-only window, and perceiver-io mode's step. Run eagerly: the prompt's
+prefill, rebuilding the window (models with absolute position embeddings or bf16/fp16 angles at every slide, the
+others once per window length), steps while pads sit among the latents, and compacting perceiver-io mode's buffers
+(once per window length).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class _DecodingBase:
     # each step would cost more than the two calls per layer it saves.
     pack_devices: tuple[str, ...] = ("cuda",)
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool) -> None:
+    def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool, compile_steps: bool) -> None:
         self.model = model
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
@@ -84,7 +85,7 @@ class _DecodingBase:
         self._attentions = [layer.attention_module.attention for layer in (self.cross, *self.self_layers)]
         # Looked up once: a step asks for them per layer, and module attribute lookups are slow next to tiny ops.
         self._rotary_layers = [model.self_attention.uses_rotary(i) for i in range(len(self.self_layers))]
-        self.graphs = StepGraphs(cuda_graph)
+        self.graphs = StepGraphs(cuda_graph, compiled=compile_steps)
         # A replayed graph returns the one static logits tensor that its next replay overwrites: steps hand out a copy,
         # unless the caller reads each step's logits before the next step (generate does, and saves the copy).
         self.copy_logits = True
@@ -102,6 +103,12 @@ class _DecodingBase:
     def owns_layer_caches(self) -> bool:
         """Whether the layers still hold the caches this decoder set up (someone may have replaced them since)."""
         return all(a is b for a, b in zip(self._layer_caches(), self._own_caches)) and bool(self._own_caches)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether this decoder still has its caches (it hands them back to the layers before each prefill and
+        step, whoever set up the layers' caches since): not closed."""
+        return bool(self._own_caches)
 
     def _claim_layer_caches(self) -> None:
         self._own_caches = self._layer_caches()
@@ -201,8 +208,9 @@ class PerceiverARCache(_DecodingBase):
         capacity_factor: int = 1,
         incremental_prefix: bool = True,
         cuda_graph: bool = False,
+        compile_steps: bool = False,
     ):
-        super().__init__(model, batch_size, cuda_graph)
+        super().__init__(model, batch_size, cuda_graph, compile_steps)
         # Keep each latent's attention to the prefix as a partial softmax, updated as positions cross (best when
         # positions cross every token); without it, a crossing recomputes the latents' attention over the window
         # (best when many cross at once, the strided schedule), and a new token's row is one attention call.
@@ -544,9 +552,12 @@ class PerceiverIOCompatibleCache(_DecodingBase):
     step has the same shapes.
     """
 
-    def __init__(self, model: torch.nn.Module, batch_size: int, cuda_graph: bool = False):
-        super().__init__(model, batch_size, cuda_graph)
-        self.cache = PerceiverARCache(model, batch_size, capacity_factor=2, cuda_graph=False)
+    def __init__(
+        self, model: torch.nn.Module, batch_size: int, cuda_graph: bool = False, compile_steps: bool = False
+    ) -> None:
+        super().__init__(model, batch_size, cuda_graph, compile_steps)
+        # Prefill only: the steps are this cache's own.
+        self.cache = PerceiverARCache(model, batch_size, capacity_factor=2)
         self.projections = self.cache.projections  # one pack, attached to the caches of both (claimed by both)
         self.self_capacity = 2 * model.max_latents
         # The exact cache sized the self-attention caches for max_latents + 1 rows; perceiver-io's need two windows.

@@ -98,12 +98,19 @@ class CachedDecoder:
     oldest positions in place (and rebuild once per window length, when the buffers are full), other models rebuild
     the cache (see ``PerceiverARCache.can_slide`` and ``has_room``)."""
 
-    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int, cuda_graph: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: WindowSchedule,
+        batch_size: int,
+        cuda_graph: bool = False,
+        compile_steps: bool = False,
+    ) -> None:
         self.schedule = schedule
         capacity_factor = 1 if model.config.abs_pos_emb else 2  # room to slide in place
         self.cache = PerceiverARCache(
             model, batch_size, capacity_factor=capacity_factor, incremental_prefix=schedule.stride == 1,
-            cuda_graph=cuda_graph,
+            cuda_graph=cuda_graph, compile_steps=compile_steps,
         )  # fmt: skip
         self.window = None
         self.prompt_pads: list[int] | None = None
@@ -131,7 +138,7 @@ class CachedDecoder:
         # The schedule's next window, prefilled: exact in every mode. Graphs are captured again, since weights
         # reassigned (``load_state_dict(..., assign=True)``) live elsewhere than the captured kernels read.
         self.window = self.schedule.advance(self.window)
-        self.cache.graphs.release()
+        self.cache.graphs.drop_graphs()
         return self._prefill(sequence, pad_mask)
 
     def close(self) -> None:
@@ -141,9 +148,16 @@ class CachedDecoder:
 class PerceiverIODecoder:
     """perceiver-io 0.11.0's cached ``generate``, token for token (approximate once the latents are full)."""
 
-    def __init__(self, model: torch.nn.Module, schedule: WindowSchedule, batch_size: int, cuda_graph: bool = False):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        schedule: WindowSchedule,
+        batch_size: int,
+        cuda_graph: bool = False,
+        compile_steps: bool = False,
+    ) -> None:
         self.schedule = schedule
-        self.cache = PerceiverIOCompatibleCache(model, batch_size, cuda_graph=cuda_graph)
+        self.cache = PerceiverIOCompatibleCache(model, batch_size, cuda_graph=cuda_graph, compile_steps=compile_steps)
 
     def start(self, sequence, pad_mask, num_latents):
         window = self.schedule.initial(sequence.shape[1], num_latents)
@@ -266,28 +280,30 @@ def _make_schedule(model, use_cache, cache_mode, stride) -> WindowSchedule:
     return WindowSchedule(max_seq_len=model.max_seq_len, max_latents=model.max_latents, stride=stride)
 
 
-def _make_decoder(model, batch_size, use_cache, cache_mode, schedule, cuda_graph) -> Decoder:
+def _make_decoder(model, batch_size, use_cache, cache_mode, schedule, cuda_graph, compile_steps) -> Decoder:
     if not use_cache:
         return FullForwardDecoder(model, schedule)
-    if cuda_graph:
-        # Captured graphs point at the decoder's buffers: keep both with the model for the next call of the same
-        # shape, so that a new generation replays them instead of capturing again (release_decoding frees them).
-        key = _held_decoder_key(model, batch_size, cache_mode, schedule.stride)
+    make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
+    if cuda_graph or compile_steps:
+        # Captured graphs point at the decoder's buffers: keep it with the model for the next call of the same
+        # shape, so that a new generation replays its steps instead of capturing them again, and (compiled steps)
+        # warms no kind again (release_decoding frees it).
+        key = _held_decoder_key(model, batch_size, cache_mode, schedule.stride, compile_steps)
         held = model.__dict__.get(_HELD_DECODER)
         if held is not None and held.decoder in _IN_USE:  # another generation of this model is running: leave it
-            make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
-            return make(model, schedule, batch_size, False)
-        if held is not None and held.key == key and held.decoder.cache.owns_layer_caches():
-            return held.decoder
+            return make(model, schedule, batch_size, cuda_graph=False, compile_steps=compile_steps)
+        if held is not None and held.key == key and held.decoder.cache.is_open:
+            return held.decoder  # it takes its caches back from whichever decoder ran since
         release_decoding(model)
-    make = PerceiverIODecoder if cache_mode == "perceiver-io" else CachedDecoder
-    decoder = make(model, schedule, batch_size, cuda_graph)
-    if cuda_graph:
+    decoder = make(model, schedule, batch_size, cuda_graph=cuda_graph, compile_steps=compile_steps)
+    if cuda_graph or compile_steps:
         model.__dict__[_HELD_DECODER] = _HeldDecoder(key, decoder)
     return decoder
 
 
-def _held_decoder_key(model: torch.nn.Module, batch_size: int, cache_mode: str, stride: int) -> tuple:
+def _held_decoder_key(
+    model: torch.nn.Module, batch_size: int, cache_mode: str, stride: int, compile_steps: bool = False
+) -> tuple:
     """What a held decoder's graphs depend on. Besides the call's shape, dtype, autocast and inference mode (whose
     buffers cannot be updated outside it), the addresses of the
     model's parameters and buffers: a graph reads them where they were at capture, so weights that moved
@@ -297,7 +313,7 @@ def _held_decoder_key(model: torch.nn.Module, batch_size: int, cache_mode: str, 
     device = tensors[0].device
     storage = tuple(t.data_ptr() for t in tensors)
     modes = active_autocast_dtype(device), torch.is_inference_mode_enabled()
-    return batch_size, cache_mode, stride, tensors[0].dtype, device, *modes, storage
+    return batch_size, cache_mode, stride, compile_steps, tensors[0].dtype, device, *modes, storage
 
 
 _HELD_DECODER = "_perceiver_fast_held_decoder"
@@ -396,6 +412,7 @@ def stream(
     stride: int | None = None,
     progress: bool = False,
     cuda_graph: bool | None = None,
+    compile_steps: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, ``[b]`` per step, as it is chosen; arguments as :func:`generate`.
 
@@ -414,7 +431,7 @@ def stream(
 
 def _prepare(
     model, input_ids, max_new_tokens, *, num_latents, do_sample, temperature, top_k, top_p, threshold, pad_mask,
-    generator, eos_token_id, pad_token_id, use_cache, cache_mode, stride, progress, cuda_graph,
+    generator, eos_token_id, pad_token_id, use_cache, cache_mode, stride, progress, cuda_graph, compile_steps,
 ) -> _Generation:  # fmt: skip
     """Check every argument and build the decoder."""
     device = next(model.parameters()).device
@@ -443,6 +460,10 @@ def _prepare(
         cuda_graph = device.type == "cuda"
     elif cuda_graph and device.type != "cuda":
         raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
+    if not isinstance(compile_steps, bool):
+        raise TypeError(f"compile_steps must be a bool, got {compile_steps!r}")
+    if compile_steps and not use_cache:
+        raise ValueError("compile_steps compiles the steps of cached decoding: it needs use_cache=True")
     # Every check before the decoder allocates its buffers (in the model's layers): a refused call holds nothing.
     schedule = _make_schedule(model, use_cache, cache_mode, stride)
     schedule.initial(input_ids.shape[1], _check_count("num_latents", num_latents, 1))  # raises for a bad window
@@ -451,7 +472,7 @@ def _prepare(
     return _Generation(
         model=model,
         make_decoder=functools.partial(
-            _make_decoder, model, input_ids.shape[0], use_cache, cache_mode, schedule, bool(cuda_graph)
+            _make_decoder, model, input_ids.shape[0], use_cache, cache_mode, schedule, bool(cuda_graph), compile_steps
         ),
         input_ids=input_ids,
         pad_mask=pad_mask,
@@ -603,6 +624,11 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
         progress: show a progress bar.
         cuda_graph: replay the cached decoding steps as CUDA graphs (default: on for a model on a CUDA device; the
             tokens are the same as without). ``False`` runs every step eagerly.
+        compile_steps: compile each kind of cached decoding step with ``torch.compile`` (inductor fuses its small
+            ops) the second time it runs; with ``cuda_graph`` the graphs replay the compiled steps. Off by default:
+            a kind takes seconds to a minute to compile, once per process for a model configuration, batch size and
+            dtype, which pays off over long generations (README, "Compiled decoding steps"). The tokens are those
+            of eager steps up to rounding.
 
     Raises:
         ValueError / TypeError for a bad argument (token ids outside the vocabulary, an empty or right-padded prompt,

@@ -4,6 +4,9 @@ A decoding step is bound by kernel launches. Keys and values projected by one GE
 of the values right after those of the keys, at the same strides), and a cache allocated as one buffer holds its
 keys' and values' heads the same way: then the keys and values are one ``[B, N, 2H, D]`` tensor on each side, and a
 single copy writes both.
+
+Under ``torch.compile`` the rows go in through ``index_put_``, which inductor writes in place into a strided cache;
+an ``index_copy_`` into the same view is functionalized into a copy of the whole cache per write.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ def heads_joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     memory at the same strides; else ``None``."""
     if a.dim() != 4 or a.shape != b.shape or a.stride() != b.stride() or (a.dtype, a.device) != (b.dtype, b.device):
         return None
-    if is_fake(a) or torch.compiler.is_compiling():  # traced: no memory to compare
+    if torch.compiler.is_compiling() or is_fake(a):  # traced: no memory to compare
         return None
     # Addresses first (cheap), then whether both are one allocation (two may happen to lie side by side).
     if b.data_ptr() != a.data_ptr() + a.shape[2] * a.stride(2) * a.element_size():
@@ -39,3 +42,11 @@ def cache_pairs(
         if cache is not None:
             return [(cache, rows)]
     return [(k_cache, k), (v_cache, v)]
+
+
+def write_rows(cache: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
+    """``cache[:, index] = rows`` for an int64 ``index`` of positions along dim 1 (one per row of ``rows``)."""
+    if torch.compiler.is_compiling():
+        cache[:, index] = rows  # index_put_
+    else:
+        cache.index_copy_(1, index, rows)  # the cheapest call eagerly (no indexing machinery on the host)

@@ -19,7 +19,7 @@ import torch
 
 from perceiver_fast.kernels import api, dispatch
 from perceiver_fast.kernels.api import Dispatch
-from perceiver_fast.kernels.cache_write import cache_pairs
+from perceiver_fast.kernels.cache_write import cache_pairs, write_rows
 from perceiver_fast.kernels.problem import AttentionProblem
 from perceiver_fast.kernels.rotary import rotate_interleaved
 
@@ -149,7 +149,7 @@ def _composite(problem, q, k, v, k_cache, v_cache, position, rotary, kv_start, k
     elif position.numel() == 1:
         index = position.reshape(1).to(torch.int64)
         for cache, new in pairs:
-            cache.index_copy_(1, index, new)
+            write_rows(cache, index, new)
     else:  # one row per batch row: scatter through the batch dimension
         rows = torch.arange(q.shape[0], device=q.device)
         index = position.reshape(-1).to(torch.int64)

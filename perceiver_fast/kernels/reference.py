@@ -350,6 +350,36 @@ def _dense_attention(
     return out.transpose(1, 2).to(qt.dtype), lse
 
 
+@torch.library.custom_op("perceiver_fast::eager_attention_cpu", mutates_args=())
+def _eager_attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_start: torch.Tensor | None,
+    kv_len: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+    return_lse: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_eager` on CPU tensors as one op that ``torch.compile`` does not trace into (no dropout, no
+    gradient). Traced, the reference cannot read its key bounds on the host, and so zeroes every key outside them
+    where it would narrow the keys to them (a decoding step over an 8k cache then copies the whole cache). Outputs
+    are contiguous, as the fake says; the lse is empty when not asked for."""
+    out, lse = attention_eager(
+        q, k, v, causal=causal, kv_start=kv_start, kv_len=kv_len, scale=scale, return_lse=return_lse, dropout_p=0.0
+    )
+    return out.contiguous(), (lse.contiguous() if return_lse else q.new_empty(0, dtype=torch.float32))
+
+
+@_eager_attention_cpu.register_fake
+def _eager_attention_cpu_fake(q, k, v, kv_start, kv_len, causal, scale, return_lse):
+    batch, num_queries, num_q_heads, _ = q.shape
+    out = q.new_empty(batch, num_queries, num_q_heads, v.shape[3])
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = q.new_empty((batch, num_q_heads, num_queries) if return_lse else (0,), dtype=lse_dtype)
+    return out, lse
+
+
 class EagerBackend:
     """The reference: runs every call the op accepts, on any device."""
 
@@ -359,6 +389,11 @@ class EagerBackend:
         return None
 
     def run(self, q, k, v, **kwargs):
+        opaque = q.device.type == "cpu" and kwargs["dropout_p"] == 0.0 and not _needs_grad(q, k, v)
+        if opaque and torch.compiler.is_compiling():
+            names = ("kv_start", "kv_len", "causal", "scale", "return_lse")
+            out, lse = _eager_attention_cpu(q, k, v, *(kwargs[name] for name in names))
+            return out, (lse if kwargs["return_lse"] else None)
         return attention_eager(q, k, v, **kwargs)
 
 

@@ -138,6 +138,8 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         (dict(input_ids=torch.tensor([[5, -1, 7]])), ValueError, "token id -1, outside"),
         (dict(eos_token_id=300), ValueError, "eos_token_id 300"),
         (dict(pad_token_id=-1), ValueError, "pad_token_id -1"),
+        (dict(compile_steps=True, use_cache=False), ValueError, "compile_steps .* needs use_cache=True"),
+        (dict(compile_steps="yes"), TypeError, "compile_steps must be a bool"),
         # with nothing to generate the arguments are still checked
         (dict(max_new_tokens=0, num_latents=9), ValueError, "num_latents"),
         (dict(max_new_tokens=0, input_ids=torch.tensor([[5, 999]])), ValueError, "outside"),

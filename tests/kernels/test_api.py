@@ -111,6 +111,69 @@ def test_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled(q, k, v, kv_start), f(q, k, v, kv_start))
 
 
+def _graph_ops(fn, *args) -> set[str]:
+    """The ops of the graph ``torch.compile`` traces from ``fn(*args)``."""
+    ops = set()
+
+    def backend(gm, example_inputs):
+        ops.update(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm
+
+    torch.compile(fn, fullgraph=True, backend=backend)(*args)
+    return ops
+
+
+@pytest.mark.parametrize("return_lse", [False, True])
+def test_traced_without_gradients_on_cpu_the_reference_is_one_opaque_op(return_lse):
+    """Traced, the reference cannot read key bounds to narrow the keys: it would zero every key outside them (a pass
+    over a whole decoding cache). Without gradients on the CPU it runs as one op that reads them at run time."""
+    torch.manual_seed(0)
+    q, k, v = (t.detach() for t in _inputs(2, 3, 40, 4, 2, 8, 6))
+    kv_start, kv_len = torch.tensor([5, 0], dtype=torch.int32), torch.tensor([30, 40], dtype=torch.int32)
+
+    def f(q, k, v):
+        return attention(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len, return_lse=return_lse)
+
+    with torch.no_grad():
+        assert "perceiver_fast.eager_attention_cpu.default" in _graph_ops(f, q, k, v)
+        expected = f(q, k, v)
+        got = torch.compile(f, fullgraph=True)(q, k, v)
+    for ours, theirs in zip(got if return_lse else [got], expected if return_lse else [expected]):
+        torch.testing.assert_close(ours, theirs)
+    ref_out, ref_lse = attention_oracle(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len)
+    assert max_rel_error(got[0] if return_lse else got, ref_out) < 1e-5
+
+
+def test_traced_with_gradients_the_reference_stays_differentiable():
+    """With gradients the reference is traced op by op (the opaque op has no backward)."""
+    torch.manual_seed(0)
+    q, k, v = _inputs(1, 3, 9, 2, 2, 8, 8)
+    kv_len = torch.tensor([7], dtype=torch.int32)
+
+    def f(q, k, v):
+        return attention(q, k, v, causal=True, kv_len=kv_len)
+
+    assert "perceiver_fast.eager_attention_cpu.default" not in _graph_ops(f, q, k, v)
+    torch.compile(f, fullgraph=True)(q, k, v).sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    f(q, k, v).sum().backward()
+    for got, expected in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("bounds", [False, True])
+def test_the_opaque_reference_op_passes_opcheck(bounds):
+    from perceiver_fast.kernels.reference import _eager_attention_cpu
+
+    q, k, v = (t.detach() for t in _inputs(2, 3, 9, 2, 2, 8, 8))
+    kv_start, kv_len = (torch.tensor([1, 0], dtype=torch.int32), torch.tensor([8, 9], dtype=torch.int32))
+    bound_args = (kv_start, kv_len) if bounds else (None, None)
+    for return_lse in (False, True):
+        torch.library.opcheck(_eager_attention_cpu, (q, k, v, *bound_args, True, 0.3, return_lse))
+
+
 def test_compiles_without_graph_breaks_when_the_head_counts_change():
     """A recompilation with dynamic shapes makes the head counts symbolic: what the op passes on must stay a bool."""
     compiled = torch.compile(lambda q, k, v: attention(q, k, v, backend="eager"), fullgraph=True, backend="aot_eager")

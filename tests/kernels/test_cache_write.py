@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
+from torch._inductor.utils import run_and_get_code
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from perceiver_fast.kernels.cache_write import cache_pairs, heads_joined
@@ -65,3 +68,49 @@ def test_the_decoding_step_writes_joined_rows_like_separate_ones(position):
         out_apart = decode_attention(q, k.clone(), v.clone(), apart_k, apart_v, position, kv_len=kv_len)
     assert torch.equal(joined.k, apart_k) and torch.equal(joined.v, apart_v)
     torch.testing.assert_close(out_joined, out_apart, rtol=0, atol=0)
+
+
+def _loop_bounds(code: str) -> set[int]:
+    """The trip counts of the loops in inductor's C++ code for the CPU."""
+    return {int(n) for n in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", code)}
+
+
+def test_a_compiled_decoding_step_writes_its_cache_in_place():
+    """Under torch.compile the step writes its row with index_put_, which inductor does in place; an index_copy_
+    into the cache's (transposed, joined) view became a copy of the whole cache per write. The attention reads the
+    cache where it is too (the reference is one opaque op on the CPU, see test_api). The capacity, 1009 rows, is a
+    trip count no loop may have."""
+    torch.manual_seed(0)
+    capacity = 1009
+    compiled_cache, eager_cache = (KVCache(1, capacity, 2, 8, 8, dtype=torch.float32, device="cpu") for _ in range(2))
+    for cache in (compiled_cache, eager_cache):
+        cache.k.copy_(torch.arange(cache.k.numel(), dtype=torch.float32).view_as(cache.k) / cache.k.numel())
+        cache.v.copy_(-cache.k)
+    kv_len = torch.tensor([700], dtype=torch.int32)
+    position = torch.tensor([699])
+
+    def step(cache, q, k, v):
+        return decode_attention(q, k, v, cache.k, cache.v, position, kv_len=kv_len)
+
+    q, k, v = _projected(batch=1)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        out, (code,) = run_and_get_code(compiled, compiled_cache, q, k, v)
+        expected = step(eager_cache, q, k, v)
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(compiled_cache.k, eager_cache.k) and torch.equal(compiled_cache.v, eager_cache.v)
+    assert capacity not in _loop_bounds(code), "a loop over the whole cache (copied, or masked where it is narrowed)"
+
+
+def test_rows_written_apart_under_compile_land_where_eager_writes_put_them():
+    """The compiled form of KVCache.write (index_put_) and the eager one (index_copy_), rows per position."""
+    torch.manual_seed(0)
+    caches = [KVCache(2, 7, 2, 8, 4, dtype=torch.float32, device="cpu") for _ in range(2)]  # k, v apart
+    for cache in caches:
+        cache.k.zero_(), cache.v.zero_()
+    k, v = torch.randn(2, 3, 2, 8), torch.randn(2, 3, 2, 4)
+    position = torch.tensor([4])
+    torch.compile(lambda: caches[0].write(position, k, v), fullgraph=True)()
+    caches[1].write(position, k, v)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert caches[1].k[:, 4:7].equal(k) and caches[1].k[:, :4].abs().sum() == 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from perceiver_fast.kernels.cache_write import cache_pairs
+from perceiver_fast.kernels.cache_write import cache_pairs, write_rows
 from perceiver_fast.models.core.packed import PackedQKV
 
 
@@ -65,7 +65,7 @@ class KVCache:
         if index.numel() == 1 and n > 1:
             index = index + torch.arange(n, device=index.device)
         for cache, new in pairs:
-            cache.index_copy_(1, index, new.to(cache.dtype))
+            write_rows(cache, index, new.to(cache.dtype))
 
     def move(self, source: int, target: int, count: int) -> None:
         """Copy positions ``[source, source + count)`` to ``[target, target + count)`` (they may overlap)."""
