@@ -180,14 +180,18 @@ def attention_eager(
         else:
             out = _sdpa(qt, kt, vt, dropout_p=dropout_p, scale=scale)
         return out.transpose(1, 2), None
-    first, end = key_ranges(
-        batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
-    )
     # Without key bounds every row sees a key (a causal one its own position at least), unless there are more
     # causal queries than keys, or no keys.
     every_row_sees = no_bounds and num_keys > 0 and (not causal or num_queries <= num_keys)
+    flash_lse = return_lse and not guard and _flash_returns_lse(qt, kt, vt, dropout_p)
+    if flash_lse and unmasked and every_row_sees:
+        # No mask and no empty row: no key ranges to build (a third of a decoding call's time on the CPU).
+        return _cpu_flash_attention_with_lse(qt, kt, vt, None, None, causal, scale)
+    first, end = key_ranges(
+        batch, num_queries, num_keys, causal=causal, kv_start=kv_start, kv_len=kv_len, device=q.device
+    )
     sees = None if every_row_sees else end > (0 if first is None else first)  # [R, Nq]
-    if return_lse and not guard and _flash_returns_lse(qt, kt, vt, dropout_p):
+    if flash_lse:
         # SDPA's CPU flash kernel returns the log-sum-exp too; a dense float32 pass costs several times as much
         # (7x at 256 queries over 8k keys) and holds the whole score matrix.
         visible = None if unmasked else range_mask(first, end, num_keys)
