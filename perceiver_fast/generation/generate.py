@@ -16,6 +16,7 @@ GPU). On CUDA the cached decoders replay their steps as CUDA graphs (``cuda_grap
 
 from __future__ import annotations
 
+import abc
 import atexit
 import contextlib
 import functools
@@ -92,11 +93,9 @@ class FullForwardDecoder:
         pass
 
 
-class CachedDecoder:
-    """Exact cached decoding under ``schedule``: incremental while only latents grow, the latent stack recomputed
-    when latents cross into the prefix; when the window slides, rotary-only models with float32 angles drop the
-    oldest positions in place (and rebuild once per window length, when the buffers are full), other models rebuild
-    the cache (see ``PerceiverARCache.can_slide`` and ``has_room``)."""
+class _CacheDecoder(abc.ABC):
+    """What the cached decoders share: the schedule, and a cache whose steps may replay as CUDA graphs
+    (``cuda_graph``) and be compiled (``compile_steps``)."""
 
     def __init__(
         self,
@@ -107,13 +106,31 @@ class CachedDecoder:
         compile_steps: bool = False,
     ) -> None:
         self.schedule = schedule
+        self.cache = self._make_cache(model, batch_size, cuda_graph=cuda_graph, compile_steps=compile_steps)
+
+    @abc.abstractmethod
+    def _make_cache(
+        self, model: torch.nn.Module, batch_size: int, **steps
+    ) -> PerceiverARCache | PerceiverIOCompatibleCache:
+        """The decoder's cache; ``steps``: ``cuda_graph`` and ``compile_steps``."""
+
+    def close(self) -> None:
+        self.cache.close()
+
+
+class CachedDecoder(_CacheDecoder):
+    """Exact cached decoding under ``schedule``: incremental while only latents grow, the latent stack recomputed
+    when latents cross into the prefix; when the window slides, rotary-only models with float32 angles drop the
+    oldest positions in place (and rebuild once per window length, when the buffers are full), other models rebuild
+    the cache (see ``PerceiverARCache.can_slide`` and ``has_room``)."""
+
+    window = None
+    prompt_pads: list[int] | None = None
+
+    def _make_cache(self, model: torch.nn.Module, batch_size: int, **steps) -> PerceiverARCache:
         capacity_factor = 1 if model.config.abs_pos_emb else 2  # room to slide in place
-        self.cache = PerceiverARCache(
-            model, batch_size, capacity_factor=capacity_factor, incremental_prefix=schedule.stride == 1,
-            cuda_graph=cuda_graph, compile_steps=compile_steps,
-        )  # fmt: skip
-        self.window = None
-        self.prompt_pads: list[int] | None = None
+        incremental = self.schedule.stride == 1
+        return PerceiverARCache(model, batch_size, capacity_factor, incremental_prefix=incremental, **steps)
 
     def _prefill(self, sequence, pad_mask):
         view = slice(self.window.start, self.window.end)
@@ -141,23 +158,12 @@ class CachedDecoder:
         self.cache.graphs.drop_graphs()
         return self._prefill(sequence, pad_mask)
 
-    def close(self) -> None:
-        self.cache.close()
 
-
-class PerceiverIODecoder:
+class PerceiverIODecoder(_CacheDecoder):
     """perceiver-io 0.11.0's cached ``generate``, token for token (approximate once the latents are full)."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        schedule: WindowSchedule,
-        batch_size: int,
-        cuda_graph: bool = False,
-        compile_steps: bool = False,
-    ) -> None:
-        self.schedule = schedule
-        self.cache = PerceiverIOCompatibleCache(model, batch_size, cuda_graph=cuda_graph, compile_steps=compile_steps)
+    def _make_cache(self, model: torch.nn.Module, batch_size: int, **steps) -> PerceiverIOCompatibleCache:
+        return PerceiverIOCompatibleCache(model, batch_size, **steps)
 
     def start(self, sequence, pad_mask, num_latents):
         window = self.schedule.initial(sequence.shape[1], num_latents)
@@ -172,9 +178,6 @@ class PerceiverIODecoder:
             "holds keys/values of the old weights, and perceiver-io's cache, which keeps entries of earlier windows, "
             "has no exact rebuild. Start a new stream from the tokens so far, or stream with cache_mode='exact'"
         )
-
-    def close(self) -> None:
-        self.cache.close()
 
 
 def _check_prompt(input_ids: torch.Tensor, device: torch.device, vocab_size: int) -> None:
