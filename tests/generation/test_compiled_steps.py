@@ -142,9 +142,10 @@ def test_more_compiled_steps_than_dynamo_allows_per_function(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["exact", "strided", "perceiver-io"])
+@pytest.mark.parametrize("mode", ["exact"])
 def test_compiled_steps_replayed_as_graphs_give_the_tokens_of_eager_steps(mode):
-    """On CUDA the graphs capture the compiled steps (inductor's Triton kernels and the op's own)."""
+    """On CUDA the graphs capture the compiled steps (inductor's Triton kernels and the op's own). One mode: its
+    compile takes a minute of the GPU check's few (the other modes' steps are the same machinery, traced on CPU)."""
     from tests.generation.test_decode_steps import _cuda_model
 
     torch.manual_seed(0)
