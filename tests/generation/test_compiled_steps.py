@@ -113,6 +113,24 @@ def test_code_compiled_for_one_model_runs_another_with_its_own_weights(traced_on
         eager.close(), compiled.close()
 
 
+@pytest.mark.parametrize("assign", [False, True], ids=["in-place", "assigned"])
+def test_a_compiled_stream_decodes_with_the_weights_as_they_are_after_an_update(assign, traced_only):
+    """Compiled steps read the weights as graph inputs, each call: after an update mid-stream (which rebuilds the
+    cache and keeps the compiled steps) the tokens are the updated model's."""
+    from perceiver_fast.models.text.clm import CausalLanguageModel, CausalLanguageModelConfig
+    from tests.generation.test_cache import with_larger_weights
+    from tests.generation.test_generate import SMALL, _stream_with_an_update_at
+
+    torch.manual_seed(0)
+    model = with_larger_weights(CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).eval())
+    state = {name: t.clone() for name, t in model.state_dict().items()}
+    prompt = torch.randint(6, 262, (2, 6))
+    kwargs = dict(num_latents=2, assign=assign)
+    expected = _stream_with_an_update_at(model, prompt, 5, 10, use_cache=False, **kwargs)
+    model.load_state_dict(state)
+    assert torch.equal(_stream_with_an_update_at(model, prompt, 5, 10, compile_steps=True, **kwargs), expected)
+
+
 class _Stepper:
     """A decoder's shape: steps of every kind run through one method (the same code object for dynamo)."""
 
