@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exact: equal to full forwards; strided: latent stack once per --stride tokens; "
                           "perceiver-io: their approximate cache")
     gen.add_argument("--stride", type=int, default=None, help="stride of --cache-mode strided (default max_latents/2)")
+    gen.add_argument("--compile-steps", action="store_true",
+                     help="compile the decoding steps with torch.compile (pays off over long generations)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto")
     gen.add_argument("--precision", choices=_FIELD_CHOICES["precision"], default="auto",
                      help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (no-op on CPU)")
@@ -422,6 +424,7 @@ def run_generate(args: argparse.Namespace) -> str:
                 use_cache=not args.no_cache,
                 cache_mode=args.cache_mode,
                 stride=args.stride,
+                compile_steps=args.compile_steps,
             )
     except TypeError as e:  # an argument of the wrong kind for the generation library: bad input too
         raise ValueError(str(e)) from e

@@ -102,6 +102,24 @@ def test_generate_prints_what_model_generate_returns(tmp_path, capsys, cache_arg
     assert printed == tokenizer.decode(expected[0].tolist()) + "\n"
 
 
+def test_generate_compiles_its_steps_when_asked(tmp_path, capsys, monkeypatch):
+    """--compile-steps reaches the step runner (which here records the kinds it would compile, and runs them)."""
+    from perceiver_fast.generation.graphs import StepGraphs
+
+    compiled = []
+    monkeypatch.setattr(StepGraphs, "_compiled_step", lambda self, kind, step: compiled.append(kind) or step)
+    torch.manual_seed(0)
+    config = TrainConfig(max_seq_len=16, max_latents=4, num_channels=32, num_heads=2, num_self_attention_layers=1)
+    model = clm.CausalLanguageModel(config.model_config(262)).eval()
+    model.save_pretrained(tmp_path / "ckpt")
+    argv = ["generate", "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "def f(x):", "--max-new-tokens", "8"]
+    main(argv)
+    assert not compiled
+    plain = capsys.readouterr().out
+    main([*argv, "--compile-steps"])
+    assert compiled and capsys.readouterr().out == plain
+
+
 def _cli_continuation(checkpoint: str, device: str, precision: list[str], capsys) -> str:
     main(["generate", "--checkpoint", checkpoint, "--prompt", "def f(x):", "--max-new-tokens", "12",
           "--num-latents", "2", "--device", device, *precision])
