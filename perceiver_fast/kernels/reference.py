@@ -372,15 +372,18 @@ def _eager_attention_cpu(
     out, lse = attention_eager(
         q, k, v, causal=causal, kv_start=kv_start, kv_len=kv_len, scale=scale, return_lse=return_lse, dropout_p=0.0
     )
-    return out.contiguous(), (lse.contiguous() if return_lse else q.new_empty(0, dtype=torch.float32))
+    return out.contiguous(), (lse.contiguous() if return_lse else q.new_empty(0, dtype=_lse_dtype(q)))
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @_eager_attention_cpu.register_fake
 def _eager_attention_cpu_fake(q, k, v, kv_start, kv_len, causal, scale, return_lse):
     batch, num_queries, num_q_heads, _ = q.shape
     out = q.new_empty(batch, num_queries, num_q_heads, v.shape[3])
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse = q.new_empty((batch, num_q_heads, num_queries) if return_lse else (0,), dtype=lse_dtype)
+    lse = q.new_empty((batch, num_q_heads, num_queries) if return_lse else (0,), dtype=_lse_dtype(q))
     return out, lse
 
 

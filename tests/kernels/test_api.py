@@ -167,11 +167,12 @@ def test_traced_with_gradients_the_reference_stays_differentiable():
 def test_the_opaque_reference_op_passes_opcheck(bounds):
     from perceiver_fast.kernels.reference import _eager_attention_cpu
 
-    q, k, v = (t.detach() for t in _inputs(2, 3, 9, 2, 2, 8, 8))
     kv_start, kv_len = (torch.tensor([1, 0], dtype=torch.int32), torch.tensor([8, 9], dtype=torch.int32))
     bound_args = (kv_start, kv_len) if bounds else (None, None)
-    for return_lse in (False, True):
-        torch.library.opcheck(_eager_attention_cpu, (q, k, v, *bound_args, True, 0.3, return_lse))
+    for dtype in (torch.float32, torch.float64):
+        q, k, v = (t.detach() for t in _inputs(2, 3, 9, 2, 2, 8, 8, dtype=dtype))
+        for return_lse in (False, True):
+            torch.library.opcheck(_eager_attention_cpu, (q, k, v, *bound_args, True, 0.3, return_lse))
 
 
 def test_compiles_without_graph_breaks_when_the_head_counts_change():
