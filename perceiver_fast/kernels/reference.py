@@ -396,8 +396,9 @@ class EagerBackend:
         return None
 
     def run(self, q, k, v, **kwargs):
-        opaque = q.device.type == "cpu" and kwargs["dropout_p"] == 0.0 and not _needs_grad(q, k, v)
-        if opaque and torch.compiler.is_compiling():
+        # Traced without gradients on the CPU: one opaque op (is_compiling first, the cheapest test of an eager call).
+        opaque = torch.compiler.is_compiling() and q.device.type == "cpu" and kwargs["dropout_p"] == 0.0
+        if opaque and not _needs_grad(q, k, v):
             names = ("kv_start", "kv_len", "causal", "scale", "return_lse")
             out, lse = _eager_attention_cpu(q, k, v, *(kwargs[name] for name in names))
             return out, (lse if kwargs["return_lse"] else None)
