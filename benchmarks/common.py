@@ -128,6 +128,29 @@ def time_ms(
     return times
 
 
+def issue_times_ms(fn: Callable[[int], object], device: torch.device, *, calls: int = 20) -> dict[str, float]:
+    """Where a call's time goes when calls are issued back to back, as a training loop issues them.
+
+    ``host_ms``: how long ``fn`` takes to return, per call (the Python, dispatch and launches); ``queued_ms``: the
+    device's time per call from the first launch to the last call's end, with nothing waiting between calls. When
+    ``host_ms`` is close to ``queued_ms`` the device waits for the host: the call is host-bound, and :func:`time_ms`
+    (one synchronized call at a time) counts that host time too. Empty on CPU, where both are the wall clock.
+    """
+    if device.type != "cuda":
+        return {}
+    fn(0)
+    synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    started = time.perf_counter()
+    begin.record()
+    for i in range(calls):
+        fn(i)
+    end.record()
+    host = time.perf_counter() - started
+    end.synchronize()
+    return {"host_ms": host * 1e3 / calls, "queued_ms": begin.elapsed_time(end) / calls}
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

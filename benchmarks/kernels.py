@@ -332,6 +332,7 @@ def bench_case(case: Case, name: str, build: Callable, args: argparse.Namespace)
                     torch.autograd.grad(out, (q, k, v), case.grad_out)
 
             times = common.time_ms(call, case.device, warmup=args.warmup, repeats=args.repeats, budget_s=args.budget)
+            issue = common.issue_times_ms(call, case.device)
         row.update(info())
     except Unsupported as reason:
         row["note"] = str(reason)
@@ -343,7 +344,7 @@ def bench_case(case: Case, name: str, build: Callable, args: argparse.Namespace)
             torch.cuda.empty_cache()
         return row
     ms = common.median(times)
-    row.update(ms=ms, runs=len(times))
+    row.update(ms=ms, runs=len(times), **issue)
     row["tflops"] = case.shape.flops(case.mode) / (ms * 1e-3) / 1e12
     row["gbs"] = case.shape.bytes(case.dtype, case.mode) / (ms * 1e-3) / 1e9
     return row
@@ -477,7 +478,10 @@ def run(args: argparse.Namespace) -> int:
                 if cuda:
                     torch.cuda.empty_cache()
 
-    columns = ["shape", "mode", "backend", "ms", "tflops", "pct_peak", "gbs", "max_err", "grad_err", "note"]
+    columns = ["shape", "mode", "backend", "ms", "host_ms", "queued_ms", "tflops", "pct_peak", "gbs", "max_err"]
+    columns += ["grad_err", "note"]
+    if not cuda:  # issued back to back or one at a time, a CPU call takes its wall-clock time
+        columns = [c for c in columns if c not in ("host_ms", "queued_ms")]
     print()
     print(common.format_table(rows, columns))
     meta = {

@@ -1,5 +1,6 @@
-"""The benchmarks' shared helpers: where a bare GPU machine differs from this one (no matplotlib), and how result
-files reach the disk (a new name per run, the UTC date, tags that are names, writes never seen half done)."""
+"""The benchmarks' shared helpers: where a bare GPU machine differs from this one (no matplotlib), how result files
+reach the disk (a new name per run, the UTC date, tags that are names, writes never seen half done), and how a CUDA
+call's time is split between host and device."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import argparse
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,29 @@ def test_a_plot_rewritten_by_a_killed_run_stays_whole(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         common.plot_bars(path, rows, metric="tflops", group="shape", series="backend", title="t")
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.png"]
+
+
+def test_issue_times_are_cuda_only_and_time_back_to_back_calls(monkeypatch):
+    calls = []
+    assert common.issue_times_ms(calls.append, torch.device("cpu")) == {}
+    assert calls == []
+
+    class Event:  # CUDA events on the host clock: no GPU needed
+        def __init__(self, enable_timing):
+            assert enable_timing
+
+        def record(self):
+            self.at = time.perf_counter()
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, other):
+            return (other.at - self.at) * 1e3
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(common, "synchronize", lambda device: calls.append("sync"))
+    times = common.issue_times_ms(lambda i: (calls.append(i), time.sleep(0.002)), torch.device("cuda"), calls=5)
+    assert calls == [0, "sync", 0, 1, 2, 3, 4]  # one warm-up call, then the back-to-back ones with no sync between
+    assert set(times) == {"host_ms", "queued_ms"}
+    assert 2.0 <= times["queued_ms"] <= times["host_ms"] < 50.0

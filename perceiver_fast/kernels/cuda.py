@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from perceiver_fast.kernels.custom_ops import needs_registered_op
 from perceiver_fast.kernels.problem import NO_CUDA, AttentionProblem, device_capability
 from perceiver_fast.kernels.registry import register_backend
 
@@ -107,8 +108,7 @@ def _has_kernel_image(device_index: int) -> bool:
     return bool(torch.ops.perceiver_fast_cuda.has_kernel_image(device_index))
 
 
-@torch.library.custom_op("perceiver_fast::cuda_attention_fwd", mutates_args=())
-def _cuda_attention_fwd(
+def _attention_kernels(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -133,6 +133,11 @@ def _cuda_attention_fwd(
             q, k, v, kv_start, kv_len, out, lse, part_out, part_lse, causal, scale, num_splits, stream
         )
     return out, lse
+
+
+# Registered so that torch.compile, fake tensors and dispatch modes see one op; plain eager calls run its body
+# (perceiver_fast.kernels.custom_ops).
+_cuda_attention_fwd = torch.library.custom_op("perceiver_fast::cuda_attention_fwd", _attention_kernels, mutates_args=())
 
 
 @_cuda_attention_fwd.register_fake
@@ -183,7 +188,8 @@ def cuda_attention(
     kv_start, kv_len = (
         (t if t.dtype == torch.int32 else t.clamp(0, num_keys).to(torch.int32)).contiguous() for t in (kv_start, kv_len)
     )
-    return _cuda_attention_fwd(q, k, v, kv_start, kv_len, bool(causal), float(scale), int(num_splits))
+    run = _cuda_attention_fwd if needs_registered_op(q, k, v) else _attention_kernels
+    return run(q, k, v, kv_start, kv_len, bool(causal), float(scale), int(num_splits))
 
 
 MAX_DECODE_GROUP = 8  # q heads per kv head in the fused decode kernel (csrc: kMaxDecodeGroup)
@@ -206,8 +212,7 @@ def decode_unsupported_reason(problem: AttentionProblem, rotate_dim: int) -> str
     return None
 
 
-@torch.library.custom_op("perceiver_fast::cuda_decode_attention", mutates_args=("k_cache", "v_cache"))
-def _cuda_decode_attention(
+def _decode_kernels(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -237,6 +242,11 @@ def _cuda_decode_attention(
             num_splits, stream,
         )  # fmt: skip
     return out, lse
+
+
+_cuda_decode_attention = torch.library.custom_op(
+    "perceiver_fast::cuda_decode_attention", _decode_kernels, mutates_args=("k_cache", "v_cache")
+)
 
 
 @_cuda_decode_attention.register_fake
@@ -288,9 +298,8 @@ def cuda_decode_attention(
             batch=batch, num_kv_heads=k_cache.shape[2], packed_rows=1, num_keys=capacity,
             sm_count=_sm_count(device.index if device.index is not None else torch.cuda.current_device()),
         )  # fmt: skip
-    return _cuda_decode_attention(
-        q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len, float(scale), int(num_splits)
-    )
+    run = _cuda_decode_attention if needs_registered_op(q, k, v, k_cache, v_cache) else _decode_kernels
+    return run(q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len, float(scale), int(num_splits))
 
 
 class CudaBackend:

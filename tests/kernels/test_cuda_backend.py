@@ -152,7 +152,7 @@ def test_decode_positions_past_int32_reach_the_kernel_out_of_range(monkeypatch):
         seen["position"] = position.tolist()
         return None, None
 
-    monkeypatch.setattr(cuda, "_cuda_decode_attention", capture)
+    monkeypatch.setattr(cuda, "_decode_kernels", capture)  # what a plain eager call runs
     batch, capacity, heads, dim = 4, 16, 1, 8
     q = torch.randn(batch, 1, heads, dim, dtype=torch.bfloat16)
     cache = torch.zeros(batch, capacity, heads, dim, dtype=torch.bfloat16)
@@ -161,3 +161,46 @@ def test_decode_positions_past_int32_reach_the_kernel_out_of_range(monkeypatch):
         q, q, q, cache, cache.clone(), position, rotary=None, kv_start=None, kv_len=None, scale=1.0, num_splits=1
     )
     assert seen["position"] == [-1, -1, 15, -1]
+
+
+def _refuse(*args):
+    raise AssertionError("ran the kernels")
+
+
+def test_eager_calls_run_the_kernels_without_the_custom_ops(monkeypatch):
+    """Plain eager calls skip the registered ops (their dispatch costs more host time than SDPA's whole call)."""
+    ran = []
+    monkeypatch.setattr(cuda, "library_status", lambda: None)
+    monkeypatch.setattr(cuda, "_attention_kernels", lambda *args: ran.append("attention") or (args[0], args[0]))
+    monkeypatch.setattr(cuda, "_decode_kernels", lambda *args: ran.append("decode") or (args[0], args[0]))
+    monkeypatch.setattr(cuda, "_cuda_attention_fwd", _refuse)
+    monkeypatch.setattr(cuda, "_cuda_decode_attention", _refuse)
+    q = torch.randn(2, 3, 2, 16, dtype=torch.bfloat16)
+    cache = torch.zeros(2, 8, 2, 16, dtype=torch.bfloat16)
+    cuda.cuda_attention(q, q, q, causal=True, kv_start=None, kv_len=None, scale=0.5, num_splits=1)
+    cuda.cuda_decode_attention(
+        q[:, :1], q[:, :1], q[:, :1], cache, cache.clone(), 3, rotary=None, kv_start=None, kv_len=None, scale=0.5,
+        num_splits=1,
+    )  # fmt: skip
+    assert ran == ["attention", "decode"]
+
+
+def test_fake_tensors_go_through_the_custom_ops(monkeypatch):
+    """Under FakeTensorMode (as when torch.compile or export traces) the ops' fake implementations answer: the kernel
+    bodies, which would launch on a GPU, are not called."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.setattr(cuda, "library_status", lambda: None)
+    monkeypatch.setattr(cuda, "_attention_kernels", _refuse)
+    monkeypatch.setattr(cuda, "_decode_kernels", _refuse)
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 2, 16, dtype=torch.bfloat16)
+        cache = torch.empty(2, 8, 2, 24, dtype=torch.bfloat16)
+        out, lse = cuda.cuda_attention(q, q, q, causal=True, kv_start=None, kv_len=None, scale=0.5, num_splits=2)
+        assert out.shape == (2, 3, 2, 16) and lse.shape == (2, 2, 3)
+        row, v_row = torch.empty(2, 1, 2, 16, dtype=torch.bfloat16), torch.empty(2, 1, 2, 24, dtype=torch.bfloat16)
+        out, lse = cuda.cuda_decode_attention(
+            row, row, v_row, cache[..., :16], cache, 3, rotary=None, kv_start=None, kv_len=None, scale=0.5,
+            num_splits=2,
+        )  # fmt: skip
+        assert out.shape == (2, 1, 2, 24) and lse.shape == (2, 2, 1)

@@ -161,6 +161,73 @@ def test_compiles_fullgraph_through_the_custom_op():
         assert max_rel_error(g, w) < FP32_TOL["grad"], f"d{name}"
 
 
+@pytest.mark.parametrize("grouped", [False, True])
+def test_eager_calls_skip_the_custom_ops_and_equal_them(grouped, monkeypatch):
+    """Plain eager calls launch the kernels without the registered ops (whose dispatch costs more host time than
+    SDPA's whole call), forward and backward, and give bit for bit what the ops give."""
+    from perceiver_fast.kernels.triton import op
+
+    q, k, v = _inputs((3, 6, 11, 4, 2 if grouped else 4, 16, 24, True), torch.float32, "cpu")
+    kv_start = torch.tensor([0, 2, 5], dtype=torch.int32)
+    kv_len = torch.tensor([11, 9, 5], dtype=torch.int32)  # the last row sees one key, some queries none
+    grad_out = torch.randn(3, 6, 4, 24)
+    want_out, want_lse = op._attention_fwd(q, k, v, kv_start, kv_len, True, 0.3)
+    want_grads = torch.autograd.grad(want_out, (q, k, v), grad_out)
+
+    def refuse(*args):
+        raise AssertionError("went through the custom op")
+
+    monkeypatch.setattr(op, "_attention_fwd", refuse)
+    monkeypatch.setattr(op, "_attention_bwd", refuse)
+    out, lse = op.triton_attention(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len, scale=0.3)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    assert torch.equal(out, want_out) and torch.equal(lse, want_lse)
+    for name, got, want in zip("qkv", grads, want_grads):
+        assert torch.equal(got, want), f"d{name}"
+    assert not lse.requires_grad
+    with torch.no_grad():
+        no_grad_out, _ = op.triton_attention(q, k, v, causal=True, kv_start=kv_start, kv_len=kv_len, scale=0.3)
+    assert torch.equal(no_grad_out, out)
+
+
+def test_intercepted_calls_go_through_the_custom_op():
+    """A dispatch mode (profilers, debug modes) sees the op, not the kernels' launches, and under FakeTensorMode (as
+    when torch.compile or export traces) the op's fake implementation answers."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from perceiver_fast.kernels.triton.op import triton_attention
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q, k, v = (t.detach() for t in _inputs((2, 5, 9, 2, 2, 16, 24, True), torch.float32, "cpu"))
+    with Record() as record:
+        triton_attention(q, k, v, causal=True, kv_start=None, kv_len=None, scale=0.25)
+    assert "perceiver_fast.triton_attention_fwd.default" in record.ops
+    with FakeTensorMode() as mode:
+        fake_q, fake_k, fake_v = (mode.from_tensor(t) for t in (q, k, v))
+        out, lse = triton_attention(fake_q, fake_k, fake_v, causal=True, kv_start=None, kv_len=None, scale=0.25)
+    assert out.shape == (2, 5, 2, 24) and lse.shape == (2, 2, 5)
+
+
+def test_host_launch_arithmetic_equals_tritons():
+    """The launch code's own cdiv/next_power_of_2 (Triton's are constexpr functions, slow to call from the host)."""
+    import triton
+
+    for n in range(0, 300):
+        assert config.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 16, 64, 128):
+            assert config.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert config.next_power_of_2(2**31 + 1) == 2**32
+
+
 def test_custom_op_passes_opcheck():
     from perceiver_fast.kernels.triton.op import _attention_fwd
 

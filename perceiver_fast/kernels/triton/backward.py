@@ -349,7 +349,7 @@ def attention_backward(
     num_keys, num_kv_heads, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     delta = torch.empty(batch, num_q_heads, num_queries, device=q.device, dtype=torch.float32)
     delta_block = 64 if not config.interpreting() else 32
-    _delta_kernel[(triton.cdiv(num_queries, delta_block), batch * num_q_heads)](
+    _delta_kernel[(config.cdiv(num_queries, delta_block), batch * num_q_heads)](
         out, grad_out, delta,
         *out.stride(), *grad_out.stride(),
         num_q_heads, num_queries, head_dim_v,
@@ -371,12 +371,12 @@ def attention_backward(
         BLOCK_DQK=config.head_block(head_dim_qk),
         BLOCK_DV=config.head_block(head_dim_v),
     )
-    grid_kv = lambda meta: (triton.cdiv(num_keys, meta["BLOCK_N"]), batch * num_kv_heads)  # noqa: E731
+    grid_kv = lambda meta: (config.cdiv(num_keys, meta["BLOCK_N"]), batch * num_kv_heads)  # noqa: E731
     _dkdv[grid_kv](
         q, k, v, grad_out, lse, delta, kv_start, kv_len, dk, dv,
         *strides, num_kv_heads, num_queries, num_keys, *tail, **common,
     )  # fmt: skip
-    grid_q = lambda meta: (triton.cdiv(num_queries, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
+    grid_q = lambda meta: (config.cdiv(num_queries, meta["BLOCK_M"]), batch * num_q_heads)  # noqa: E731
     _dq[grid_q](
         q, k, v, grad_out, lse, delta, kv_start, kv_len, dq,
         *strides, num_q_heads, num_queries, num_keys, *tail, **common,

@@ -14,9 +14,22 @@ import triton
 from perceiver_fast.kernels.triton.env import autotuning, interpreting
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for the host's launch arithmetic.
+
+    ``triton.cdiv`` and ``triton.next_power_of_2`` are constexpr functions in Triton 3.9: callable from the host, but
+    each call unwraps its arguments first, a few microseconds apiece, and a launch asked for about ten of them."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` (0 for 0, as Triton's), for the host; see :func:`cdiv`."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def head_block(head_dim: int) -> int:
     """Tile width for a head dim: the next power of two (at least 16, what ``tl.dot`` needs); the pad is masked."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -26,7 +39,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def length_bucket(n: int) -> int:
     """Autotune key for a sequence length: its power-of-two bucket, so decoding steps do not each re-tune."""
-    return triton.next_power_of_2(max(n, 1))
+    return next_power_of_2(max(n, 1))
 
 
 @functools.lru_cache(maxsize=8)

@@ -279,7 +279,7 @@ def decode_block_m(num_queries: int, group: int, head_block: int) -> int:
 
     Up to 64 rows (head dims to 128) fit one tile without spilling on sm_90, so a kv head's cache is read once for
     groups up to 64 rows; 64-row tiles also run on warpgroup MMA. Head dim 256 keeps 16 rows."""
-    return min(64 if head_block <= 128 else 16, max(16, triton.next_power_of_2(num_queries * group)))
+    return min(64 if head_block <= 128 else 16, max(16, config.next_power_of_2(num_queries * group)))
 
 
 # Decode tiles leave room for two resident programs per SM (config.SPLIT_TILES; test_triton_compile checks it).
@@ -294,7 +294,7 @@ def decode_splits(programs: int, num_keys: int, sms: int) -> int:
     64-key blocks so it amortizes its share of the reduction pass.
     """
     fit = (DECODE_PROGRAMS_PER_SM * sms) // max(programs, 1)
-    return max(1, min(fit, triton.cdiv(num_keys, 64) // 4, MAX_SPLITS))
+    return max(1, min(fit, config.cdiv(num_keys, 64) // 4, MAX_SPLITS))
 
 
 def plan_forward(
@@ -315,25 +315,25 @@ def plan_forward(
     AR at batch 1). The interpreter splits decoding into a few pieces so that tests walk the reduction pass.
     """
     group = num_q_heads // num_kv_heads
-    key_blocks = triton.cdiv(num_keys, 64)
+    key_blocks = config.cdiv(num_keys, 64)
     if num_queries > DECODE_MAX_QUERIES:
         # The plain kernel's autotuned tiles, split only when its 128-row query blocks leave SMs idle.
         if config.interpreting():
             return Plan(None, 1, False)
-        programs = batch * num_q_heads * triton.cdiv(num_queries, 128)
+        programs = batch * num_q_heads * config.cdiv(num_queries, 128)
         sms = config.num_sms(device.index if device.index is not None else torch.cuda.current_device())
         if programs >= sms or key_blocks < 8:
             return Plan(None, 1, False)
-        splits = min(triton.cdiv(2 * sms, programs), max(1, key_blocks // 4), MAX_SPLITS)
+        splits = min(config.cdiv(2 * sms, programs), max(1, key_blocks // 4), MAX_SPLITS)
         return Plan(None, splits, False)
     pack = group > 1
     rows = num_queries * group if pack else num_queries
     block_m = decode_block_m(num_queries, group, head_block)
     heads = num_kv_heads if pack else num_q_heads
     if config.interpreting():
-        return Plan(block_m, min(4, triton.cdiv(num_keys, 32)), pack)
+        return Plan(block_m, min(4, config.cdiv(num_keys, 32)), pack)
     sms = config.num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    programs = batch * heads * triton.cdiv(rows, block_m)
+    programs = batch * heads * config.cdiv(rows, block_m)
     return Plan(block_m, decode_splits(programs, num_keys, sms), pack)
 
 
@@ -378,10 +378,10 @@ def attention_forward(
     rows, heads = (num_queries * group, num_kv_heads) if plan.pack_gqa else (num_queries, num_q_heads)
     if plan.block_m is None:
         kernel = _fwd
-        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batch * heads, plan.splits)  # noqa: E731
+        grid = lambda meta: (config.cdiv(rows, meta["BLOCK_M"]), batch * heads, plan.splits)  # noqa: E731
     else:
         kernel = _fwd_split
-        grid = (triton.cdiv(rows, plan.block_m), batch * heads, plan.splits)
+        grid = (config.cdiv(rows, plan.block_m), batch * heads, plan.splits)
         common["BLOCK_M"] = plan.block_m
     if plan.splits == 1:
         kernel[grid](
@@ -403,7 +403,7 @@ def attention_forward(
         *out.stride(),
         num_q_heads, num_queries, head_dim_v,
         NUM_SPLITS=plan.splits,
-        SPLITS_P2=triton.next_power_of_2(plan.splits),
-        BLOCK_DV=triton.next_power_of_2(head_dim_v),
+        SPLITS_P2=config.next_power_of_2(plan.splits),
+        BLOCK_DV=config.next_power_of_2(head_dim_v),
     )  # fmt: skip
     return out, lse

@@ -4,12 +4,17 @@
 ``perceiver_fast::triton_attention_bwd``. Both have fake implementations (shapes only), which is all the compiler
 needs. ``torch.library.triton_op`` would let Inductor see inside the kernels, but it fails under the interpreter
 that CI tests with; ``custom_op`` works in both.
+
+Plain eager calls skip the ops (:mod:`perceiver_fast.kernels.custom_ops`): they launch the kernels directly, through
+a ``torch.autograd.Function`` when a graph is recorded, and save the op's host time on every call.
 """
 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
+from perceiver_fast.kernels.custom_ops import needs_autograd, needs_registered_op
 from perceiver_fast.kernels.triton.backward import attention_backward
 from perceiver_fast.kernels.triton.forward import attention_forward
 
@@ -35,8 +40,7 @@ def _attention_fwd_fake(q, k, v, kv_start, kv_len, causal, scale):
     return out, lse
 
 
-@torch.library.custom_op("perceiver_fast::triton_attention_bwd", mutates_args=())
-def _attention_bwd(
+def _backward_kernels(
     grad_out: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -49,6 +53,9 @@ def _attention_bwd(
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return attention_backward(grad_out, q, k, v, out, lse, kv_start, kv_len, causal=causal, scale=scale)
+
+
+_attention_bwd = torch.library.custom_op("perceiver_fast::triton_attention_bwd", _backward_kernels, mutates_args=())
 
 
 @_attention_bwd.register_fake
@@ -65,14 +72,34 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _gradients(ctx, grad_out, backward) -> tuple:
     # The lse is documented as not differentiable; its incoming gradient is ignored.
     q, k, v, kv_start, kv_len, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd(grad_out, q, k, v, out, lse, kv_start, kv_len, ctx.causal, ctx.scale)
+    dq, dk, dv = backward(grad_out, q, k, v, out, lse, kv_start, kv_len, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None, None, None
 
 
-_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_attention_fwd.register_autograd(
+    lambda ctx, grad_out, _grad_lse: _gradients(ctx, grad_out, _attention_bwd), setup_context=_setup_context
+)
+
+
+class _EagerTritonAttention(torch.autograd.Function):
+    """The custom ops' forward and backward for eager calls that record a graph, without the ops' host cost.
+
+    Old style (``forward`` takes ``ctx``): with a separate ``setup_context``, every ``apply`` binds its arguments
+    through ``inspect.signature``, about 100 µs a call."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, kv_start, kv_len, causal, scale):
+        output = attention_forward(q, k, v, kv_start, kv_len, causal=causal, scale=scale)
+        _setup_context(ctx, (q, k, v, kv_start, kv_len, causal, scale), output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_lse):
+        return _gradients(ctx, grad_out, _backward_kernels)
 
 
 def triton_attention(
@@ -98,4 +125,9 @@ def triton_attention(
     kv_start, kv_len = (
         t if t.dtype == torch.int32 else t.clamp(0, num_keys).to(torch.int32) for t in (kv_start, kv_len)
     )
-    return _attention_fwd(q, k, v, kv_start, kv_len, bool(causal), float(scale))
+    causal, scale = bool(causal), float(scale)
+    if needs_registered_op(q, k, v):
+        return _attention_fwd(q, k, v, kv_start, kv_len, causal, scale)
+    if needs_autograd(q, k, v):
+        return _EagerTritonAttention.apply(q, k, v, kv_start, kv_len, causal, scale)
+    return attention_forward(q, k, v, kv_start, kv_len, causal=causal, scale=scale)
