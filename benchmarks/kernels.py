@@ -524,6 +524,14 @@ def run(args: argparse.Namespace) -> int:
     print("\n== auto against the best fused SDPA kernel (auto/SDPA > 1: auto is slower; '-': SDPA cannot run it) ==")
     versus = _auto_versus_sdpa(rows)
     print(common.format_table(versus, list(versus[0]) if versus else ["shape"]))
+    issued = [
+        {**r, "host/queued": r["host_ms"] / r["queued_ms"] if r["queued_ms"] > 0 else None}
+        for r in rows
+        if "host_ms" in r
+    ]
+    if issued:
+        print("\n== host time / device time per call, 20 calls issued back to back (near 1 or more: host-bound) ==")
+        print(common.format_pivot(issued, index=("shape", "mode"), column="backend", value="host/queued"))
     if not args.no_plot:
         for mode in modes:
             picture = common.plot_bars(

@@ -1,0 +1,44 @@
+"""The kernel suite's host/device split: where it is measured (CUDA only) and how a run reports it."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import kernels
+from benchmarks.__main__ import main as bench_main
+from benchmarks.shapes import Shape
+
+
+def _tiny_run(tmp_path, monkeypatch) -> list[str]:
+    shape = Shape("decode", 1, 1, 64, 2, 2, 16, 16, True)
+    monkeypatch.setitem(kernels.PRESETS, "quick", lambda: [shape])
+    monkeypatch.setattr(kernels.common, "matmul_peak_tflops", lambda device, dtype: 1.0)
+    monkeypatch.setattr(kernels.common, "copy_bandwidth_gbs", lambda device: 1.0)
+    argv = ["kernels", "--quick", "--backends", "eager", "--modes", "fwd", "--repeats", "1", "--warmup", "0"]
+    return argv + ["--budget", "0.01", "--no-plot", "--out", str(tmp_path)]
+
+
+def test_cpu_rows_have_no_host_device_split(tmp_path, monkeypatch, capsys):
+    assert bench_main(_tiny_run(tmp_path, monkeypatch)) == 0
+    (path,) = tmp_path.glob("*-kernels.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert rows and all("ms" in r and "host_ms" not in r for r in rows)
+    assert "host_ms" not in capsys.readouterr().out
+
+
+def test_rows_carry_the_split_and_the_summary_pivots_host_over_device(tmp_path, monkeypatch, capsys):
+    issued = []
+
+    def issue_times(call, device):
+        issued.append(device.type)
+        return {"host_ms": 0.3, "queued_ms": 0.2}
+
+    monkeypatch.setattr(kernels.common, "issue_times_ms", issue_times)
+    assert bench_main(_tiny_run(tmp_path, monkeypatch)) == 0
+    (path,) = tmp_path.glob("*-kernels.json")
+    rows = [r for r in json.loads(path.read_text())["rows"] if "ms" in r]
+    assert issued and len(issued) == len(rows)
+    assert all(r["host_ms"] == 0.3 and r["queued_ms"] == 0.2 for r in rows)
+    out = capsys.readouterr().out
+    pivot = out.split("== host time / device time per call")[1]
+    assert "1.5" in pivot  # 0.3 / 0.2 under each backend that ran
