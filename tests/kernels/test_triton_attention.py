@@ -36,6 +36,50 @@ def test_compiled_kernels_on_cuda_at_size(shape, head_dim, dtype):
     check_against_oracle("triton", (batch, nq, nk, 8, 2, head_dim, head_dim, causal), "both", dtype, "cuda")
 
 
+_TILE_TABLES = ("FORWARD_TILES", "SPLIT_TILES", "DQ_TILES", "DKDV_TILES")
+
+
+def _every_tile() -> list:
+    """Every autotune candidate of every table row: on a GPU the autotuner may pick any of them, while the other GPU
+    tests (run with PERCEIVER_FAST_TRITON_AUTOTUNE=0) only ever compile the first of each row."""
+    return [
+        pytest.param(table, row, tile, id=f"{table}-{row}-{'x'.join(map(str, tile))}")
+        for table in _TILE_TABLES
+        for row, tiles in getattr(config, table).items()
+        for tile in tiles
+    ]
+
+
+@pytest.fixture
+def fresh_autotune_choices():
+    """Forget the autotuners' choices before and after: a tile forced by a test must not outlive it."""
+    from perceiver_fast.kernels.triton import backward, forward
+
+    kernels = (forward._fwd, forward._fwd_split, backward._dq, backward._dkdv)
+    for kernel in kernels:
+        kernel.cache.clear()
+    yield
+    for kernel in kernels:
+        kernel.cache.clear()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("table, row, tile", _every_tile())
+def test_every_autotune_tile_matches_the_oracle_on_cuda(table, row, tile, monkeypatch, fresh_autotune_choices):
+    """Each tile a table lists, forced as its row's only candidate, forward and backward (decoding tiles: the
+    decoding forward, one query and grouped heads packed), with padded and ragged rows, against the oracle."""
+    if config.interpreting():
+        pytest.skip("TRITON_INTERPRET=1 runs one fixed tile in the interpreter")
+    monkeypatch.setitem(getattr(config, table), row, [tile])
+    head_dim = {64: 64, 128: 96, 256: 256, "fp32": 64}[row]  # 96: a padded head dim in the 128 row
+    dtype = torch.float32 if row == "fp32" else torch.bfloat16
+    if table == "SPLIT_TILES":
+        for case in ((3, 1, 700, 8, 8, head_dim, head_dim, True), (3, 4, 700, 8, 2, head_dim, head_dim, True)):
+            check_against_oracle("triton", case, "both", dtype, "cuda", grad=False)
+    else:  # 200 queries over 520 keys: several query and key blocks, and split key ranges (16 programs)
+        check_against_oracle("triton", (2, 200, 520, 4, 2, head_dim, head_dim, True), "both", dtype, "cuda")
+
+
 def test_skipped_key_blocks_are_never_read():
     """NaN in every key block before kv_start's block or past the causal edge must not reach out or grads."""
     block = config.configs(config.FORWARD_TILES)[0].kwargs["BLOCK_N"]

@@ -94,3 +94,20 @@ def test_pruner_takes_the_first_tile_when_not_tuning(monkeypatch):
     every = [config.tile_config(t) for t in dict.fromkeys(t for row in table.values() for t in row)]
     kept = config.pruner(table)(every, {"Q": torch.empty(0, dtype=torch.float16)}, BLOCK_DQK=32, BLOCK_DV=16)
     assert len(kept) == 1 and kept[0].kwargs == {"BLOCK_M": table[64][0][0], "BLOCK_N": table[64][0][1]}
+
+
+@pytest.mark.parametrize("tuning", ["1", "0"])
+def test_a_row_patched_to_one_tile_prunes_to_it(tuning, monkeypatch):
+    """How test_every_autotune_tile_matches_the_oracle_on_cuda forces a tile: its row, patched to that tile alone,
+    prunes every candidate but it, tuning or not (the decode table's tiles have no BLOCK_M)."""
+    monkeypatch.setenv("PERCEIVER_FAST_TRITON_AUTOTUNE", tuning)
+    for table in (config.FORWARD_TILES, config.SPLIT_TILES, config.DKDV_TILES):
+        every = [config.tile_config(t) for t in dict.fromkeys(t for row in table.values() for t in row)]
+        forced = table[128][-1]
+        monkeypatch.setitem(table, 128, [forced])
+        (kept,) = config.pruner(table)(every, {"Q": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_DQK=96, BLOCK_DV=96)
+        assert (kept.kwargs, kept.num_warps, kept.num_stages) == (
+            config.tile_config(forced).kwargs,
+            forced[2],
+            forced[3],
+        )
