@@ -298,8 +298,14 @@ def cuda_decode_attention(
             batch=batch, num_kv_heads=k_cache.shape[2], packed_rows=1, num_keys=capacity,
             sm_count=_sm_count(device.index if device.index is not None else torch.cuda.current_device()),
         )  # fmt: skip
-    run = _cuda_decode_attention if needs_registered_op(q, k, v, k_cache, v_cache) else _decode_kernels
-    return run(q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len, float(scale), int(num_splits))
+    args = (q, k, v, k_cache, v_cache, position, cos, sin, kv_start, kv_len, float(scale), int(num_splits))
+    if needs_registered_op(q, k, v, k_cache, v_cache):
+        return _cuda_decode_attention(*args)
+    result = _decode_kernels(*args)
+    # The kernel writes the caches through raw pointers: bump their versions as the op (mutates_args) does, so
+    # that autograd refuses a backward through a cache saved before this write. Inference tensors keep none.
+    torch.autograd.graph.increment_version([t for t in (k_cache, v_cache) if not t.is_inference()])
+    return result
 
 
 class CudaBackend:

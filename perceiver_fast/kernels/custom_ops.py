@@ -15,22 +15,28 @@ import torch
 
 _dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+# Batched gradients (autograd.grad(..., is_grads_batched=True)) vmap the backward with the legacy batching, which
+# the functorch check above does not see.
+_legacy_batched = getattr(getattr(torch._C, "_functorch", None), "is_legacy_batchedtensor", None)
 
 
 def needs_registered_op(*tensors: torch.Tensor) -> bool:
     """Whether a call on ``tensors`` must go through its registered custom op rather than the op's body.
 
-    True under ``torch.compile``/``torch.export`` tracing, inside a ``TorchDispatchMode`` (fake tensor mode among
-    them), inside a ``torch.func`` transform, or when a tensor is a subclass (fake, functional or user tensors): each of
-    them must see the op to handle it. Also true where this torch does not let the check be made.
+    True under ``torch.compile``/``torch.export`` tracing or ``torch.jit.trace``, inside a ``TorchDispatchMode``
+    (fake tensor mode among them), inside a ``torch.func`` transform (``vmap`` and batched gradients too), or when a
+    tensor is a subclass (fake, functional or user tensors): each of them must see the op to handle it. Also true
+    where this torch does not let the check be made.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return True
-    if _dispatch_stack_depth is None or _functorch_active is None:
+    if _dispatch_stack_depth is None or _functorch_active is None or _legacy_batched is None:
         return True
     if _dispatch_stack_depth() > 0 or _functorch_active():
         return True
-    return any(type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter for t in tensors)
+    return any(
+        (type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter) or _legacy_batched(t) for t in tensors
+    )
 
 
 def needs_autograd(*tensors: torch.Tensor) -> bool:

@@ -185,6 +185,28 @@ def test_eager_calls_run_the_kernels_without_the_custom_ops(monkeypatch):
     assert ran == ["attention", "decode"]
 
 
+def test_eager_decode_bumps_the_versions_of_the_caches_it_writes(monkeypatch):
+    """The kernel writes the caches through raw pointers: as the op would, the direct call bumps their versions, so
+    a backward that saved a cache before the write is refused instead of reading the new row."""
+    monkeypatch.setattr(cuda, "_decode_kernels", lambda *args: (args[0], args[0]))
+    q = torch.randn(2, 1, 2, 16, dtype=torch.bfloat16)
+    k_cache, v_cache = torch.zeros(2, 8, 2, 16, dtype=torch.bfloat16), torch.zeros(2, 8, 2, 16, dtype=torch.bfloat16)
+    weight = torch.ones(16, dtype=torch.bfloat16, requires_grad=True)
+    saved = (k_cache * weight).sum()
+    versions = k_cache._version, v_cache._version
+    cuda.cuda_decode_attention(
+        q, q, q, k_cache, v_cache, 3, rotary=None, kv_start=None, kv_len=None, scale=0.5, num_splits=1
+    )
+    assert k_cache._version > versions[0] and v_cache._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    with torch.inference_mode():  # inference tensors keep no version
+        cache = torch.zeros(2, 8, 2, 16, dtype=torch.bfloat16)
+    cuda.cuda_decode_attention(
+        q, q, q, cache, cache, 3, rotary=None, kv_start=None, kv_len=None, scale=0.5, num_splits=1
+    )  # fmt: skip
+
+
 def test_fake_tensors_go_through_the_custom_ops(monkeypatch):
     """Under FakeTensorMode (as when torch.compile or export traces) the ops' fake implementations answer: the kernel
     bodies, which would launch on a GPU, are not called."""

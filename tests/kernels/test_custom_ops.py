@@ -47,6 +47,22 @@ def test_tracing_modes_transforms_and_subclasses_need_the_op():
 
     torch.func.grad(under_grad)(x)
     assert seen["grad"]
+    traced = torch.jit.trace(lambda t: t * 2 if needs_registered_op(t) else t, x, check_trace=False)
+    assert torch.equal(traced(x), x * 2)
+
+    class Double(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t * 2
+
+        @staticmethod
+        def backward(ctx, grad):
+            seen["batched"] = needs_registered_op(grad)
+            return grad * 2
+
+    w = torch.randn(3, requires_grad=True)
+    torch.autograd.grad(Double.apply(w), w, torch.eye(3), is_grads_batched=True)
+    assert seen["batched"]
     assert needs_registered_op(x, x.as_subclass(_Subclass))
 
 

@@ -261,6 +261,44 @@ def test_intercepted_calls_go_through_the_custom_op():
     assert out.shape == (2, 5, 2, 24) and lse.shape == (2, 2, 5)
 
 
+def test_eager_calls_raise_where_a_second_derivative_is_asked(monkeypatch):
+    """A gradient penalty (create_graph=True) needs the attention's second derivative, which neither path has: the
+    eager path must raise as the op path does, not drop the term and return a wrong gradient."""
+    from perceiver_fast.kernels.triton import op
+
+    x = torch.randn(2, 6, 32, requires_grad=True)
+    weights = [torch.randn(32, 32, requires_grad=True) for _ in range(3)]
+    q, k, v = ((x @ w).view(2, 6, 2, 16) for w in weights)
+    monkeypatch.setattr(op, "_attention_fwd", lambda *args: pytest.fail("went through the custom op"))
+    out, _ = op.triton_attention(q, k, v, causal=True, kv_start=None, kv_len=None, scale=0.25)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grad_x.square().sum(), weights)
+
+
+def test_eager_calls_take_batched_gradients_and_jit_traces():
+    """Batched gradients vmap the backward, and torch.jit.trace records ops: both get the registered ops."""
+    from perceiver_fast.kernels.triton.op import triton_attention
+
+    q, k, v = _inputs((2, 5, 9, 2, 2, 16, 16, True), torch.float32, "cpu")
+    out, _ = triton_attention(q, k, v, causal=True, kv_start=None, kv_len=None, scale=0.25)
+    cotangents = torch.randn(3, *out.shape)
+    batched = torch.autograd.grad(out, (q, k, v), cotangents, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        one = torch.autograd.grad(out, (q, k, v), cotangents[i], retain_graph=True)
+        for got, want in zip(batched, one):
+            assert torch.allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+    def f(q, k, v):
+        return triton_attention(q, k, v, causal=True, kv_start=None, kv_len=None, scale=0.25)[0]
+
+    detached = [t.detach() for t in (q, k, v)]
+    traced = torch.jit.trace(f, detached, check_trace=False)
+    assert "perceiver_fast::triton_attention_fwd" in str(traced.graph)
+    fresh = [torch.randn_like(t) for t in detached]
+    assert torch.equal(traced(*fresh), f(*fresh))
+
+
 def test_host_launch_arithmetic_equals_tritons():
     """The launch code's own cdiv/next_power_of_2 (Triton's are constexpr functions, slow to call from the host)."""
     import triton

@@ -12,7 +12,6 @@ a ``torch.autograd.Function`` when a graph is recorded, and save the op's host t
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from perceiver_fast.kernels.custom_ops import needs_autograd, needs_registered_op
 from perceiver_fast.kernels.triton.backward import attention_backward
@@ -97,8 +96,12 @@ class _EagerTritonAttention(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out, _grad_lse):
+        # A backward that records a graph (create_graph=True, as a gradient penalty asks) or that runs traced or
+        # batched (compiled autograd, is_grads_batched) takes the registered op, as the op path does: its missing
+        # second derivative then raises instead of being dropped, and tracers and vmap see one op.
+        if torch.is_grad_enabled() or needs_registered_op(grad_out):
+            return _gradients(ctx, grad_out, _attention_bwd)
         return _gradients(ctx, grad_out, _backward_kernels)
 
 
