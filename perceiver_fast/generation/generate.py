@@ -236,6 +236,13 @@ def _pad_token(pad_token_id: object, vocab_size: int) -> int | None:
     return ids[0] if ids else None
 
 
+def _check_flag(name: str, value: object) -> bool:
+    """A bool (NumPy's too), not any truthy value: ``do_sample="no"`` would otherwise sample."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
 def _check_count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
@@ -457,7 +464,13 @@ def _prepare(
             raise ValueError("give top_k or threshold, not both")
         top_k = _threshold_top_k(threshold, vocab_size)
         do_sample = True
+    do_sample, use_cache = _check_flag("do_sample", do_sample), _check_flag("use_cache", use_cache)
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != device.type:
+            raise ValueError(f"generator is a {generator.device.type} generator, the model is on {device}")
     stop = sorted(set(eos_ids))
     if cuda_graph is None:
         cuda_graph = device.type == "cuda"
@@ -644,7 +657,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     if run.done_at is not None:
         tokens = tokens[: run.done_at + 1]  # steps checked in a batch may have run past the stop
     if not tokens:
-        return input_ids
+        return input_ids.clone()  # a new tensor, as for any other length: editing it leaves the prompt alone
     return torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1)
 
 

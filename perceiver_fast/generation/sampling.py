@@ -36,13 +36,26 @@ class SamplingConfig:
         top_k = self.top_k
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be an int >= 0 (0 or None: no top-k filter), got {top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        top_p = self.top_p
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))):
+            raise TypeError(f"top_p must be a float or None, got {type(top_p).__name__}")
+        if top_p is not None and not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+# Below this temperature a float32 logit divided by it could overflow (from |logits| of 3.4e34 up; 1e-40 overflows
+# at 3.4e-2). Above it the logits are divided as they are, as transformers does: the same probabilities, bit for bit.
+_OVERFLOWING_TEMPERATURE = 1e-4
 
 
 def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
     """Temperature-scaled ``[b, vocab]`` logits with tokens outside top-k / top-p set to ``-inf``."""
-    logits = logits.float() / config.temperature
+    logits = logits.float()
+    if config.temperature < _OVERFLOWING_TEMPERATURE:
+        # Divided as they are, logits would overflow float32 to inf (NaN after the softmax): shifted so that the
+        # largest is 0, they stay finite or become -inf, and the likeliest tokens keep the whole mass.
+        logits = logits - logits.amax(dim=-1, keepdim=True)
+    logits = logits / config.temperature
     if config.top_k and config.top_k < logits.shape[-1]:  # 0 and None keep every token, as top_k=0 in transformers
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -50,8 +63,10 @@ def filter_logits(logits: torch.Tensor, config: SamplingConfig) -> torch.Tensor:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs
-        # Keep the smallest set whose mass reaches top_p; the most likely token always stays.
+        # Keep the smallest set whose mass reaches top_p; the most likely token always stays (a top_p below
+        # float32's smallest number rounds to 0, which the first token's mass of 0 would reach).
         drop_sorted = mass_before >= config.top_p
+        drop_sorted[:, 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

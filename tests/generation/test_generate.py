@@ -111,6 +111,43 @@ def test_seeded_sampling_is_reproducible_and_respects_top_k():
     assert (torch.isfinite(filtered).sum(-1) == 5).all()
 
 
+def test_temperatures_too_small_for_float32_division_sample_the_likeliest_tokens():
+    """Logits divided by 1e-40 would overflow to inf and the softmax to NaN: such temperatures sample among the
+    largest logits only, which is the limit of sampling as the temperature goes to zero."""
+    logits = torch.tensor([[2.0, 5.0, 5.0, -3.0], [40.0, 1.0, 0.0, 0.0]])
+    for temperature in (1e-5, 1e-38, 1e-40):
+        probs = filter_logits(logits, SamplingConfig(do_sample=True, temperature=temperature)).softmax(-1)
+        assert torch.allclose(probs, torch.tensor([[0.0, 0.5, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0]])), temperature
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    prompt = torch.randint(6, 262, (2, 4))
+    sampled = model.generate(prompt, 4, do_sample=True, temperature=1e-40, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sampled, model.generate(prompt, 4))
+    # above the shift, the logits are divided as they are (transformers' arithmetic, bit for bit)
+    logits = torch.randn(3, 50) * 30
+    assert torch.equal(filter_logits(logits, SamplingConfig(do_sample=True, temperature=0.7)), logits / 0.7)
+
+
+def test_a_top_p_below_float32s_smallest_number_keeps_the_likeliest_token():
+    logits = torch.log(torch.tensor([[0.1, 0.6, 0.3]]))
+    kept = torch.isfinite(filter_logits(logits, SamplingConfig(do_sample=True, top_p=1e-300)))
+    assert kept.tolist() == [[False, True, False]]
+
+
+@pytest.mark.gpu
+def test_a_generator_on_another_device_than_the_model_is_refused_at_the_call():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL)).cuda()
+    with pytest.raises(ValueError, match="cpu generator, the model is on cuda"):
+        prompt = torch.zeros(1, 3, dtype=torch.long, device="cuda")
+        model.generate(prompt, 2, do_sample=True, generator=torch.Generator())
+
+
+def test_generating_no_token_returns_a_copy_of_the_prompt():
+    model = CausalLanguageModel(CausalLanguageModelConfig(**SMALL))
+    prompt = torch.randint(6, 262, (2, 4))
+    out = model.generate(prompt, 0)
+    assert torch.equal(out, prompt) and out.data_ptr() != prompt.data_ptr()
+
+
 def test_top_p_keeps_the_smallest_set_reaching_p():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     kept = torch.isfinite(filter_logits(logits, SamplingConfig(do_sample=True, top_p=0.75)))
@@ -140,6 +177,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
         (dict(pad_token_id=-1), ValueError, "pad_token_id -1"),
         (dict(compile_steps=True, use_cache=False), ValueError, "compile_steps .* needs use_cache=True"),
         (dict(compile_steps="yes"), TypeError, "compile_steps must be a bool"),
+        (dict(do_sample="no"), TypeError, "do_sample must be a bool"),  # a truthy string would sample
+        (dict(use_cache="no"), TypeError, "use_cache must be a bool"),
+        (dict(top_p=True, do_sample=True), TypeError, "top_p must be a float"),
+        (dict(generator=5, do_sample=True), TypeError, "generator must be a torch.Generator"),
         # with nothing to generate the arguments are still checked
         (dict(max_new_tokens=0, num_latents=9), ValueError, "num_latents"),
         (dict(max_new_tokens=0, input_ids=torch.tensor([[5, 999]])), ValueError, "outside"),
