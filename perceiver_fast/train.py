@@ -535,37 +535,64 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 @contextlib.contextmanager
 def _ctrl_c_held(second_interrupts: bool = False) -> Iterator[list[int]]:
-    """Hold Ctrl-C (SIGINT) back while the block runs and deliver it once the block is done.
+    """Hold Ctrl-C (SIGINT) back while the block runs and deliver it once the block is done; SIGTERM too, while
+    training takes it as Ctrl-C (`_sigterm_as_ctrl_c`).
 
     Python raises `KeyboardInterrupt` wherever the main thread happens to be when the signal comes; inside the block
     the signal is only recorded (in the list this yields), and after the block the handler that was there before gets
     it: by default a `KeyboardInterrupt`, raised at the end of the ``with``. With `second_interrupts`, a second Ctrl-C
     while one is held raises at once, so that a long block (a checkpoint written to a slow disk) stays stoppable.
     Only the main thread may set signal handlers: in another thread, or when SIGINT's handler was not installed from
-    Python (and so cannot be put back), the block runs unguarded; and where SIGINT is ignored (a process started in
+    Python (and so cannot be put back), SIGINT runs unguarded; and where SIGINT is ignored (a process started in
     the background), it stays ignored.
     """
     held: list[int] = []
-    previous = signal.getsignal(signal.SIGINT)
-    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
+    if threading.current_thread() is not threading.main_thread():
         yield held
         return
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    guarded = [signal.SIGINT] if previous[signal.SIGINT] not in (None, signal.SIG_IGN) else []
+    if previous[signal.SIGTERM] is _sigterm_interrupts:
+        guarded.append(signal.SIGTERM)
 
     def hold(signum: int, frame: Any) -> None:
         held.append(signum)
         if second_interrupts and len(held) > 1:
             raise KeyboardInterrupt
 
-    signal.signal(signal.SIGINT, hold)
+    for signum in guarded:
+        signal.signal(signum, hold)
     try:
         yield held
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum in guarded:
+            signal.signal(signum, previous[signum])
     if held:  # the block is done: deliver what it held, as the previous handler would have
-        if callable(previous):
-            previous(signal.SIGINT, None)
-        elif previous == signal.SIG_DFL:
-            signal.raise_signal(signal.SIGINT)  # the default action ends the process
+        first = held[0]
+        if callable(previous[first]):
+            previous[first](first, None)
+        elif previous[first] == signal.SIG_DFL:
+            signal.raise_signal(first)  # the default action ends the process
+
+
+def _sigterm_interrupts(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c() -> Iterator[None]:
+    """While the block runs, SIGTERM (what job schedulers, ``docker stop`` and ``kill`` send) takes Ctrl-C's path: the
+    last completed step is saved, and where Ctrl-C is held back (an update, the final checkpoint) so is SIGTERM.
+    Without this, SIGTERM's default action ends the process at once and a run with ``checkpoint_every=0`` loses
+    everything. A handler someone else installed is left alone, as is every thread but the main one."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _sigterm_interrupts)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 @torch.no_grad()
@@ -983,6 +1010,17 @@ def _describe_run(out_dir: Path, config: TrainConfig) -> str:
     return f" ({'; '.join(details)})" if details else ""
 
 
+def _token_digest(*chunks: torch.Tensor) -> str:
+    """The first 16 hex digits of a SHA-256 over the token ids, in order: a resume refuses a corpus edited to the same
+    size, another file of the same size under the same name, or another tokenizer with the same vocabulary size,
+    none of which the counts tell apart. Hashing is a fraction of a second per hundred million tokens."""
+    digest = hashlib.sha256()
+    for t in chunks:
+        digest.update(str(t.dtype).encode())
+        digest.update(t.contiguous().numpy())
+    return digest.hexdigest()[:16]
+
+
 def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> CLMData:
     """The run's chunks of `chunk_len` tokens: `prepare_clm_data` on ``config.data``, or a hub dataset with a
     configuration (``data="wikitext", dataset_config="wikitext-103-raw-v1"``): its training split's ``text`` rows.
@@ -1006,6 +1044,7 @@ def prepare_data(config: TrainConfig, chunk_len: int, tokenizer: Any = None) -> 
             seed=config.seed,
             cache_dir=config.cache_dir,
             stdlib_max_bytes=config.stdlib_max_bytes,
+            exclude=[config.out_dir],  # `data="."` must not take in this run's checkpoints, logs and configs
         )
     try:
         import datasets
@@ -1324,6 +1363,7 @@ def _train(
         "valid_chunks": len(data.valid),
         "tokens": data.num_tokens,
         "vocab_size": data.vocab_size,
+        "token_sha256": _token_digest(data.train, data.valid),
     }
     decay_from: tuple[int, float] | None = None  # see lr_at: set once a resume changed max_steps
     if model is not None:
@@ -1453,6 +1493,8 @@ def _train(
     final_step = max(config.max_steps, start_step)
     final_save = "not started"  # then "writing" and "done": how far the final checkpoint got when Ctrl-C came
     final_held: list[int] = []  # the Ctrl-Cs held back during the final checkpoint
+    stop_signals = contextlib.ExitStack()
+    stop_signals.enter_context(_sigterm_as_ctrl_c())  # until the end of the loop's finally, below
     try:
         for step in bar:
             before_step = sampler.state_dict()  # what a resume needs if Ctrl-C lands inside this step
@@ -1583,6 +1625,7 @@ def _train(
         raise
     finally:
         logs.close()
+        stop_signals.close()
     metrics["elapsed_s"] = time.perf_counter() - t_start
     log(f"saved {out_dir} ({metrics['elapsed_s']:.1f} s)")
     return metrics

@@ -313,6 +313,17 @@ def test_resume_refuses_data_that_changed(text_file, tmp_path):
         train_clm(tiny_config(text_file, tmp_path, max_steps=3, resume=True))
 
 
+def test_resume_refuses_data_edited_to_the_same_size(text_file, tmp_path):
+    """Counts alone let an edit of the same size through (or another file of that size, or another tokenizer with
+    the same vocabulary size): the resumed run would go on with other text under the same data order."""
+    train_clm(tiny_config(text_file, tmp_path, max_steps=2, eval_every=0))
+    text_file.write_text(TEXT.replace("x", "y"), encoding="utf-8")
+    with pytest.raises(ValueError, match="the data differs from the run's .token_sha256: "):
+        train_clm(tiny_config(text_file, tmp_path, max_steps=3, resume=True))
+    text_file.write_text(TEXT, encoding="utf-8")  # back as it was: the run goes on
+    assert train_clm(tiny_config(text_file, tmp_path, max_steps=3, resume=True))["start_step"] == 2
+
+
 def test_a_second_run_into_a_busy_directory_stops_at_once(text_file, tmp_path, monkeypatch):
     # Two runs into one directory deleted each other's staged checkpoints and interleaved their rows in metrics.csv.
     # A run locks its directory while it goes on: a second one, even one told to overwrite, stops before any work.
@@ -581,6 +592,41 @@ def test_ctrl_c_right_after_an_update_saves_that_step(text_file, tmp_path, strai
         hook.remove()
     assert resumed["start_step"] == 2 and len(updates) == 4  # steps 3 and 4, each trained once
     assert_same_weights(straight_run, final_weights(out))
+
+
+def test_sigterm_takes_ctrl_c_s_path_and_is_held_through_an_update(text_file, tmp_path, straight_run):
+    """SIGTERM (job schedulers, docker stop, kill) saves the last completed step as Ctrl-C does; one that lands right
+    after an update is held back like Ctrl-C, so that step is saved whole. Its default action killed the run."""
+    updates = []
+
+    def after_update(optimizer, args, kwargs):
+        updates.append(len(updates) + 1)
+        if len(updates) == 2:
+            signal.raise_signal(signal.SIGTERM)
+
+    config = tiny_config(text_file, tmp_path, **{**CHECKPOINTED, "checkpoint_every": 0})
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    hook = register_optimizer_step_post_hook(after_update)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_clm(config)
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back
+        assert saved_step(tmp_path / "run") == 2
+        resumed = train_clm(replace(config, resume=True))
+    finally:
+        hook.remove()
+    assert resumed["start_step"] == 2 and len(updates) == 4
+    assert_same_weights(straight_run, final_weights(tmp_path / "run"))
+
+
+def test_a_sigterm_handler_of_the_caller_is_left_alone(text_file, tmp_path):
+    seen = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        train_clm(tiny_config(text_file, tmp_path, max_steps=1, eval_every=0))
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL and not seen
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_ctrl_c_during_the_final_checkpoint_finishes_it_first(

@@ -127,6 +127,21 @@ def resolve_data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return unique
 
 
+def _every_file(directory: Path) -> list[Path]:
+    """Every file below ``directory``, hidden ones aside, resolved: what a dataset folder is made of."""
+    return sorted(p.resolve() for p in directory.rglob("*") if p.is_file() and not _hidden(p, directory))
+
+
+def _without_excluded(files: list[Path], exclude: Sequence[str | Path], spec: Any) -> list[Path]:
+    """``files`` less those under a directory of ``exclude``; ``ValueError`` (naming ``spec``) when none is left."""
+    roots = [Path(d).expanduser().resolve() for d in exclude]
+    kept = [f for f in files if not any(f.is_relative_to(root) for root in roots)]
+    if files and not kept and spec is not None:
+        where = ", ".join(str(r) for r in roots)
+        raise ValueError(f"every file {str(spec)!r} matches is in the run's own output directory ({where})")
+    return kept
+
+
 def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
@@ -433,6 +448,11 @@ def tokenize_corpus(
         if not files:
             raise ValueError("no data files given")
         source: Any = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    elif Path(dataset_name).expanduser().is_dir():
+        # A local dataset folder (datasets reads it): its files, as for files given directly, or another folder of
+        # the same name, or an edited file, would find the tokens of the first.
+        folder = Path(dataset_name).expanduser()
+        source = ["dataset folder", [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _every_file(folder)]]
     else:
         source = ["dataset", dataset_name]
     key = json.dumps({"format": _CACHE_FORMAT, "source": source, "tokenizer": info.fingerprint, "sep": separator})
@@ -696,12 +716,16 @@ def prepare_clm_data(
     cache_dir: str | Path | None = None,
     stdlib_max_bytes: int = DEFAULT_STDLIB_MAX_BYTES,
     separator_id: int | None = None,
+    exclude: Sequence[str | Path] = (),
 ) -> CLMData:
     """Files (or the standard library's sources when `data` is None) -> packed, split chunks of ``max_seq_len + 1``.
 
     `data` may be a file, a directory, a glob, a list of these, or, when no local file matches a string, the name of
-    a dataset for ``datasets.load_dataset`` (network needed unless it is in the local Hugging Face cache). A string
-    that can only be a local path (see `looks_like_local_path`) and names nothing raises ``FileNotFoundError``.
+    a dataset for ``datasets.load_dataset`` (network needed unless it is in the local Hugging Face cache), a local
+    dataset folder among them (a directory without text files, read by ``datasets``). A string that can only be a
+    local path (see `looks_like_local_path`) and names nothing raises ``FileNotFoundError``. Files under a directory
+    in `exclude` are left out (training passes its output directory: a run must not train on its own checkpoints,
+    logs and configs when `data` is a directory holding it).
     """
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
@@ -711,13 +735,16 @@ def prepare_clm_data(
         files = stdlib_source_files(stdlib_max_bytes)
     else:
         try:
-            files = resolve_data_files(data)
+            files = _without_excluded(resolve_data_files(data), exclude, data)
         except ValueError:
             if not isinstance(data, str) or any(c in data for c in "*?["):
                 raise
-            if looks_like_local_path(data):  # fail at once: offline, a hub lookup retries for long
+            local = Path(data).expanduser()
+            if local.is_dir() and not _without_excluded(_every_file(local), exclude, None):
+                raise  # only the run's own files are there
+            if looks_like_local_path(data) and not local.is_dir():  # fail at once: offline, a hub lookup retries
                 raise FileNotFoundError(f"no such file or directory: {data!r}") from None
-            dataset_name = data  # no local file of that name: try it as a dataset name
+            dataset_name = data  # no local text file of that name: try it as a dataset name (or dataset folder)
     try:
         corpus = tokenize_corpus(
             files or None, tokenizer, separator_id=separator_id, cache_dir=cache_dir, dataset_name=dataset_name
@@ -725,6 +752,12 @@ def prepare_clm_data(
     except ValueError as e:
         if dataset_name is None:
             raise
+        if Path(dataset_name).expanduser().is_dir():
+            suffixes = " ".join(_TEXT_SUFFIXES)
+            raise ValueError(
+                f"{data!r} is a directory without files of a text suffix ({suffixes}; name others with a glob such as "
+                f"'{data.rstrip('/')}/*.jsonl'), and datasets could not read it as a dataset folder: {e}"
+            ) from None
         raise ValueError(f"no local files match {data!r}, and {e}") from None
     refuse_empty_corpus(corpus.num_bytes, corpus.num_documents)
     chunks = pack_chunks(corpus.tokens, max_seq_len + 1)

@@ -299,6 +299,38 @@ def test_a_string_that_can_only_be_a_local_path_fails_at_once(tmp_path, monkeypa
             prepare_clm_data(data, max_seq_len=16, cache_dir=tmp_path)
 
 
+def test_a_local_dataset_folder_is_cached_by_its_files(tmp_path, monkeypatch):
+    """A directory without text-suffix files is read by ``datasets`` as a dataset folder, however it is spelled; its
+    token cache is keyed by its files, so another folder of the same name or an edited file is read again."""
+    import json
+
+    for run, rows in (("one", ["def f(x): return x\n"] * 30), ("two", ["完全に別のコーパス\n"] * 90)):
+        folder = tmp_path / run / "corp"
+        folder.mkdir(parents=True)
+        (folder / "a.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows), encoding="utf-8")
+    cache = tmp_path / "cache"
+    monkeypatch.chdir(tmp_path / "one")
+    first = prepare_clm_data("corp", max_seq_len=16, cache_dir=cache)
+    assert prepare_clm_data("./corp", max_seq_len=16, cache_dir=cache).from_cache  # the same folder
+    monkeypatch.chdir(tmp_path / "two")
+    second = prepare_clm_data("corp", max_seq_len=16, cache_dir=cache)
+    assert not second.from_cache and second.num_documents == 90 and first.num_documents == 30
+
+
+def test_files_under_an_excluded_directory_are_left_out(corpus, tmp_path):
+    """Training passes its output directory: ``data="."`` must not take in the run's checkpoints, logs and configs."""
+    run = corpus / "runs" / "a"
+    run.mkdir(parents=True)
+    (run / "metrics.csv").write_text("step,loss\n0,5.5\n")
+    (run / "config.json").write_text("{}")
+    everything = prepare_clm_data(str(corpus), max_seq_len=16, cache_dir=tmp_path / "cache")
+    kept = prepare_clm_data(str(corpus), max_seq_len=16, cache_dir=tmp_path / "cache", exclude=[run])
+    assert everything.num_documents == len(DOCS) + 2 and kept.num_documents == len(DOCS)
+    assert all(not f.is_relative_to(run.resolve()) for f in kept.files)
+    with pytest.raises(ValueError, match="the run's own output directory"):
+        prepare_clm_data(str(run), max_seq_len=16, cache_dir=tmp_path / "cache", exclude=[run])
+
+
 # ---------------------------------------------------------------------------------------------------- what is cached
 
 WORDS = ["[UNK]", "[EOS]", "[PAD]", "red", "green", "blue"]
