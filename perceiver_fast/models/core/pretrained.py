@@ -33,6 +33,7 @@ from perceiver_fast.models.core.loading import (
     read_safetensors,
     set_loaded_dtype,
 )
+from perceiver_fast.models.core.registry import model_type_of
 
 __all__ = ["CONFIG_FILE", "FORMAT", "WEIGHTS_FILE", "PretrainedMixin"]
 
@@ -94,7 +95,7 @@ class PretrainedMixin:
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
         meta = {
             "format": FORMAT,
-            "model_class": type(self).__name__,
+            "model_class": _format_class_name(type(self)),
             SAVE_ID_KEY: save_id,
             "config": dataclasses.asdict(self.config),
         }
@@ -151,7 +152,7 @@ class PretrainedMixin:
             return cls._from_perceiver_io_pretrained(directory, map_location, dtype)
         if meta.get("format") != FORMAT or "config" not in meta:
             raise ValueError(f"{config_path} was not written by perceiver_fast's save_pretrained")
-        if meta.get("model_class") != cls.__name__:
+        if meta.get("model_class") not in (cls.__name__, _format_class_name(cls)):
             raise ValueError(f"{directory} holds a {meta.get('model_class')}, not a {cls.__name__}")
         config = cls.config_from_dict(meta["config"], source=f"{config_path}'s config", every_field=True)
         model = cls(config)
@@ -180,3 +181,11 @@ class PretrainedMixin:
         of another model type raises ``ValueError`` naming both (see
         :func:`perceiver_fast.models.artifacts.from_lightning_checkpoint`)."""
         return perceiver_io_artifacts.from_lightning_checkpoint(path, cls, map_location, dtype)
+
+
+def _format_class_name(model_class: type) -> str:
+    """The ``model_class`` our format records: the registered task class a model is or derives from, so that a
+    subclass saves files every loader reads (the generic one included) and loads its base's, as it does
+    perceiver-io's. A class of no registered type (a test's own model) records its own name."""
+    registered = model_type_of(model_class)
+    return (registered.model_class if registered is not None else model_class).__name__

@@ -334,3 +334,29 @@ def test_nested_perceiver_io_configs_are_checked(tmp_path):
     path = _edit_config(directory, lambda config: config.update(decoder=None))
     with pytest.raises(ValueError, match=re.escape("decoder: must be a mapping (JSON object) of Classification")):
         from_pretrained(directory)
+
+
+def test_a_subclass_saves_and_loads_its_bases_files_as_it_does_perceiver_ios():
+    """A user's subclass of a task model reads the directories its base writes, and writes ones that its base and
+    the generic loader read (a subclass adds no weights; strict loading would refuse one that did)."""
+
+    class TunedCLM(CausalLanguageModel):
+        pass
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base_dir = _saved_clm(Path(tmp) / "base")
+        loaded = TunedCLM.from_pretrained(base_dir)
+        assert type(loaded) is TunedCLM
+        sub_dir = Path(tmp) / "sub"
+        loaded.save_pretrained(sub_dir)
+        assert json.loads((sub_dir / "config.json").read_text())["model_class"] == "CausalLanguageModel"
+        assert type(from_pretrained(sub_dir)) is CausalLanguageModel
+        assert type(CausalLanguageModel.from_pretrained(sub_dir)) is CausalLanguageModel
+        x = torch.randint(0, AR["vocab_size"], (1, 12))
+        torch.testing.assert_close(
+            TunedCLM.from_pretrained(sub_dir)(x, prefix_len=4).logits, loaded(x, prefix_len=4).logits, rtol=0, atol=0
+        )
+        with pytest.raises(ValueError, match="holds a CausalLanguageModel, not a ImageClassifier"):
+            ImageClassifier.from_pretrained(sub_dir)
