@@ -128,13 +128,14 @@ def time_ms(
     return times
 
 
-def issue_times_ms(fn: Callable[[int], object], device: torch.device, *, calls: int = 20) -> dict[str, float]:
+def issue_times_ms(fn: Callable[[int], object], device: torch.device, *, calls: int = 21) -> dict[str, float]:
     """Where a call's time goes when calls are issued back to back, as a training loop issues them.
 
     ``host_ms``: how long ``fn`` takes to return, per call (the Python, dispatch and launches); ``queued_ms``: the
-    device's time per call from the first launch to the last call's end, with nothing waiting between calls. When
-    ``host_ms`` is close to ``queued_ms`` the device waits for the host: the call is host-bound, and :func:`time_ms`
-    (one synchronized call at a time) counts that host time too. Empty on CPU, where both are the wall clock.
+    device's time per call from the end of the first call to the end of the last, with nothing waiting between
+    calls. When ``host_ms`` is close to ``queued_ms`` the device waits for the host: the call is host-bound, and
+    :func:`time_ms` (one synchronized call at a time) counts that host time too. Empty on CPU, where both are the
+    wall clock.
     """
     if device.type != "cuda":
         return {}
@@ -142,13 +143,16 @@ def issue_times_ms(fn: Callable[[int], object], device: torch.device, *, calls: 
     synchronize(device)
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     started = time.perf_counter()
+    fn(0)
+    # Recorded behind the first call: the device would otherwise wait for that call's host work, a bias of one
+    # host latency in the device time of calls that keep it busy.
     begin.record()
-    for i in range(calls):
+    for i in range(1, calls):
         fn(i)
     end.record()
     host = time.perf_counter() - started
     end.synchronize()
-    return {"host_ms": host * 1e3 / calls, "queued_ms": begin.elapsed_time(end) / calls}
+    return {"host_ms": host * 1e3 / calls, "queued_ms": begin.elapsed_time(end) / (calls - 1)}
 
 
 def median(values: Sequence[float]) -> float:

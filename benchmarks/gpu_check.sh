@@ -39,7 +39,7 @@ summarize() {
   grep -E "^(copy|B[0-9])" "$WORK/bench-decode-step.log" 2> /dev/null | cut -c1-110 | head -n 13
   echo "== generate: exit $generate_rc; seed configuration: exit $seed_rc"
   grep -hE "^(ours|pio|floor|  ours)" "$WORK/generate.log" "$WORK/generate-seed.log" 2> /dev/null | head -n 60
-  grep -h -A 12 "^GPU targets of the generation issue" "$WORK/generate.log" "$WORK/generate-seed.log" 2> /dev/null
+  grep -h -A 20 "^GPU targets of the generation issue" "$WORK/generate.log" "$WORK/generate-seed.log" 2> /dev/null
   echo "== kernel benchmark: exit $bench_rc (124 = timed out)"
   if grep -q "^== summary" "$WORK/bench-kernels.log" 2> /dev/null; then
     sed -n '/^== summary/,$p' "$WORK/bench-kernels.log" | grep -v "^wrote .*\.png$"

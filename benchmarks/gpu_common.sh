@@ -99,14 +99,24 @@ summary_head() {
 snapshot() {
   summarize > "$WORK/summary.txt" 2>&1
   cp "$WORK/summary.txt" "$OUT/summary.txt"
-  timeout 10 tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . 2> /dev/null || true
+  pack_tarball 2> /dev/null || true
+}
+
+# The tarball is written beside its name and renamed over it: a tar killed by its timeout leaves the previous
+# snapshot whole instead of a truncated one.
+pack_tarball() {
+  timeout 10 tar -czf "$OUT/.gpu-check.tar.gz.part" -C "$WORK" . \
+    && mv -f "$OUT/.gpu-check.tar.gz.part" "$OUT/gpu-check.tar.gz"
+  local status=$?
+  rm -f "$OUT/.gpu-check.tar.gz.part"
+  return $status
 }
 
 # $WORK/summary.txt into $OUT, everything gathered into ONE tarball (a device call returns at most 8 files), the
 # summary printed last.
 gpu_pack() {
   cp "$WORK/summary.txt" "$OUT/summary.txt"
-  timeout 10 tar -czf "$OUT/gpu-check.tar.gz" -C "$WORK" . \
+  pack_tarball \
     && echo "== $OUT/gpu-check.tar.gz: $(du -h "$OUT/gpu-check.tar.gz" | cut -f1); $(elapsed) s in all" >> "$OUT/summary.txt"
   rm -rf "$WORK"
   cat "$OUT/summary.txt"

@@ -341,7 +341,10 @@ def bench_case(case: Case, name: str, build: Callable, args: argparse.Namespace)
         message = str(error).strip().splitlines()
         row["note"] = f"{type(error).__name__}: {message[0][:160] if message else ''}"
         if case.device.type == "cuda":
-            torch.cuda.empty_cache()
+            try:
+                torch.cuda.empty_cache()
+            except Exception:  # the error left the CUDA context unusable: the row says why; what follows fails too
+                pass
         return row
     ms = common.median(times)
     row.update(ms=ms, runs=len(times), **issue)
@@ -428,6 +431,11 @@ def _write_table_from_json(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_rates(rows: list[dict]) -> None:
+    for row in rows:  # decoding is bandwidth-bound: judge it by cache read rate
+        row["rate"] = row.get("gbs") if row["family"] == "decode" else row.get("tflops")
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the suite: print a table, write JSON and a plot (and the dispatch table if asked); the exit status."""
     if args.from_json:
@@ -446,6 +454,25 @@ def run(args: argparse.Namespace) -> int:
     print(f"device {common.device_slug(device)}  dtype {dtype}  preset {preset}")
     print(f"measured peaks: matmul {peak:.1f} TFLOP/s, copy {bandwidth:.0f} GB/s", flush=True)
     rows: list[dict] = []
+    meta = {
+        "suite": "kernels",
+        "device": common.device_slug(device),
+        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "capability": "{}.{}".format(*torch.cuda.get_device_capability(device)) if cuda else None,
+        "dtype": str(dtype),
+        "preset": preset,
+        "date": common.utc_now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "matmul_peak_tflops": peak,
+        "copy_gbs": bandwidth,
+        "backends": list(named),
+        "time_limit": args.time_limit,
+        "flex_budget": args.flex_budget,
+        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
+    }
+    # Named when the run starts and rewritten after every case: a run killed by its timeout, or by a CUDA error that
+    # leaves the context unusable, keeps what it measured (a run that finished meanwhile under the name is kept too).
+    path = common.new_results_path(common.results_path(device, "kernels", args.out))
     started = time.monotonic()
     flex_spent = 0.0
     with _no_silent_fallback():
@@ -472,6 +499,8 @@ def run(args: argparse.Namespace) -> int:
                         row["pct_peak"] = 100 * row["tflops"] / peak
                         row["pct_bw"] = 100 * row["gbs"] / bandwidth
                     rows.append(row)
+                    _add_rates(rows)
+                    common.write_json(path, meta, rows)
                     status = f"{row['ms']:.3f} ms" if "ms" in row else row["note"]
                     print(f"  {shape.label:<48} {mode:<8} {name:<15} {status}", flush=True)
                 del case
@@ -484,31 +513,13 @@ def run(args: argparse.Namespace) -> int:
         columns = [c for c in columns if c not in ("host_ms", "queued_ms")]
     print()
     print(common.format_table(rows, columns))
-    meta = {
-        "suite": "kernels",
-        "device": common.device_slug(device),
-        "device_name": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
-        "capability": "{}.{}".format(*torch.cuda.get_device_capability(device)) if cuda else None,
-        "dtype": str(dtype),
-        "preset": preset,
-        "date": common.utc_now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "matmul_peak_tflops": peak,
-        "copy_gbs": bandwidth,
-        "backends": list(named),
-        "time_limit": args.time_limit,
-        "flex_budget": args.flex_budget,
-        "TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
-    }
-    for row in rows:  # decoding is bandwidth-bound: judge it by cache read rate
-        row["rate"] = row.get("gbs") if row["family"] == "decode" else row.get("tflops")
+    _add_rates(rows)
     print("\n== summary: TFLOP/s of unmasked work (decode: GB/s); '-' = did not run, see the table's note ==")
     print(f"peaks measured in this run: matmul {peak:.1f} TFLOP/s, copy {bandwidth:.0f} GB/s")
     ran = {row["backend"] for row in rows if "ms" in row}  # backends that ran nowhere would be columns of dashes
     print(common.format_pivot([r for r in rows if r["backend"] in ran], index=("shape", "mode"), column="backend",
                               value="rate"))
-    # Named when written, the one write of the run: a run that finished meanwhile under the same name is kept too.
-    path = common.write_json(common.new_results_path(common.results_path(device, "kernels", args.out)), meta, rows)
+    common.write_json(path, meta, rows)
     print(f"\nwrote {path}")
     if args.write_dispatch_table:
         from benchmarks import dispatch_table
@@ -530,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
         if "host_ms" in r
     ]
     if issued:
-        print("\n== host time / device time per call, 20 calls issued back to back (near 1 or more: host-bound) ==")
+        print("\n== host time / device time per call, 21 calls issued back to back (near 1 or more: host-bound) ==")
         print(common.format_pivot(issued, index=("shape", "mode"), column="backend", value="host/queued"))
     if not args.no_plot:
         for mode in modes:

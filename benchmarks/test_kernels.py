@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import kernels
 from benchmarks.__main__ import main as bench_main
 from benchmarks.shapes import Shape
@@ -42,3 +44,24 @@ def test_rows_carry_the_split_and_the_summary_pivots_host_over_device(tmp_path, 
     out = capsys.readouterr().out
     pivot = out.split("== host time / device time per call")[1]
     assert "1.5" in pivot  # 0.3 / 0.2 under each backend that ran
+
+
+def test_results_are_on_disk_after_every_case(tmp_path, monkeypatch):
+    """A run killed by its timeout, or by a CUDA error that leaves the context unusable, keeps what it measured."""
+    real = kernels.bench_case
+    calls = []
+
+    def bench_case_then_die(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt  # as a kill in the second case
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "bench_case", bench_case_then_die)
+    argv = _tiny_run(tmp_path, monkeypatch)
+    argv[argv.index("eager")] = "eager,sdpa-math"
+    with pytest.raises(KeyboardInterrupt):
+        bench_main(argv)
+    (path,) = tmp_path.glob("*-kernels.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["eager"] and "ms" in rows[0]
