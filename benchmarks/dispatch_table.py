@@ -42,6 +42,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # floor is for float32, whose correct kernels differ by more than 32 epsilons over long reductions.
 ERROR_EPSILONS = 32
 ERROR_FLOOR = 1e-4
+# Relative errors (``rel_err``, of rows that measure it): a few roundings of the dtype. bf16: 0.031, fp16: 0.0039.
+RELATIVE_ERROR_EPSILONS = 4
 # Backend names of results written before the registry existed.
 LEGACY_NAMES = {"flash_attn": "flash-attn"}
 RULE = (
@@ -165,8 +167,15 @@ def import_results(
 
 
 def error_limit(dtype: str) -> float:
-    """The largest ``max_err`` (and relative ``grad_err``) a row may have and still be ranked."""
+    """The largest ``max_err`` (and relative ``grad_err``) a row of results without ``rel_err`` may have and still be
+    ranked (results written before the suite measured relative errors)."""
     return max(ERROR_EPSILONS * torch.finfo(getattr(torch, dtype)).eps, ERROR_FLOOR)
+
+
+def relative_error_limit(dtype: str) -> float:
+    """The largest ``rel_err`` and ``grad_err`` (relative to the float32 reference's largest value) a row may have
+    and still be ranked: a few roundings of the dtype (bf16 output rounding alone is 2**-9 of a value)."""
+    return max(RELATIVE_ERROR_EPSILONS * torch.finfo(getattr(torch, dtype)).eps, ERROR_FLOOR)
 
 
 def _ran(row: dict) -> bool:
@@ -179,8 +188,17 @@ def why_left_out(row: dict, backends: Iterable[str]) -> str | None:
         return "not a registry backend"
     if not _ran(row):
         return f"did not run: {row.get('note', 'no time')}"
-    limit = error_limit(row["dtype"])
-    for key in ("max_err", "grad_err"):
+    return error_beyond_rounding(row)
+
+
+def error_beyond_rounding(row: dict) -> str | None:
+    """Which error of a result row lies beyond its dtype's rounding, as ``"key value > limit"`` (``None``: none).
+    Rows with ``rel_err`` are judged by their relative errors, older ones by ``max_err``."""
+    if "rel_err" in row:
+        limit, keys = relative_error_limit(row["dtype"]), ("rel_err", "grad_err")
+    else:
+        limit, keys = error_limit(row["dtype"]), ("max_err", "grad_err")
+    for key in keys:
         value = row.get(key)
         if value is not None and not value <= limit:  # NaN is left out too
             return f"{key} {value:.3g} > {limit:.3g}"

@@ -65,3 +65,25 @@ def test_results_are_on_disk_after_every_case(tmp_path, monkeypatch):
     (path,) = tmp_path.glob("*-kernels.json")
     rows = json.loads(path.read_text())["rows"]
     assert [r["backend"] for r in rows] == ["eager"] and "ms" in rows[0]
+
+
+def test_a_wrong_output_fails_the_error_check_however_small_the_outputs():
+    """Over 4096 keys every output is about 0.02: an all-zero output was within the absolute bf16 limit (0.25). Rows
+    are judged by their error relative to a float32 reference, which an eager bf16 row (SDPA's own kernel on CUDA)
+    is not: it shows its rounding, not 0."""
+    import torch
+
+    from benchmarks.dispatch_table import error_beyond_rounding, error_limit
+    from perceiver_fast.kernels import attention
+
+    shape = Shape("decode", 2, 1, 4096, 2, 2, 16, 16, True)
+    case = kernels.make_case(shape, "fwd", torch.device("cpu"), torch.bfloat16)
+    with case.grad_mode():
+        zeros = kernels._errors(case, lambda q, k, v: torch.zeros_like(q))
+        eager = kernels._errors(case, lambda q, k, v: attention(q, k, v, backend="eager", **case.op_arguments()))
+    row = {"dtype": "bfloat16", **zeros}
+    assert zeros["max_err"] < error_limit("bfloat16")  # what the absolute check let through
+    assert zeros["rel_err"] == 1.0 and error_beyond_rounding(row).startswith("rel_err")
+    assert 0 < eager["rel_err"] and error_beyond_rounding({"dtype": "bfloat16", **eager}) is None
+    assert case.reference[0].dtype == torch.float32
+
