@@ -13,7 +13,10 @@ Rows (each timed in this one process, so their ratios are comparable):
 - floor: one pass of the latent stack over all latents (cross-attention latent part + self-attention layers), what
   exact decoding must pay per token once the latents are full.
 ms per step excludes the prompt's prefill: it is ``(T(n tokens) - T(1 token)) / (n - 1)``, NaN where that is not
-positive (reported as invalid, never as a target met). A step gives every row of the batch one token, so at batch 1
+positive (reported as invalid, never as a target met). Strided rows are averaged over one stride period instead: the
+prompt fills the latents, so their first step is a hand-over, which a long generation pays once per ``stride`` steps
+(``ms_per_token`` = (hand-over + (stride - 1) extend steps) / stride, from T(1), T(2) and T(n); the run's own average
+is kept as ``ms_per_token_in_run``). A step gives every row of the batch one token, so at batch 1
 it is ms/token; the JSON keeps the key ``ms_per_token`` for it. On CUDA each mode with graphs decodes with its own
 copy of the model: a model keeps one held decoder (one mode's graphs), and modes taking turns on one model would
 capture anew at every call, timing capture and warm-up steps instead of replays. On CUDA the rows of our cached modes
@@ -130,6 +133,21 @@ def ms_per_step(prefill: float, whole: float, new_tokens: int) -> float:
     return 1e3 * difference / (new_tokens - 1) if difference > 0 else float("nan")
 
 
+def strided_ms_per_step(one: float, two: float, whole: float, new_tokens: int, stride: int) -> dict[str, float]:
+    """A strided row's ms/step averaged over one stride period, from ``T(1)``, ``T(2)`` and ``T(n)`` (seconds).
+
+    The prompt fills the latents, so the first decoding step (``T(2) - T(1)``) is the hand-over and the other
+    ``n - 2`` are extend steps; in a long generation a hand-over comes once per ``stride`` steps, so the run's own
+    average (one hand-over over ``n - 1`` steps) would overstate the mode by up to ``stride / (n - 1)`` hand-overs.
+    Returns ``ms_per_token`` (the period's average), ``handover_ms`` and ``extend_ms``; NaN where a difference is
+    not positive (see :func:`ms_per_step`)."""
+    handover, extend = 1e3 * (two - one), 1e3 * (whole - two) / (new_tokens - 2)
+    if handover <= 0 or extend <= 0:
+        nan = float("nan")
+        return {"ms_per_token": nan, "handover_ms": nan, "extend_ms": nan}
+    return {"ms_per_token": (handover + (stride - 1) * extend) / stride, "handover_ms": handover, "extend_ms": extend}
+
+
 def count_device_events(events) -> int:
     """The kernels (and device copies and fills) among a profiler's events: what a GPU launched."""
     return sum(1 for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
@@ -177,6 +195,7 @@ def bench_context(
     num_latents = min(model.max_latents, prompt_len)
     prompt = torch.randint(6, 262, (batch, prompt_len), device=device)
     schedule = WindowSchedule(context, model.max_latents)
+    stride = max(model.max_latents // 2, 1)  # generate's default for cache_mode="strided", which the rows use
     timed = _timer(device)
 
     methods = {
@@ -230,11 +249,14 @@ def bench_context(
             # generation (the strided hand-over) is captured in the third, after two plain runs.
             for _ in range(warm_runs.get(name, 1)):
                 run(new_tokens if name in warm_runs else 2)
-        # Round robin over the methods, so that a burst of load on a shared machine hits all of them alike.
-        first, total = ({name: [] for name in methods} for _ in range(2))
+        # Round robin over the methods, so that a burst of load on a shared machine hits all of them alike. Strided
+        # rows also time 2 tokens: their first step is the hand-over (see strided_ms_per_step).
+        first, second, total = ({name: [] for name in methods} for _ in range(3))
         for _ in range(repeats):
             for name, run in methods.items():
                 first[name].append(_time_once(timed, run, 1))
+                if "strided" in name and new_tokens > 2:
+                    second[name].append(_time_once(timed, run, 2))
                 total[name].append(_time_once(timed, run, new_tokens))
         # On a GPU a step is bound by its launches: count them for our cached modes (after the timings, which the
         # profiler would slow down), over at most 8 tokens (a count does not vary with the step's length).
@@ -249,9 +271,14 @@ def bench_context(
     for name in methods:
         prefill, whole = statistics.median(first[name]), statistics.median(total[name])
         ms_per_token = ms_per_step(prefill, whole, new_tokens)  # per step of the whole batch (see the docstring)
+        period = {}
+        if second[name]:
+            period = strided_ms_per_step(prefill, statistics.median(second[name]), whole, new_tokens, stride)
+            period.update(stride=stride, ms_per_token_in_run=ms_per_token)
+            ms_per_token = period.pop("ms_per_token")
         rows.append(dict(method=name, context=context, prompt=prompt_len, batch=batch, new_tokens=new_tokens,
                          prefill_ms=1e3 * prefill, ms_per_token=ms_per_token,
-                         tokens_per_s=batch * 1e3 / ms_per_token))
+                         tokens_per_s=batch * 1e3 / ms_per_token, **period))
         if name in launches:
             rows[-1]["launches_per_step"], note = launches[name]
             if note is not None:

@@ -138,6 +138,27 @@ def test_skip_leaves_out_the_floor_too(monkeypatch):
     assert [row["method"] for row in rows] == ["ours strided"]
 
 
+def test_strided_rows_are_averaged_over_a_stride_period():
+    """The prompt fills the latents, so a strided generation's first step is a hand-over: over n - 1 steps the run
+    would count one per n - 1 steps, where a long generation pays one per stride."""
+    times = generate.strided_ms_per_step(1.0, 1.010, 1.010 + 8 * 0.001, 10, stride=4)  # seconds
+    assert times["handover_ms"] == pytest.approx(10.0) and times["extend_ms"] == pytest.approx(1.0)
+    assert times["ms_per_token"] == pytest.approx((10.0 + 3 * 1.0) / 4)
+    assert math.isnan(generate.strided_ms_per_step(1.0, 0.99, 1.5, 10, stride=4)["ms_per_token"])
+
+
+def test_a_strided_row_reports_its_hand_over_and_extend_steps(monkeypatch):
+    monkeypatch.setitem(generate.MODELS, "tiny", dict(num_channels=16, num_heads=2, num_self_attention_layers=1,
+                                                      max_latents=8))  # fmt: skip
+    (row,) = generate.bench_context(64, 1, 6, torch.device("cpu"), 1, {"pio", "exact", "uncached", "perceiver-io",
+                                                                        "floor"}, "tiny")  # fmt: skip
+    assert row["method"] == "ours strided" and row["stride"] == 4
+    for key in ("handover_ms", "extend_ms", "ms_per_token_in_run"):
+        assert key in row
+    if not math.isnan(row["ms_per_token"]):  # timings of a tiny model on a shared CPU may not be differences
+        assert row["ms_per_token"] == pytest.approx((row["handover_ms"] + 3 * row["extend_ms"]) / 4)
+
+
 def test_compiled_rows_time_each_mode_with_compiled_steps(monkeypatch):
     """--compile-steps adds a row per cached mode whose steps torch.compile compiled (traced with aot_eager here,
     which compiles in seconds: the benchmark's part is which rows run with which flag)."""
@@ -159,7 +180,8 @@ def test_compiled_rows_time_each_mode_with_compiled_steps(monkeypatch):
     names = [row["method"] for row in rows]
     assert names == [f"ours {mode}{suffix}" for suffix in ("", " (compiled)")
                      for mode in ("exact", "strided", "perceiver-io")]  # fmt: skip
-    assert compiled.count(True) == 3 * (4 + 2)  # four warm-up generations and two timed ones per compiled row
+    # four warm-up generations and two timed ones per compiled row; strided times a third (2 tokens: its hand-over)
+    assert compiled.count(True) == 3 * (4 + 2) + 1
     args = generate.argparse.ArgumentParser()
     generate.add_arguments(args)
     assert args.parse_args(["--compile-steps"]).compile_steps and not args.parse_args([]).compile_steps
