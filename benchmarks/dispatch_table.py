@@ -354,6 +354,28 @@ def format_orders(table: dict) -> str:
     return "\n".join(lines)
 
 
+def compare_tables(candidate: dict, shipped: dict) -> list[str]:
+    """How a candidate table (from one GPU run) differs from the shipped one, a line per class: classes it lacks (a
+    run cut short by its time limit measures fewer; committing it would drop them), classes it adds, and classes
+    whose first backend changed. A reviewer reads this before committing the candidate."""
+
+    def classes(table: dict) -> dict:
+        return {
+            ProblemClass(r["dtype"], r["regime"], r["head_dim"], r["keys"], r["bounds"], r["grad"]): r["order"]
+            for r in table["rows"]
+        }
+
+    old, new = classes(shipped), classes(candidate)
+    lines = [f"  dropped (not measured by this run): {key}" for key in old if key not in new]
+    lines += [f"  new: {key}: {', '.join(new[key])}" for key in new if key not in old]
+    lines += [
+        f"  first backend changed: {key}: {old[key][0]} -> {new[key][0]}"
+        for key in new
+        if key in old and new[key][:1] != old[key][:1]
+    ]
+    return lines
+
+
 def write_from_files(
     paths: Sequence[Path], capability: str | None = None, directory: Path | None = None
 ) -> tuple[Path, dict]:
@@ -364,7 +386,8 @@ def write_from_files(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``import`` older results into today's format, or ``write`` a table from result files."""
+    """``import`` older results into today's format, ``write`` a table from result files, or ``compare`` a candidate
+    table with the shipped one."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.dispatch_table", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     importer = commands.add_parser("import", help="a probe-timings text or an old kernel JSON -> a results JSON")
@@ -378,7 +401,17 @@ def main(argv: list[str] | None = None) -> int:
     writer.add_argument("results", type=Path, nargs="+")
     writer.add_argument("--capability", help="e.g. 9.0 (default: from the results' meta)")
     writer.add_argument("--table-dir", type=Path, help=f"default {dispatch.TABLE_DIR}")
+    comparer = commands.add_parser("compare", help="how a candidate table differs from the shipped one")
+    comparer.add_argument("candidate", type=Path)
+    comparer.add_argument("--shipped", type=Path, help="default: the package's table of the candidate's capability")
     args = parser.parse_args(argv)
+    if args.command == "compare":
+        candidate = json.loads(args.candidate.read_text())
+        shipped_path = args.shipped or Path(dispatch.TABLE_DIR) / args.candidate.name
+        lines = compare_tables(candidate, json.loads(shipped_path.read_text()))
+        print(f"{args.candidate} against {shipped_path}:")
+        print("\n".join(lines) if lines else "  the same classes, the same first backends")
+        return 0
     if args.command == "import":
         data = import_results(
             args.source, device_name=args.device_name, capability=args.capability, date=args.date, note=args.note

@@ -40,6 +40,7 @@ summarize() {
   echo "== generate: exit $generate_rc; seed configuration: exit $seed_rc"
   grep -hE "^(ours|pio|floor|  ours)" "$WORK/generate.log" "$WORK/generate-seed.log" 2> /dev/null | head -n 60
   grep -h -A 20 "^GPU targets of the generation issue" "$WORK/generate.log" "$WORK/generate-seed.log" 2> /dev/null
+  head -n 40 "$WORK/table-compare.txt" 2> /dev/null  # what committing the candidate table would change
   echo "== kernel benchmark: exit $bench_rc (124 = timed out)"
   if grep -q "^== summary" "$WORK/bench-kernels.log" 2> /dev/null; then
     sed -n '/^== summary/,$p' "$WORK/bench-kernels.log" | grep -v "^wrote .*\.png$"
@@ -83,6 +84,9 @@ step=$(date +%s)
 TRITON_INTERPRET=0 timeout -k 5 "$(allow 40 $((PACK_SECONDS + 5 + $GENERATE_SECONDS)))" "$PY" -m benchmarks \
   decode_step --out "$WORK" --write-dispatch-table --table-dir "$WORK/dispatch_tables" > "$WORK/bench-decode-step.log" 2>&1
 decode_rc="$? in $(($(date +%s) - step)) s"
+for table in "$WORK"/dispatch_tables/sm*.json; do
+  [ -f "$table" ] && timeout 30 "$PY" -m benchmarks.dispatch_table compare "$table" >> "$WORK/table-compare.txt" 2>&1
+done
 snapshot
 
 # --- 4. generation under auto in bf16: 8k and 32k, batch 1 and 16, then the seed configuration at 8k -----------------

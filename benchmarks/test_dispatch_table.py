@@ -292,3 +292,22 @@ def test_a_second_kernel_run_of_the_day_writes_beside_the_first(tmp_path, monkey
     assert bench_main(argv) == 0
     assert first.read_bytes() == before and first.with_name(f"{first.stem}-2.json").is_file()
     assert f"{first} exists (an earlier run's results): kept" in capsys.readouterr().out
+
+
+def test_a_candidate_table_is_compared_with_the_shipped_one(tmp_path, capsys):
+    """A GPU run cut short measures fewer classes: committing its table would drop the others, which the comparison
+    the GPU check prints names, with the classes whose first backend changed."""
+    shipped = json.loads((dispatch.TABLE_DIR / "sm90.json").read_text())
+    candidate = json.loads(json.dumps(shipped))
+    dropped = candidate["rows"].pop(0)
+    changed = candidate["rows"][0]
+    changed["order"] = changed["order"][1:] + changed["order"][:1]
+    lines = dispatch_table.compare_tables(candidate, shipped)
+    assert len(lines) == 2
+    assert lines[0].startswith("  dropped") and f"D<={dropped['head_dim']}" in lines[0]
+    assert f"{shipped['rows'][1]['order'][0]} -> {changed['order'][0]}" in lines[1]
+    assert dispatch_table.compare_tables(shipped, shipped) == []
+    path = tmp_path / "sm90.json"
+    path.write_text(json.dumps(candidate))
+    assert dispatch_table.main(["compare", str(path)]) == 0
+    assert "dropped (not measured by this run)" in capsys.readouterr().out
