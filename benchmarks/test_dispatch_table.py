@@ -311,3 +311,7 @@ def test_a_candidate_table_is_compared_with_the_shipped_one(tmp_path, capsys):
     path.write_text(json.dumps(candidate))
     assert dispatch_table.main(["compare", str(path)]) == 0
     assert "dropped (not measured by this run)" in capsys.readouterr().out
+    other = tmp_path / "sm100.json"
+    other.write_text(json.dumps(candidate))
+    assert dispatch_table.main(["compare", str(other)]) == 0
+    assert "no shipped table" in capsys.readouterr().out
