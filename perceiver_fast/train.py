@@ -1017,7 +1017,7 @@ def _token_digest(*chunks: torch.Tensor) -> str:
     digest = hashlib.sha256()
     for t in chunks:
         digest.update(str(t.dtype).encode())
-        digest.update(t.contiguous().numpy())
+        digest.update(t.detach().cpu().contiguous().numpy())
     return digest.hexdigest()[:16]
 
 
