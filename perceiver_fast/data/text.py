@@ -31,7 +31,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,9 +115,7 @@ def resolve_data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             found = [path]
         elif path.is_dir():
-            found = sorted(
-                p for p in path.rglob("*") if p.is_file() and p.suffix in _TEXT_SUFFIXES and not _hidden(p, path)
-            )
+            found = sorted(p for p in _visible_files(path) if p.suffix in _TEXT_SUFFIXES)
         else:
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
         if not found:
@@ -127,9 +125,14 @@ def resolve_data_files(spec: str | Path | Sequence[str | Path]) -> list[Path]:
     return unique
 
 
+def _visible_files(directory: Path) -> Iterator[Path]:
+    """The files below ``directory``, recursively, hidden ones (and those in hidden folders) aside."""
+    return (p for p in directory.rglob("*") if p.is_file() and not _hidden(p, directory))
+
+
 def _every_file(directory: Path) -> list[Path]:
-    """Every file below ``directory``, hidden ones aside, resolved: what a dataset folder is made of."""
-    return sorted(p.resolve() for p in directory.rglob("*") if p.is_file() and not _hidden(p, directory))
+    """Every visible file below ``directory``, resolved: what a dataset folder is made of."""
+    return sorted(p.resolve() for p in _visible_files(directory))
 
 
 def _without_excluded(files: list[Path], exclude: Sequence[str | Path], spec: Any) -> list[Path]:

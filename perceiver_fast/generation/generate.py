@@ -38,6 +38,7 @@ from perceiver_fast.generation.cache import (
 from perceiver_fast.generation.sampling import DEFAULT_TOP_K, SamplingConfig, sample_next_token
 from perceiver_fast.generation.schedule import WindowSchedule
 from perceiver_fast.generation.weights import WeightsWatch
+from perceiver_fast.kernels.api import check_flag
 
 CACHE_MODES = ("exact", "strided", "perceiver-io")
 
@@ -234,13 +235,6 @@ def _pad_token(pad_token_id: object, vocab_size: int) -> int | None:
     if len(ids) > 1:
         raise ValueError(f"pad_token_id must be one token id, got {ids}")
     return ids[0] if ids else None
-
-
-def _check_flag(name: str, value: object) -> bool:
-    """A bool (NumPy's too), not any truthy value: ``do_sample="no"`` would otherwise sample."""
-    if isinstance(value, bool) or type(value).__name__ == "bool_":
-        return bool(value)
-    raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def _check_count(name: str, value: object, minimum: int) -> int:
@@ -464,7 +458,8 @@ def _prepare(
             raise ValueError("give top_k or threshold, not both")
         top_k = _threshold_top_k(threshold, vocab_size)
         do_sample = True
-    do_sample, use_cache = _check_flag("do_sample", do_sample), _check_flag("use_cache", use_cache)
+    # Checked as the op checks its flags: a truthy string (do_sample="no") would otherwise sample.
+    do_sample, use_cache = check_flag("do_sample", do_sample), check_flag("use_cache", use_cache)
     sampling = SamplingConfig(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p)
     if generator is not None:
         if not isinstance(generator, torch.Generator):

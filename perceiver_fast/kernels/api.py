@@ -145,7 +145,8 @@ def _check_tensor(name: str, t: object) -> torch.Tensor:
     return t
 
 
-def _check_flag(name: str, value: object) -> bool:
+def check_flag(name: str, value: object) -> bool:
+    """A flag as a plain bool: a bool, an int or NumPy's bool; anything else (a truthy string) is a ``TypeError``."""
     if value is True or value is False:  # the common case, before the type checks
         return value
     numpy = sys.modules.get("numpy")  # NumPy's bool is no numbers.Integral; a flag given as one can only be NumPy's
@@ -254,7 +255,7 @@ def _check_problem(q, k, v, causal, kv_start, kv_len, scale, dropout_p, return_l
         raise ValueError(f"empty attention: {nq} {tuple(q.shape)}, {nk} {tuple(k.shape)}, {nv} {tuple(v.shape)}")
     if num_q_heads % num_kv_heads != 0:
         raise ValueError(f"{nq} heads ({num_q_heads}) must be a multiple of {nk}/{nv} heads ({num_kv_heads})")
-    causal, return_lse = _check_flag("causal", causal), _check_flag("return_lse", return_lse)
+    causal, return_lse = check_flag("causal", causal), check_flag("return_lse", return_lse)
     scale = _check_real("scale", scale, optional=True)
     dropout_p = _check_real("dropout_p", dropout_p, optional=False)
     if not 0.0 <= dropout_p < 1.0:
